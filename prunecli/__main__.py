@@ -1,0 +1,5 @@
+"""`python -m prunecli` entry point."""
+
+from prunecli.cli import main
+
+main()

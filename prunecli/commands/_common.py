@@ -1,0 +1,99 @@
+"""What every command shares: error handling, JSON output, consoles, progress bars, common options.
+
+Commands import torch/transformers inside their bodies, never at module level, so `prunecli --help` starts instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from prunecli.errors import PruneCliError
+
+T = TypeVar("T")
+
+err_console = Console(stderr=True)
+"""Logs, warnings and progress: stderr, so stdout stays clean for `--json | jq`."""
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.",
+                                        envvar="PRUNECLI_DEBUG")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin/.pt) weights; they can run "
+                                              "code when loaded, and are read with weights_only=True.")]
+
+
+def guarded(debug: bool, body: Callable[[], T]) -> T:
+    """Run a command body: user errors become one red line and exit 1; bugs too unless --debug."""
+    try:
+        return body()
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise
+    except PruneCliError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/] (no output was written)")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the point is to catch everything at the boundary
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _json_safe(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats are written as the strings "nan", "inf", "-inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_json_safe(obj), indent=indent, allow_nan=False)
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON document on stdout."""
+    sys.stdout.write(dumps_json(obj) + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    err_console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+
+
+def progress_bar(extra_columns: Iterable[Any] = ()) -> Progress:
+    """A rich progress bar on stderr (silent when PRUNECLI_NO_PROGRESS is set)."""
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), *extra_columns, console=err_console,
+                    transient=False, disable=bool(os.environ.get("PRUNECLI_NO_PROGRESS")))
+
+
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """Iterate with a progress bar on stderr."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

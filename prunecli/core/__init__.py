@@ -1,0 +1,1 @@
+"""Pure numerical and file-format core: no model forward passes, no CLI."""

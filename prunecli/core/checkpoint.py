@@ -1,0 +1,286 @@
+"""Lazy, read-only access to checkpoints, and atomic writing of edited copies.
+
+A checkpoint is a Hugging Face model folder (`model.safetensors`, or shards plus `model.safetensors.index.json`) or a
+single `.safetensors` file. Tensors are read one at a time through `safe_open`, so inspecting or restraining a 70B model
+costs one matrix of memory. Pickled weights (`pytorch_model.bin`) execute code when loaded, so they are refused unless
+the caller opts in, and then loaded with `weights_only=True`.
+
+Names: the canonical name of a tensor is the name `transformers` uses for the parameter (`transformer.h.0...` for
+GPT-2). Checkpoints saved without GPT-2's `transformer.` prefix, and tied output embeddings that are not stored at all,
+are resolved to the stored tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from prunecli.core.atomic import atomic_directory, atomic_file
+from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, tensor_bytes,
+                                               write_safetensors)
+from prunecli.errors import PruneCliError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+Layout = Literal["out_in", "in_out"]
+"""How a 2-D weight is stored: `out_in` for nn.Linear ([out, in], y = W x), `in_out` for GPT-2's Conv1D (y = x W)."""
+
+# GPT-2 style models implement these projections with transformers' Conv1D, whose weight is stored [in, out].
+_CONV1D_MODEL_TYPES = {"gpt2"}
+_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
+                    "crossattention.c_attn.weight", "crossattention.q_attn.weight", "crossattention.c_proj.weight")
+_GPT2_PREFIX = "transformer."
+_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "wte.weight", "gpt_neox.embed_in.weight")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts of a stored tensor, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F32, F16, BF16, ...
+    file: str  # file name inside the checkpoint
+
+
+def _read_error(path: Path, exc: Exception) -> PruneCliError:
+    return PruneCliError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({exc})")
+
+
+class Checkpoint:
+    """A checkpoint opened for lazy, one-tensor-at-a-time reading."""
+
+    def __init__(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise PruneCliError(f"checkpoint {self.path} does not exist")
+        self.is_folder = self.path.is_dir()
+        self.config: dict[str, Any] = {}
+        self.pickled = False
+        self._handles: dict[str, Any] = {}
+        self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+        if self.is_folder:
+            config_file = self.path / "config.json"
+            if config_file.exists():
+                self.config = json.loads(config_file.read_text())
+            files = self._folder_files(allow_pickle)
+        else:
+            if self.path.suffix in (".bin", ".pt", ".pth"):
+                if not allow_pickle:
+                    raise PruneCliError(f"{self.path} is a pickle file, which can run code when loaded; "
+                                        "convert it to safetensors or pass --allow-pickle")
+                self.pickled = True
+            files = {self.path.name: self.path}
+        self._files = files
+        self._infos: dict[str, TensorInfo] = {}
+        for fname, fpath in files.items():
+            for info in self._scan(fname, fpath):
+                self._infos[info.name] = info
+
+    # ----------------------------------------------------------------------------------------------- discovery
+    def _folder_files(self, allow_pickle: bool) -> dict[str, Path]:
+        p = self.path
+        if (p / SAFE_INDEX).exists():
+            index = json.loads((p / SAFE_INDEX).read_text())
+            names = sorted(set(index.get("weight_map", {}).values()))
+            missing = [n for n in names if not (p / n).exists()]
+            if missing:
+                raise PruneCliError(f"checkpoint {p}: shard(s) listed in {SAFE_INDEX} are missing: {', '.join(missing)}")
+            return {n: p / n for n in names}
+        if (p / SAFE_SINGLE).exists():
+            return {SAFE_SINGLE: p / SAFE_SINGLE}
+        singles = sorted(p.glob("*.safetensors"))
+        if len(singles) == 1:
+            return {singles[0].name: singles[0]}
+        if (p / PICKLE_INDEX).exists() or (p / PICKLE_SINGLE).exists():
+            if not allow_pickle:
+                raise PruneCliError(f"checkpoint {p} holds only pickle weights ({PICKLE_SINGLE}), which can run code "
+                                    "when loaded; convert it to safetensors or pass --allow-pickle")
+            self.pickled = True
+            if (p / PICKLE_INDEX).exists():
+                index = json.loads((p / PICKLE_INDEX).read_text())
+                return {n: p / n for n in sorted(set(index["weight_map"].values()))}
+            return {PICKLE_SINGLE: p / PICKLE_SINGLE}
+        raise PruneCliError(f"{p} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX} or a single *.safetensors file)")
+
+    def _scan(self, fname: str, fpath: Path) -> Iterator[TensorInfo]:
+        if self.pickled:
+            for name, t in self._pickle_tensors(fname).items():
+                yield TensorInfo(name, tuple(t.shape), DTYPE_NAMES[t.dtype], fname)
+            return
+        handle = self._handle(fname)
+        try:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                yield TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), fname)
+        except SafetensorError as exc:  # pragma: no cover - header errors surface in _handle already
+            raise _read_error(fpath, exc) from exc
+
+    def _handle(self, fname: str) -> Any:
+        if fname not in self._handles:
+            fpath = self._files[fname]
+            try:
+                self._handles[fname] = safe_open(str(fpath), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise _read_error(fpath, exc) from exc
+        return self._handles[fname]
+
+    def _pickle_tensors(self, fname: str) -> dict[str, torch.Tensor]:
+        if fname not in self._pickle_cache:
+            fpath = self._files[fname]
+            try:
+                state = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise PruneCliError(f"cannot read pickle checkpoint {fpath}: {exc}") from exc
+            self._pickle_cache[fname] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._pickle_cache[fname]
+
+    # ------------------------------------------------------------------------------------------------ queries
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def names(self) -> list[str]:
+        """Stored tensor names, in file order (tied aliases are not listed twice)."""
+        return list(self._infos)
+
+    def resolve(self, name: str) -> str:
+        """The stored name for `name`, following GPT-2 prefix aliases and tied output embeddings."""
+        if name in self._infos:
+            return name
+        candidates = [name[len(_GPT2_PREFIX):]] if name.startswith(_GPT2_PREFIX) else [_GPT2_PREFIX + name]
+        if name == "lm_head.weight" and self.config.get("tie_word_embeddings", True):
+            candidates += list(_EMBEDDING_NAMES)
+        for cand in candidates:
+            if cand in self._infos:
+                return cand
+        raise PruneCliError(f"tensor {name!r} not found in {self.path}")
+
+    def canonical(self, name: str) -> str:
+        """The name `transformers` gives this tensor's parameter (adds GPT-2's `transformer.` prefix when absent)."""
+        stored = self.resolve(name)
+        if self.model_type == "gpt2" and not stored.startswith(_GPT2_PREFIX) and not stored.startswith("lm_head"):
+            return _GPT2_PREFIX + stored
+        return stored
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[self.resolve(name)]
+
+    def layout(self, name: str) -> Layout:
+        """Storage orientation of a 2-D weight: only GPT-2's Conv1D projections are stored [in, out]."""
+        stored = self.resolve(name)
+        if self.model_type in _CONV1D_MODEL_TYPES and stored.endswith(_CONV1D_SUFFIXES):
+            return "in_out"
+        return "out_in"
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (as stored: its own dtype and layout)."""
+        info = self.info(name)
+        if self.pickled:
+            return self._pickle_tensors(info.file)[info.name]
+        try:
+            return self._handle(info.file).get_tensor(info.name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _read_error(self._files[info.file], exc) from exc
+
+    def fingerprint(self, name: str) -> str:
+        """Hash of a tensor's dtype, shape and bytes: ties a delta to the exact base matrix it was computed on."""
+        info = self.info(name)
+        return tensor_fingerprint(self.get(name), info.dtype)
+
+    def matrices(self) -> list[str]:
+        """Names of the stored 2-D tensors (the ones that have a singular spectrum)."""
+        return [n for n, i in self._infos.items() if len(i.shape) == 2]
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def write_updated(self, out: Path, updates: Mapping[str, torch.Tensor], force: bool = False,
+                      metadata: Mapping[str, str] | None = None) -> list[str]:
+        """Write a copy of this checkpoint with `updates` (stored name or alias -> new tensor, stored layout).
+
+        New tensors are cast to each tensor's stored dtype. For folders, non-weight files are copied, shards that hold
+        no updated tensor are hard-linked (copied across filesystems) and the index is kept, so the output loads with
+        `from_pretrained` exactly like the input. Returns the names of the rewritten files.
+        """
+        out = Path(out)
+        if out.resolve() == self.path.resolve():
+            raise PruneCliError(f"refusing to overwrite the base checkpoint {self.path} in place; choose another output")
+        by_stored: dict[str, torch.Tensor] = {}
+        for name, t in updates.items():
+            stored = self.resolve(name)
+            info = self._infos[stored]
+            if tuple(t.shape) != info.shape:
+                raise PruneCliError(f"tensor {name}: new shape {list(t.shape)} differs from stored {list(info.shape)}")
+            by_stored[stored] = t
+        touched = sorted({self._infos[n].file for n in by_stored})
+        extra = {"format": "pt", **(metadata or {})}
+        if not self.is_folder:
+            with atomic_file(out, force) as tmp:
+                self._write_file(self.path.name, tmp, by_stored, extra)
+            return [out.name]
+        with atomic_directory(out, force) as tmp:
+            for item in self.path.iterdir():
+                if item.is_dir() or item.name.startswith("."):
+                    continue
+                if item.name in self._files and not self.pickled:
+                    if item.name in touched:
+                        self._write_file(item.name, tmp / item.name, by_stored, extra)
+                    else:
+                        _link_or_copy(item, tmp / item.name)
+                elif self.pickled and (item.name in self._files or item.name == PICKLE_INDEX):
+                    continue
+                else:
+                    shutil.copy2(item, tmp / item.name)
+            if self.pickled:
+                # Pickle input becomes one safetensors file: our outputs never contain pickles.
+                self._write_all_as_safetensors(tmp / SAFE_SINGLE, by_stored, extra)
+                touched = [SAFE_SINGLE]
+        return touched
+
+    def _sources(self, names: list[str], updates: Mapping[str, torch.Tensor]) -> list[TensorSource]:
+        sources = []
+        for n in names:
+            info = self._infos[n]
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            if n in updates:
+                new = updates[n]
+                load = (lambda t=new, d=dtype: t.detach().to("cpu", d).contiguous())
+            else:
+                load = (lambda name=n: self.get(name))
+            sources.append(TensorSource(n, info.dtype, info.shape, load))
+        return sources
+
+    def _write_file(self, fname: str, dest: Path, updates: Mapping[str, torch.Tensor], extra: Mapping[str, str]) -> None:
+        names = [n for n, i in self._infos.items() if i.file == fname]
+        meta = dict(self._handle(fname).metadata() or {})
+        meta.update(extra)
+        write_safetensors(dest, self._sources(names, updates), meta)
+
+    def _write_all_as_safetensors(self, dest: Path, updates: Mapping[str, torch.Tensor], extra: Mapping[str, str]) -> None:
+        write_safetensors(dest, self._sources(self.names(), updates), dict(extra))
+
+
+def tensor_fingerprint(t: torch.Tensor, dtype_name: str | None = None) -> str:
+    """sha256 over dtype, shape and raw bytes of a tensor, as stored."""
+    h = hashlib.sha256()
+    h.update(f"{dtype_name or DTYPE_NAMES[t.dtype]}:{list(t.shape)}:".encode())
+    h.update(tensor_bytes(t))
+    return "sha256:" + h.hexdigest()
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)

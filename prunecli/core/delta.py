@@ -1,0 +1,286 @@
+"""Delta files: the edits to a checkpoint, kept factored, with everything needed to trust and reproduce them.
+
+A delta maps weight names to updates D (math orientation: D is [out, in], so a Linear layer computes (W + D) x).
+Edits are low rank (ROME: rank 1 per fact, MEMIT: rank <= batch), so D is kept as factors A [out, r], B [in, r] with
+D = A B^T; sequential composition is concatenation of factors and an SVD is exact and cheap (see `spectra.py`).
+Full-checkpoint diffs that are not low rank are stored as dense D.
+
+On disk a delta is a `.safetensors` file with tensors `<name>::A`, `<name>::B` (or `<name>::D`) in float32 and one
+JSON document under the `prunecli.delta` metadata key:
+
+    {"format": "prunecli-delta", "version": 1,
+     "entries": {name: {"kind": "lowrank"|"dense", "layout": "out_in"|"in_out", "shape": [out, in], "rank": r}},
+     "base": {"fingerprints": {name: "sha256:..."}, "model_type": ..., "source": path},
+     "history": [{"op": "edit", "method": ..., "hparams": {...}, "requests": [...]}, {"op": "prune", ...}, ...]}
+
+`layout` says how the base stores the weight (`in_out` for GPT-2's Conv1D), so applying a delta never guesses from
+shapes (square matrices exist). `history` is the ordered record of every operation that produced the delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from prunecli.core.atomic import atomic_file
+from prunecli.core.checkpoint import Checkpoint, Layout
+from prunecli.errors import PruneCliError
+
+FORMAT = "prunecli-delta"
+VERSION = 1
+META_KEY = "prunecli.delta"
+_LAYOUTS = ("out_in", "in_out")
+
+
+@dataclass(frozen=True)
+class DeltaEntry:
+    """The update of one weight: factored (a, b) or dense, in math orientation [out, in]."""
+
+    layout: Layout
+    a: torch.Tensor | None = None  # [out, r]
+    b: torch.Tensor | None = None  # [in, r]
+    dense: torch.Tensor | None = None  # [out, in]
+
+    @classmethod
+    def lowrank(cls, a: torch.Tensor, b: torch.Tensor, layout: Layout) -> DeltaEntry:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+            raise ValueError(f"factors must be [out, r] and [in, r], got {list(a.shape)} and {list(b.shape)}")
+        return cls(layout=layout, a=a.detach().float().cpu(), b=b.detach().float().cpu())
+
+    @classmethod
+    def from_dense(cls, d: torch.Tensor, layout: Layout) -> DeltaEntry:
+        return cls(layout=layout, dense=d.detach().float().cpu())
+
+    @property
+    def is_lowrank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the update."""
+        if self.dense is not None:
+            return (self.dense.shape[0], self.dense.shape[1])
+        assert self.a is not None and self.b is not None
+        return (self.a.shape[0], self.b.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """Number of factor columns (an upper bound of the rank); min(out, in) for dense entries."""
+        return self.a.shape[1] if self.a is not None else min(self.shape)
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        out, inp = self.shape
+        return (out, inp) if self.layout == "out_in" else (inp, out)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """D as a dense [out, in] matrix."""
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        assert self.a is not None and self.b is not None
+        return self.a.to(dtype) @ self.b.to(dtype).T
+
+    def stored_update(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """D in the base tensor's stored layout, ready to be added to it."""
+        d = self.to_dense(dtype)
+        return d if self.layout == "out_in" else d.T
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from (t for t in (self.a, self.b, self.dense) if t is not None)
+
+    def __add__(self, other: DeltaEntry) -> DeltaEntry:
+        """Sum of two updates of the same weight: factors are concatenated while that stays cheaper than dense."""
+        if other.layout != self.layout or other.shape != self.shape:
+            raise PruneCliError(f"cannot add updates of shape {list(other.shape)} ({other.layout}) "
+                                f"and {list(self.shape)} ({self.layout})")
+        if self.is_lowrank and other.is_lowrank and self.rank + other.rank <= min(self.shape) // 2:
+            assert self.a is not None and self.b is not None and other.a is not None and other.b is not None
+            return DeltaEntry(self.layout, torch.cat([self.a, other.a], 1), torch.cat([self.b, other.b], 1))
+        return DeltaEntry.from_dense(self.to_dense() + other.to_dense(), self.layout)
+
+
+@dataclass
+class Delta:
+    """A set of weight updates tied to one base checkpoint, plus the record of how they were made."""
+
+    entries: dict[str, DeltaEntry] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    model_type: str | None = None
+    source: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------------------ derived views
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """All edit requests, in the order they were applied."""
+        return [r for op in self.history if op.get("op") == "edit" for r in op.get("requests", [])]
+
+    @property
+    def restraints(self) -> list[dict[str, Any]]:
+        return [op for op in self.history if op.get("op") == "prune"]
+
+    # ---------------------------------------------------------------------------------------------- building
+    @classmethod
+    def for_base(cls, base: Checkpoint) -> Delta:
+        """An empty delta bound to `base`; use `add` to put updates in."""
+        return cls(model_type=base.model_type, source=str(base.path))
+
+    def add(self, name: str, entry: DeltaEntry, base: Checkpoint) -> None:
+        """Add an update of weight `name` (summing with an existing one), recording the base fingerprint."""
+        name = base.canonical(name)
+        info = base.info(name)
+        if tuple(info.shape) != entry.stored_shape:
+            raise PruneCliError(f"update of {name} has stored shape {list(entry.stored_shape)}, "
+                                f"base tensor is {list(info.shape)}")
+        if name not in self.fingerprints:
+            self.fingerprints[name] = base.fingerprint(name)
+        self.entries[name] = self.entries[name] + entry if name in self.entries else entry
+
+    def compose(self, other: Delta) -> Delta:
+        """This delta followed by `other` (same base): factors concatenate, histories append."""
+        for name, fp in other.fingerprints.items():
+            if name in self.fingerprints and self.fingerprints[name] != fp:
+                raise PruneCliError(f"cannot compose deltas made for different bases (tensor {name} differs)")
+        entries = dict(self.entries)
+        for name, entry in other.entries.items():
+            entries[name] = entries[name] + entry if name in entries else entry
+        return Delta(entries, {**self.fingerprints, **other.fingerprints}, self.model_type or other.model_type,
+                     self.source or other.source, self.history + other.history)
+
+    def with_entries(self, entries: dict[str, DeltaEntry], op: dict[str, Any]) -> Delta:
+        """A copy with new entries (e.g. restrained) and `op` appended to the history."""
+        return replace(self, entries=entries, history=[*self.history, op])
+
+    # ------------------------------------------------------------------------------------------- base checks
+    def check_base(self, base: Checkpoint, force: bool = False) -> None:
+        """Fail unless every target exists in `base` with the right shape and (unless forced) the same bytes."""
+        for name, entry in self.entries.items():
+            try:
+                info = base.info(name)
+            except PruneCliError:
+                raise PruneCliError(f"delta targets tensor {name!r}, which {base.path} does not have") from None
+            if tuple(info.shape) != entry.stored_shape:
+                raise PruneCliError(f"shape mismatch for {name}: delta {list(entry.stored_shape)}, "
+                                    f"base {list(info.shape)} in {base.path}")
+            if not force and base.fingerprint(name) != self.fingerprints[name]:
+                raise PruneCliError(f"delta was made for another base: tensor {name} in {base.path} differs from the "
+                                    "one the delta was computed on (use --force to apply anyway)")
+
+    # ------------------------------------------------------------------------------------------------- files
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "entries": {n: {"kind": "lowrank" if e.is_lowrank else "dense", "layout": e.layout,
+                            "shape": list(e.shape), "rank": e.rank} for n, e in self.entries.items()},
+            "base": {"fingerprints": self.fingerprints, "model_type": self.model_type, "source": self.source},
+            "history": self.history,
+        }
+
+    def save(self, path: str | os.PathLike[str], force: bool = False) -> None:
+        """Write atomically; a delta without entries is refused (an empty safetensors file helps nobody)."""
+        if not self.entries:
+            raise PruneCliError("refusing to write an empty delta (no tensor was changed)")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, e in self.entries.items():
+            _check_finite(name, e, "refusing to write")
+            if e.is_lowrank:
+                assert e.a is not None and e.b is not None
+                tensors[f"{name}::A"] = e.a.contiguous()
+                tensors[f"{name}::B"] = e.b.contiguous()
+            else:
+                assert e.dense is not None
+                tensors[f"{name}::D"] = e.dense.contiguous()
+        with atomic_file(Path(path), force) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(self.metadata())})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Delta:
+        """Read and validate a delta file; every problem is reported as one clear line."""
+        path = Path(path)
+        if not path.exists():
+            raise PruneCliError(f"delta {path} does not exist")
+        if path.is_dir():
+            raise PruneCliError(f"delta {path} is a directory, expected a .safetensors delta file")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                raw_meta = (fh.metadata() or {}).get(META_KEY)
+                if raw_meta is None:
+                    raise PruneCliError(f"{path} is a safetensors file but not a prunecli delta (no {META_KEY} metadata)")
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PruneCliError(f"cannot read delta {path}: not a valid safetensors file, truncated or corrupt ({exc})") from exc
+        return cls._from_parts(path, raw_meta, tensors)
+
+    @classmethod
+    def _from_parts(cls, path: Path, raw_meta: str, tensors: dict[str, torch.Tensor]) -> Delta:
+        def bad(msg: str) -> PruneCliError:
+            return PruneCliError(f"invalid delta {path}: {msg}")
+
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise bad(f"metadata is not JSON ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
+            raise bad(f"format version {meta.get('version')!r} is not supported (this prunecli reads <= {VERSION})")
+        specs = meta.get("entries")
+        base = meta.get("base") or {}
+        fingerprints = base.get("fingerprints") or {}
+        if not isinstance(specs, dict) or not specs:
+            raise bad("it lists no entries")
+        entries: dict[str, DeltaEntry] = {}
+        used: set[str] = set()
+        for name, spec in specs.items():
+            kind, layout, shape = spec.get("kind"), spec.get("layout"), spec.get("shape")
+            if layout not in _LAYOUTS:
+                raise bad(f"entry {name}: layout {layout!r} is not one of {_LAYOUTS}")
+            if name not in fingerprints:
+                raise bad(f"entry {name} has no base fingerprint")
+            keys = [f"{name}::A", f"{name}::B"] if kind == "lowrank" else [f"{name}::D"] if kind == "dense" else None
+            if keys is None:
+                raise bad(f"entry {name}: kind {kind!r} is not 'lowrank' or 'dense'")
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise bad(f"entry {name}: tensor(s) {', '.join(missing)} missing")
+            used.update(keys)
+            parts = [tensors[k].float() for k in keys]
+            entry = DeltaEntry(layout, *parts) if kind == "lowrank" else DeltaEntry(layout, dense=parts[0])
+            try:
+                ok = list(entry.shape) == list(shape) and (kind == "dense" or entry.a.shape[1] == entry.b.shape[1])  # type: ignore[union-attr]
+            except (AttributeError, IndexError, TypeError):
+                ok = False
+            if not ok or any(t.ndim != 2 for t in parts):
+                raise bad(f"entry {name}: tensor shapes {[list(t.shape) for t in parts]} do not match {shape}")
+            _check_finite(name, entry, f"invalid delta {path}:")
+            entries[name] = entry
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise bad(f"tensor(s) not described by the metadata: {', '.join(extra[:3])}")
+        return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"),
+                   list(meta.get("history") or []))
+
+
+def _check_finite(name: str, entry: DeltaEntry, prefix: str) -> None:
+    for t in entry.tensors():
+        if not bool(torch.isfinite(t).all()):
+            raise PruneCliError(f"{prefix} entry {name} contains NaN or Inf values")
+
+
+def load_deltas(paths: Iterable[str | os.PathLike[str]]) -> Delta | None:
+    """Load and compose several delta files in order (None when no path is given)."""
+    total: Delta | None = None
+    for p in paths:
+        d = Delta.load(p)
+        total = d if total is None else total.compose(d)
+    return total
+

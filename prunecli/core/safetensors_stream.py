@@ -1,0 +1,76 @@
+"""A streaming safetensors writer: one tensor in memory at a time, whatever the file size.
+
+`safetensors.torch.save_file` needs every tensor of a file in memory at once; a 5 GB shard of a 70B model would then
+cost 5 GB of RAM just to change one matrix in it. The format is simple (8-byte little-endian header length, a JSON
+header with dtype/shape/data_offsets, the raw bytes), so we write it ourselves, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A tensor to be written: its header facts up front, its data produced only when its turn comes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor (bf16/fp8 included, which NumPy cannot represent)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, sources: Sequence[TensorSource], metadata: dict[str, str] | None = None) -> None:
+    """Write `sources` to `path` in safetensors format, loading each tensor only while it is written."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for src in sources:
+        header[src.name] = {"dtype": src.dtype, "shape": list(src.shape), "data_offsets": [offset, offset + src.nbytes]}
+        offset += src.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for src in sources:
+            t = src.load()
+            if tuple(t.shape) != tuple(src.shape) or DTYPE_NAMES.get(t.dtype) != src.dtype:
+                raise ValueError(f"tensor {src.name}: expected {src.dtype}{list(src.shape)}, got {t.dtype}{list(t.shape)}")
+            fh.write(tensor_bytes(t))

@@ -1,0 +1,10 @@
+"""The one exception type that reaches the user as a single line (exit code 1).
+
+Library code raises `PruneCliError` for anything the user can fix (bad file, mismatched base, bad option value);
+the CLI layer turns it into one line on stderr. Everything else is a bug and shows a traceback only with --debug.
+"""
+
+
+class PruneCliError(Exception):
+    """A user-facing runtime error: the message is shown as is, exit code 1."""
+

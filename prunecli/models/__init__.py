@@ -1,0 +1,1 @@
+"""Model plumbing: loading checkpoints into transformers models, architecture adapters, the default demo model."""

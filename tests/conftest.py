@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random checkpoints of each family, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny_models import save_tiny_model
+
+os.environ.setdefault("PRUNECLI_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("ckpt") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("qwen2", tmp_path_factory.mktemp("ckpt") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_sharded_bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    return save_tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "llama-sharded", dtype=torch.bfloat16,
+                           shard_size="20KB")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
