@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced target scoring, editing metrics, general-ability tasks, perplexity."""
