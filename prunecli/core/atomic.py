@@ -18,13 +18,28 @@ from prunecli.errors import PruneCliError
 
 def check_output_path(path: Path, force: bool) -> None:
     """Fail early (before any heavy work) when `path` cannot be written."""
+    path = Path(path)
     if path.exists() and not force:
         raise PruneCliError(f"output {path} already exists (use --force to overwrite)")
-    parent = path.resolve().parent
-    if not parent.is_dir():
+    parent = _parent(path)
+    if not parent.exists():
         raise PruneCliError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        raise PruneCliError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise PruneCliError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _parent(path: Path) -> Path:
+    # Not `resolve()`: for a symlinked target the temporary file must sit next to the link we replace, not next to
+    # the file it points at (which may be on another filesystem, where `os.replace` fails).
+    return Path(os.path.abspath(path)).parent
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -32,9 +47,13 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on normal exit it replaces `path`, on error it is removed."""
     path = Path(path)
     check_output_path(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    if path.is_dir():
+        raise PruneCliError(f"output {path} is a directory, expected a file path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_parent(path))
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; an output should get the usual permissions (as `open` would give it).
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -49,11 +68,14 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     check_output_path(path, force)
     if path.exists() and not path.is_dir():
         raise PruneCliError(f"output {path} exists and is not a directory")
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent))
+    parent = _parent(path)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700 directories
     try:
         yield tmp_path
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            # Renaming a directory onto an empty one is atomic on POSIX; a fresh name avoids clashes with leftovers.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
             os.replace(path, old)
             os.replace(tmp_path, path)
             shutil.rmtree(old, ignore_errors=True)

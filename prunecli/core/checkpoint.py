@@ -59,6 +59,16 @@ def _read_error(path: Path, exc: Exception) -> PruneCliError:
     return PruneCliError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({exc})")
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PruneCliError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PruneCliError(f"cannot read {path}: expected a JSON object")
+    return doc
+
+
 class Checkpoint:
     """A checkpoint opened for lazy, one-tensor-at-a-time reading."""
 
@@ -71,10 +81,12 @@ class Checkpoint:
         self.pickled = False
         self._handles: dict[str, Any] = {}
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
+        # A lone weights file inside a model folder (`gpt2/model.safetensors`) still needs the folder's config: it
+        # says which weights are Conv1D ([in, out]) and whether lm_head is tied.
+        config_file = (self.path if self.is_folder else self.path.parent) / "config.json"
+        if config_file.is_file():
+            self.config = _read_json(config_file)
         if self.is_folder:
-            config_file = self.path / "config.json"
-            if config_file.exists():
-                self.config = json.loads(config_file.read_text())
             files = self._folder_files(allow_pickle)
         else:
             if self.path.suffix in (".bin", ".pt", ".pth"):
@@ -88,13 +100,17 @@ class Checkpoint:
         for fname, fpath in files.items():
             for info in self._scan(fname, fpath):
                 self._infos[info.name] = info
+        if not self._infos:
+            raise PruneCliError(f"checkpoint {self.path} holds no tensors")
 
     # ----------------------------------------------------------------------------------------------- discovery
     def _folder_files(self, allow_pickle: bool) -> dict[str, Path]:
         p = self.path
         if (p / SAFE_INDEX).exists():
-            index = json.loads((p / SAFE_INDEX).read_text())
-            names = sorted(set(index.get("weight_map", {}).values()))
+            weight_map = _read_json(p / SAFE_INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise PruneCliError(f"checkpoint {p}: {SAFE_INDEX} has no weight_map")
+            names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (p / n).exists()]
             if missing:
                 raise PruneCliError(f"checkpoint {p}: shard(s) listed in {SAFE_INDEX} are missing: {', '.join(missing)}")
@@ -110,8 +126,10 @@ class Checkpoint:
                                     "when loaded; convert it to safetensors or pass --allow-pickle")
             self.pickled = True
             if (p / PICKLE_INDEX).exists():
-                index = json.loads((p / PICKLE_INDEX).read_text())
-                return {n: p / n for n in sorted(set(index["weight_map"].values()))}
+                weight_map = _read_json(p / PICKLE_INDEX).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise PruneCliError(f"checkpoint {p}: {PICKLE_INDEX} has no weight_map")
+                return {n: p / n for n in sorted(set(weight_map.values()))}
             return {PICKLE_SINGLE: p / PICKLE_SINGLE}
         raise PruneCliError(f"{p} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX} or a single *.safetensors file)")
 
@@ -144,6 +162,9 @@ class Checkpoint:
                 state = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad pickles
                 raise PruneCliError(f"cannot read pickle checkpoint {fpath}: {exc}") from exc
+            if not isinstance(state, dict):
+                raise PruneCliError(f"cannot read pickle checkpoint {fpath}: it holds a {type(state).__name__}, "
+                                    "not a state dict of tensors")
             self._pickle_cache[fname] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         return self._pickle_cache[fname]
 
@@ -211,64 +232,70 @@ class Checkpoint:
 
         New tensors are cast to each tensor's stored dtype. For folders, non-weight files are copied, shards that hold
         no updated tensor are hard-linked (copied across filesystems) and the index is kept, so the output loads with
-        `from_pretrained` exactly like the input. Returns the names of the rewritten files.
+        `from_pretrained` exactly like the input. `metadata` goes into the header of every rewritten file. Values of
+        `updates` are read only when their tensor is written, one at a time, so a lazy mapping keeps memory at one
+        tensor. Returns the names of the rewritten files.
         """
         out = Path(out)
-        if out.resolve() == self.path.resolve():
+        base = self.path.resolve()
+        if out.resolve() == base:
             raise PruneCliError(f"refusing to overwrite the base checkpoint {self.path} in place; choose another output")
-        by_stored: dict[str, torch.Tensor] = {}
-        for name, t in updates.items():
+        if out.resolve() in base.parents:
+            # --force replaces the output folder wholesale, which would delete the base inside it.
+            raise PruneCliError(f"refusing to write {out}: it contains the base checkpoint {self.path}")
+        by_stored: dict[str, str] = {}  # stored name -> key in `updates`
+        for name in updates:
             stored = self.resolve(name)
-            info = self._infos[stored]
-            if tuple(t.shape) != info.shape:
-                raise PruneCliError(f"tensor {name}: new shape {list(t.shape)} differs from stored {list(info.shape)}")
-            by_stored[stored] = t
+            if stored in by_stored:
+                raise PruneCliError(f"tensors {by_stored[stored]!r} and {name!r} are the same stored tensor {stored!r}")
+            by_stored[stored] = name
         touched = sorted({self._infos[n].file for n in by_stored})
         extra = {"format": "pt", **(metadata or {})}
         if not self.is_folder:
             with atomic_file(out, force) as tmp:
-                self._write_file(self.path.name, tmp, by_stored, extra)
+                self._write_file(self.path.name, tmp, updates, by_stored, extra)
             return [out.name]
         with atomic_directory(out, force) as tmp:
             for item in self.path.iterdir():
                 if item.is_dir() or item.name.startswith("."):
                     continue
-                if item.name in self._files and not self.pickled:
-                    if item.name in touched:
-                        self._write_file(item.name, tmp / item.name, by_stored, extra)
-                    else:
-                        _link_or_copy(item, tmp / item.name)
-                elif self.pickled and (item.name in self._files or item.name == PICKLE_INDEX):
-                    continue
-                else:
+                if self.pickled and (item.name in self._files or item.name == PICKLE_INDEX):
+                    continue  # replaced below by one safetensors file: our outputs never contain pickles
+                if item.name not in self._files:
                     shutil.copy2(item, tmp / item.name)
+                elif item.name in touched:
+                    self._write_file(item.name, tmp / item.name, updates, by_stored, extra)
+                else:
+                    _link_or_copy(item, tmp / item.name)
             if self.pickled:
-                # Pickle input becomes one safetensors file: our outputs never contain pickles.
-                self._write_all_as_safetensors(tmp / SAFE_SINGLE, by_stored, extra)
+                self._write_file(None, tmp / SAFE_SINGLE, updates, by_stored, extra)
                 touched = [SAFE_SINGLE]
         return touched
 
-    def _sources(self, names: list[str], updates: Mapping[str, torch.Tensor]) -> list[TensorSource]:
-        sources = []
-        for n in names:
-            info = self._infos[n]
-            dtype = SAFETENSORS_DTYPES[info.dtype]
-            if n in updates:
-                new = updates[n]
-                load = (lambda t=new, d=dtype: t.detach().to("cpu", d).contiguous())
-            else:
-                load = (lambda name=n: self.get(name))
-            sources.append(TensorSource(n, info.dtype, info.shape, load))
-        return sources
-
-    def _write_file(self, fname: str, dest: Path, updates: Mapping[str, torch.Tensor], extra: Mapping[str, str]) -> None:
-        names = [n for n, i in self._infos.items() if i.file == fname]
-        meta = dict(self._handle(fname).metadata() or {})
+    def _write_file(self, fname: str | None, dest: Path, updates: Mapping[str, torch.Tensor],
+                    by_stored: Mapping[str, str], extra: Mapping[str, str]) -> None:
+        """Write the tensors of stored file `fname` (all tensors when None, for pickle input) with updates applied."""
+        meta: dict[str, str] = {}
+        if not self.pickled:
+            assert fname is not None
+            meta.update(self._handle(fname).metadata() or {})
         meta.update(extra)
-        write_safetensors(dest, self._sources(names, updates), meta)
+        names = [n for n, i in self._infos.items() if fname is None or self.pickled or i.file == fname]
+        write_safetensors(dest, [self._source(n, updates, by_stored) for n in names], meta)
 
-    def _write_all_as_safetensors(self, dest: Path, updates: Mapping[str, torch.Tensor], extra: Mapping[str, str]) -> None:
-        write_safetensors(dest, self._sources(self.names(), updates), dict(extra))
+    def _source(self, name: str, updates: Mapping[str, torch.Tensor], by_stored: Mapping[str, str]) -> TensorSource:
+        info = self._infos[name]
+        if name not in by_stored:
+            return TensorSource(name, info.dtype, info.shape, lambda: self.get(name).contiguous())
+        key = by_stored[name]
+
+        def load() -> torch.Tensor:
+            new = updates[key]
+            if tuple(new.shape) != info.shape:
+                raise PruneCliError(f"tensor {key}: new shape {list(new.shape)} differs from stored {list(info.shape)}")
+            return new.detach().to("cpu", SAFETENSORS_DTYPES[info.dtype]).contiguous()
+
+        return TensorSource(name, info.dtype, info.shape, load)
 
 
 def tensor_fingerprint(t: torch.Tensor, dtype_name: str | None = None) -> str:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint, Layout
+from prunecli.core.safetensors_stream import TensorSource, write_safetensors
 from prunecli.errors import PruneCliError
 
 FORMAT = "prunecli-delta"
@@ -137,6 +137,8 @@ class Delta:
         """Add an update of weight `name` (summing with an existing one), recording the base fingerprint."""
         name = base.canonical(name)
         info = base.info(name)
+        if entry.layout != base.layout(name):
+            raise PruneCliError(f"update of {name} is for layout {entry.layout}, base stores it {base.layout(name)}")
         if tuple(info.shape) != entry.stored_shape:
             raise PruneCliError(f"update of {name} has stored shape {list(entry.stored_shape)}, "
                                 f"base tensor is {list(info.shape)}")
@@ -189,18 +191,15 @@ class Delta:
         """Write atomically; a delta without entries is refused (an empty safetensors file helps nobody)."""
         if not self.entries:
             raise PruneCliError("refusing to write an empty delta (no tensor was changed)")
-        tensors: dict[str, torch.Tensor] = {}
+        sources: list[TensorSource] = []
         for name, e in self.entries.items():
             _check_finite(name, e, "refusing to write")
-            if e.is_lowrank:
-                assert e.a is not None and e.b is not None
-                tensors[f"{name}::A"] = e.a.contiguous()
-                tensors[f"{name}::B"] = e.b.contiguous()
-            else:
-                assert e.dense is not None
-                tensors[f"{name}::D"] = e.dense.contiguous()
+            suffixes = ("A", "B") if e.is_lowrank else ("D",)
+            for suffix, t in zip(suffixes, e.tensors()):
+                t32 = t.detach().to("cpu", torch.float32)
+                sources.append(TensorSource(f"{name}::{suffix}", "F32", tuple(t32.shape), lambda t32=t32: t32))
         with atomic_file(Path(path), force) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(self.metadata())})
+            write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Delta:
@@ -231,16 +230,24 @@ class Delta:
             raise bad(f"metadata is not JSON ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
-        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise bad(f"format version {meta.get('version')!r} is not supported (this prunecli reads <= {VERSION})")
+        version = meta.get("version")
+        if type(version) is not int or not 1 <= version <= VERSION:
+            raise bad(f"format version {version!r} is not supported (this prunecli reads 1 to {VERSION})")
         specs = meta.get("entries")
         base = meta.get("base") or {}
-        fingerprints = base.get("fingerprints") or {}
+        fingerprints = base.get("fingerprints") if isinstance(base, dict) else None
+        history = meta.get("history", [])
+        if not isinstance(fingerprints, dict):
+            raise bad("base fingerprints are missing")
+        if not isinstance(history, list):
+            raise bad("history is not a list")
         if not isinstance(specs, dict) or not specs:
             raise bad("it lists no entries")
         entries: dict[str, DeltaEntry] = {}
         used: set[str] = set()
         for name, spec in specs.items():
+            if not isinstance(spec, dict):
+                raise bad(f"entry {name}: description is not a JSON object")
             kind, layout, shape = spec.get("kind"), spec.get("layout"), spec.get("shape")
             if layout not in _LAYOUTS:
                 raise bad(f"entry {name}: layout {layout!r} is not one of {_LAYOUTS}")
@@ -266,8 +273,7 @@ class Delta:
         extra = sorted(set(tensors) - used)
         if extra:
             raise bad(f"tensor(s) not described by the metadata: {', '.join(extra[:3])}")
-        return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"),
-                   list(meta.get("history") or []))
+        return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"), history)
 
 
 def _check_finite(name: str, entry: DeltaEntry, prefix: str) -> None:

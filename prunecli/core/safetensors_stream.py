@@ -59,6 +59,9 @@ def write_safetensors(path: Path, sources: Sequence[TensorSource], metadata: dic
     """Write `sources` to `path` in safetensors format, loading each tensor only while it is written."""
     header: dict[str, object] = {}
     if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:  # readers reject the whole file otherwise: `__metadata__` is a string -> string map
+            raise ValueError(f"safetensors metadata must map strings to strings; bad key(s): {bad}")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for src in sources:

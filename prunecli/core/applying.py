@@ -1,0 +1,56 @@
+"""Merge a delta into a checkpoint on disk: W' = W + D for each touched tensor, written atomically.
+
+The sum is formed in float32 (float64 for float64 weights) and rounded once to the stored dtype, exactly as
+`prunecli.models.loading.add_delta_to_model` does in memory, so an applied checkpoint and an in-memory edit give the
+same model. Each merged tensor is computed only when the writer reaches it: memory stays at one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from prunecli.core.checkpoint import Checkpoint
+from prunecli.core.delta import Delta
+from prunecli.errors import PruneCliError
+
+APPLIED_KEY = "prunecli.applied"
+"""Shard metadata key of rewritten files: JSON list of the delta files merged into them, in order."""
+
+
+class MergedTensors(Mapping[str, torch.Tensor]):
+    """W + D for every tensor a delta touches, computed on access (in the stored layout and dtype)."""
+
+    def __init__(self, base: Checkpoint, delta: Delta) -> None:
+        self.base = base
+        self.delta = delta
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self.delta.entries[name]
+        w = self.base.get(name)
+        if not w.is_floating_point():
+            raise PruneCliError(f"cannot add a delta to {name}: it is stored as {w.dtype}, not floating point")
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return (w.to(compute) + entry.stored_update(compute)).to(w.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.delta.entries)
+
+    def __len__(self) -> int:
+        return len(self.delta.entries)
+
+
+def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
+                 provenance: Sequence[str] = ()) -> list[str]:
+    """Write `base` + `delta` to `out`; returns the rewritten weight files (the others are hard-linked).
+
+    The delta must fit the base: every target present with its shape, and (unless `force`) the very bytes the delta
+    was computed on. `force` also allows overwriting `out`. `provenance` (delta file paths) is recorded under
+    `prunecli.applied` in the rewritten files.
+    """
+    delta.check_base(base, force)
+    metadata = {APPLIED_KEY: json.dumps([str(p) for p in provenance])}
+    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata)
