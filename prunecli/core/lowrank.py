@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from prunecli.core.checkpoint import Layout
 from prunecli.core.delta import DeltaEntry
 
 
@@ -37,3 +38,63 @@ def entry_svd(entry: DeltaEntry, dtype: torch.dtype = torch.float64, device: str
     assert entry.dense is not None
     u, s, vh = torch.linalg.svd(entry.dense.to(device, dtype), full_matrices=False)
     return SVD(u, s, vh.T)
+
+
+class Compressed(NamedTuple):
+    """A compressed dense update: the entry, the rank kept and the relative Frobenius error of the truncation."""
+
+    entry: DeltaEntry
+    rank: int
+    rel_error: float
+
+
+def compress_dense(d: torch.Tensor, layout: Layout, rank: int | None = None, tol: float | None = None,
+                   atol: float = 0.0) -> DeltaEntry:
+    """Truncated SVD of a dense update D [out, in] (math orientation) as a delta entry; see `compress_dense_report`."""
+    return compress_dense_report(d, layout, rank, tol, atol).entry
+
+
+def compress_dense_report(d: torch.Tensor, layout: Layout, rank: int | None = None, tol: float | None = None,
+                          atol: float = 0.0) -> Compressed:
+    """Best rank-k approximation of a dense update (Eckart-Young), stored factored when that pays off.
+
+    k is `rank` (capped at min(out, in)); or, with `tol`, the smallest k whose relative Frobenius error
+    ||D - D_k||_F / ||D||_F is <= tol; by default the numerical rank, counted like `torch.linalg.matrix_rank`:
+    singular values above max(atol, sigma_1 * max(out, in) * eps), eps of d's dtype. `atol` lets the caller discount noise
+    it knows of, such as the rounding of a checkpoint stored in bf16. A nonzero D keeps at least rank 1.
+    The entry is factored (a = U_k S_k, b = V_k) when k <= min(out, in) / 2, dense otherwise; a full-rank dense entry
+    is D itself, bit for bit, not its SVD reconstruction.
+    """
+    if d.ndim != 2:
+        raise ValueError(f"compress_dense needs a 2-D update, got shape {list(d.shape)}")
+    if rank is not None and tol is not None:
+        raise ValueError("give rank or tol, not both")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if tol is not None and not 0.0 <= tol < 1.0:
+        raise ValueError(f"tol must be in [0, 1), got {tol}")
+    x = d.detach().to("cpu", torch.float64)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    full = s.numel()
+    # tail[k] = squared Frobenius error of the rank-k truncation = sum of s_i^2 for i >= k.
+    tail = torch.cat([(s**2).flip(0).cumsum(0).flip(0), s.new_zeros(1)])
+    total = float(tail[0])
+    if total == 0.0:
+        raise ValueError("the update is zero; there is nothing to compress")
+    if rank is not None:
+        k = min(rank, full)
+    elif tol is not None:
+        k = int((tail.sqrt() > tol * total**0.5).sum())  # tail is non-increasing: count of ranks still too coarse
+    else:
+        eps = torch.finfo(d.dtype if d.is_floating_point() else torch.float32).eps
+        cutoff = max(atol, float(s[0]) * max(x.shape) * eps)
+        k = int((s > cutoff).sum())
+    k = max(k, 1)
+    rel_error = float(tail[k].sqrt()) / total**0.5
+    if k <= full // 2:
+        entry = DeltaEntry.lowrank(u[:, :k] * s[:k], vh[:k].T, layout)
+    elif k == full:
+        entry, rel_error = DeltaEntry.from_dense(d, layout), 0.0
+    else:
+        entry = DeltaEntry.from_dense((u[:, :k] * s[:k]) @ vh[:k], layout)
+    return Compressed(entry, k, rel_error)
