@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from prunecli.commands import apply, diff, edit, evaluate, inspect, prune, stats
+from prunecli.commands import apply, diff, edit, evaluate, export_lora, inspect, prune, stats
 
 app = typer.Typer(
     name="prunecli",
@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 for _name, _module in [("inspect", inspect), ("diff", diff), ("prune", prune), ("apply", apply), ("stats", stats),
-                       ("edit", edit), ("evaluate", evaluate)]:
+                       ("edit", edit), ("evaluate", evaluate), ("export-lora", export_lora)]:
     app.command(_name, no_args_is_help=True)(_module.main)
 
 

@@ -1,0 +1,47 @@
+"""`prunecli export-lora`: write a delta as a PEFT LoRA adapter folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded
+
+
+def main(
+    delta: Annotated[Path, typer.Argument(help="Delta file (.safetensors) to export.")],
+    base: Annotated[str, typer.Option("--base", help="Base checkpoint the delta was made for (or `smollm2`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a delta as a PEFT LoRA adapter (scale 1, uneven ranks via rank_pattern; GPT-2 Conv1D exact).
+
+    The adapter loads with `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`; merging it gives base + delta.
+
+    Example: prunecli export-lora edits.safetensors --base smollm2 -o edits-lora/
+    """
+
+    def body() -> None:
+        from prunecli.core.atomic import check_output_path
+        from prunecli.core.checkpoint import Checkpoint
+        from prunecli.core.delta import Delta
+        from prunecli.core.peft_io import export_lora
+        from prunecli.models.default_model import resolve_model_path
+
+        check_output_path(output, force)
+        ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        d = Delta.load(delta)
+        d.check_base(ckpt)
+        summary = export_lora(d, ckpt, output, force)
+        if json_out:
+            emit_json(summary)
+        else:
+            err_console.print(f"wrote LoRA adapter {output}: {len(summary['ranks'])} module(s), r={summary['r']}, "
+                              f"fan_in_fan_out={summary['fan_in_fan_out']}")
+
+    guarded(debug, body)
