@@ -1,19 +1,54 @@
-"""`prunecli apply`: not implemented yet."""
+"""`prunecli apply`: merge delta files into a base checkpoint and write the edited checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import DebugOpt, guarded
-from prunecli.errors import PruneCliError
+from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, guarded, note
 
 
-def main(model: Annotated[str, typer.Argument(help="Model folder.")], debug: DebugOpt = False) -> None:
-    """Not implemented yet (exits 1)."""
+def main(
+    base: Annotated[str, typer.Argument(help="Base checkpoint: model folder, .safetensors file, or `smollm2`.")],
+    deltas: Annotated[list[Path], typer.Argument(help="Delta file(s), composed in the order given.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (a folder for a folder "
+                                         "base, a .safetensors file for a file base).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output, and apply even when the "
+                                        "delta was computed on different base weights.")] = False,
+    json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write BASE + DELTA... as a new checkpoint, in the base's dtype, loadable with `from_pretrained`.
+
+    Each delta must have been computed on these exact base weights (checked by fingerprint; --force skips the
+    check). Only shards holding changed tensors are rewritten; the others are hard-linked, and config, tokenizer and
+    index are copied, so the output costs little extra disk. Rewritten shards record the delta files under the
+    `prunecli.applied` metadata key.
+
+    Example: prunecli apply gpt2-base/ edits.safetensors pruned.safetensors -o gpt2-edited/
+    """
 
     def body() -> None:
-        raise PruneCliError("prunecli apply is not implemented yet")
+        from prunecli.core.applying import apply_deltas
+        from prunecli.core.atomic import check_output_path
+        from prunecli.core.checkpoint import Checkpoint
+        from prunecli.core.delta import load_deltas
+        from prunecli.models.default_model import resolve_model_path
+
+        check_output_path(output, force)
+        base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        delta = load_deltas(deltas)
+        assert delta is not None  # typer requires at least one DELTA
+        rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas])
+        summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
+                   "tensors": list(delta.entries), "rewritten_files": rewritten}
+        if json_out:
+            emit_json(summary)
+        else:
+            note(f"wrote {output}: {len(delta.entries)} tensor(s) updated in {len(rewritten)} rewritten file(s) "
+                 f"({', '.join(rewritten)})")
 
     guarded(debug, body)
