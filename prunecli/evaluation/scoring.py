@@ -10,8 +10,10 @@ Tokenisation convention (used everywhere in prunecli): the prompt is encoded wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +24,13 @@ class TargetScore:
 
     token_logprobs: list[float]
     token_correct: list[bool]  # target token is the argmax at its position
+    token_argmax: list[int] = field(default_factory=list)  # the model's top token at each target position
+
+    @property
+    def finite(self) -> bool:
+        """False when any target log-probability is NaN/Inf (a collapsed or overflowing model): such a score must
+        be counted, never silently averaged in or dropped."""
+        return all(math.isfinite(x) for x in self.token_logprobs)
 
     @property
     def nll(self) -> float:
@@ -45,6 +54,8 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
     target_ids = tokenizer(sep + target.strip(), add_special_tokens=False)["input_ids"]
     if not target_ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
+    if not prompt_ids:
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing (nothing to predict the target from)")
     return list(prompt_ids), list(target_ids)
 
 
@@ -53,6 +64,16 @@ def pad_id(tokenizer) -> int:  # noqa: ANN001
         if tid is not None:
             return int(tid)
     return 0
+
+
+def max_context(model: Any) -> int | None:
+    """The model's context length from its config (None when the config does not say)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @torch.no_grad()
@@ -75,15 +96,16 @@ def score_targets(model: torch.nn.Module, tokenizer, prompts: Sequence[str], tar
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, i in enumerate(idx):
             n_prompt, target = len(pairs[i][0]), pairs[i][1]
-            pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(target), device=logprobs.device)
+            # Only the target positions need a softmax (the full [batch, length, vocab] one costs more than the model).
+            logprobs = torch.log_softmax(logits[row, n_prompt - 1:n_prompt - 1 + len(target)].float(), dim=-1)
             tgt = torch.tensor(target, device=logprobs.device)
-            lp = logprobs[row, pos, tgt]
-            correct = logprobs[row, pos].argmax(-1) == tgt
-            results[i] = TargetScore(lp.tolist(), correct.tolist())
+            lp = logprobs.gather(1, tgt[:, None])[:, 0]
+            top = logprobs.argmax(-1)
+            correct = (top == tgt) & torch.isfinite(lp)  # NaN rows have an arbitrary argmax: never "correct"
+            results[i] = TargetScore(lp.tolist(), correct.tolist(), top.tolist())
         if on_batch is not None:
             on_batch(len(idx))
     return [r for r in results if r is not None]

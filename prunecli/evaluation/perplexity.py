@@ -1,0 +1,104 @@
+"""Perplexity of held-out text with a sliding window: the general-ability number that moves first after edits.
+
+The text is tokenised once (special tokens as the tokenizer adds them, e.g. LLaMA's BOS at the very start). Windows
+of `window` tokens start every `stride` tokens; each token after the first is scored exactly once, in the first
+window that reaches it, so every scored token beyond the first window sees at least `window - stride` tokens of
+context. perplexity = exp(total NLL / scored tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunecli.errors import PruneCliError
+from prunecli.evaluation.base import Advance, MetricGroup, ProgressFactory, TaskOutcome, no_progress
+from prunecli.evaluation.metrics import MetricValue
+from prunecli.evaluation.scoring import max_context
+
+GROUP = "perplexity"
+TOKENS_PER_BATCH = 4096
+"""Windows are batched up to this many tokens: the fp32 logits of a batch are tokens x vocabulary x 4 bytes."""
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first token fed to the model
+    end: int  # one past the last token fed
+    first_scored: int  # first token whose NLL this window contributes (>= begin + 1)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
+    """Windows covering tokens 1..n-1 exactly once (token 0 has no context and is never scored)."""
+    if window < 2 or not 1 <= stride <= window:
+        raise PruneCliError(f"perplexity needs window >= 2 and 1 <= stride <= window (got {window}, {stride})")
+    out: list[Window] = []
+    begin, scored_to = 0, 1
+    while scored_to < n_tokens:
+        end = min(begin + window, n_tokens)
+        out.append(Window(begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        begin += stride
+    return out
+
+
+@torch.no_grad()
+def token_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: int,
+               on_batch: Advance | None = None) -> torch.Tensor:
+    """NLL of every scored token (float64, in text order), windows batched right-padded with attention masks."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor(ids)
+    out: list[torch.Tensor] = []
+    width = max(w.end - w.begin for w in windows)
+    rows = max(1, min(batch_size, TOKENS_PER_BATCH // width))
+    for start in range(0, len(windows), rows):
+        chunk = windows[start:start + rows]
+        inp = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, w in enumerate(chunk):
+            inp[r, : w.end - w.begin] = tokens[w.begin:w.end]
+            mask[r, : w.end - w.begin] = 1
+        logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits
+        for r, w in enumerate(chunk):
+            pos = slice(w.first_scored - 1 - w.begin, w.end - 1 - w.begin)
+            logprobs = torch.log_softmax(logits[r, pos].double(), dim=-1)
+            target = tokens[w.first_scored:w.end].to(logprobs.device)
+            out.append(-logprobs.gather(1, target[:, None])[:, 0].cpu())
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return torch.cat(out)
+
+
+def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | None = None, stride: int | None = None,
+                        max_tokens: int | None = None, batch_size: int = 16,
+                        progress: ProgressFactory = no_progress) -> TaskOutcome:
+    """Perplexity of the text file `path` (see the module docstring); defaults: window min(1024, context), stride
+    window // 2, the whole file."""
+    if not path.is_file():
+        raise PruneCliError(f"perplexity: text file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    ids = list(tokenizer(text)["input_ids"])
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise PruneCliError(f"perplexity: {path} has fewer than 2 tokens")
+    limit = max_context(model)
+    window = window or min(1024, limit or 1024)
+    if limit is not None and window > limit:
+        raise PruneCliError(f"perplexity window {window} exceeds the model's context of {limit} tokens")
+    stride = stride or max(1, window // 2)
+    windows = sliding_windows(len(ids), window, stride)
+    with progress("perplexity (windows)", len(windows)) as advance:
+        nll = token_nlls(model, ids, windows, batch_size, advance)
+    bad = int((~torch.isfinite(nll)).sum())
+    ppl = math.exp(float(nll.sum()) / len(nll)) if not bad else math.nan
+    protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} tokens of {path.name} (tokenised once, special "
+                f"tokens as the tokenizer adds them); sliding window of {window} tokens with stride {stride}: every "
+                f"token after the first is scored once, with >= {window - stride} tokens of context after the first "
+                "window. Any NaN/Inf token NLL makes the perplexity NaN (n_nonfinite counts such tokens).")
+    return TaskOutcome([MetricGroup(GROUP, protocol, {"perplexity": MetricValue(ppl, len(nll), bad)})], len(nll),
+                       "tokens")

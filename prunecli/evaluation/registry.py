@@ -1,0 +1,99 @@
+"""The task registry: every name `--tasks` accepts, what it needs, and how it runs.
+
+A task list is comma-separated names, each optionally `=SOURCE` (a data file, or `hub:NAME[:CONFIG][@SPLIT]`;
+for `perplexity` a text file): `counterfact,perplexity,glue:sst2,gsm8k=my/gsm8k.jsonl`. Groups expand: `glue` is
+every GLUE-style subset, `general` the four generative tasks of PRUNE's Table 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunecli.errors import PruneCliError
+from prunecli.evaluation import choice, counterfact, generative, zsre
+from prunecli.evaluation.base import EvalContext, TaskOutcome
+from prunecli.evaluation.perplexity import evaluate_perplexity
+from prunecli.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    needs: str  # "edits" (requests), "text" (a text file) or "data" (a task data set)
+    summary: str
+    run: Callable[[EvalContext, str | None], TaskOutcome]
+
+
+def _requests(ctx: EvalContext, task: str) -> list[EditRequest]:
+    if not ctx.requests:
+        raise PruneCliError(f"task {task} needs edit requests: give --edits FILE (or deltas that record them)")
+    return ctx.requests
+
+
+def _run_counterfact(ctx: EvalContext, source: str | None) -> TaskOutcome:
+    requests = _requests(ctx, "counterfact")
+    with ctx.progress("counterfact (prompt/target pairs)", len(counterfact.needed_pairs(requests))) as advance:
+        groups = counterfact.evaluate_counterfact(ctx.model, ctx.tokenizer, requests, ctx.batch_size, advance)
+    return TaskOutcome(groups, len(requests))
+
+
+def _run_zsre(ctx: EvalContext, source: str | None) -> TaskOutcome:
+    requests = _requests(ctx, "zsre")
+    if ctx.locality_reference is None:
+        raise PruneCliError("zsre needs the reference model's locality predictions (computed before deltas)")
+    with ctx.progress("zsre (prompt/target pairs)", len(zsre.needed_pairs(requests))) as advance:
+        groups = zsre.evaluate_zsre(ctx.model, ctx.tokenizer, requests, ctx.locality_reference,
+                               ctx.reference_name or "reference", ctx.batch_size, advance)
+    return TaskOutcome(groups, len(requests))
+
+
+def _run_perplexity(ctx: EvalContext, source: str | None) -> TaskOutcome:
+    path = Path(source) if source else ctx.text_path or ctx.data_dir / "wikitext" / "wiki.test.raw"
+    return evaluate_perplexity(ctx.model, ctx.tokenizer, path, ctx.window, ctx.stride, ctx.max_tokens,
+                               ctx.batch_size, ctx.progress)
+
+
+def _generative(task: generative.GenerativeTask) -> TaskDef:
+    return TaskDef(task.name, "data", task.metric_text, lambda ctx, src: generative.run_generative(task, ctx, src))
+
+
+def _choice(task: choice.ChoiceTask) -> TaskDef:
+    return TaskDef(task.name, "data", f"label-word accuracy/F1 on {task.default_file}",
+                   lambda ctx, src: choice.run_choice(task, ctx, src))
+
+
+REGISTRY: dict[str, TaskDef] = {t.name: t for t in [
+    TaskDef("counterfact", "edits", "efficacy/paraphrase/neighborhood scores, magnitudes and argmax accuracies",
+            _run_counterfact),
+    TaskDef("zsre", "edits", "token accuracy of edits and rephrases, locality agreement and gold accuracy", _run_zsre),
+    TaskDef("perplexity", "text", "sliding-window perplexity of a text file (--text, default WikiText-2 test)",
+            _run_perplexity),
+    *(_generative(t) for t in generative.TASKS.values()),
+    *(_choice(t) for t in choice.TASKS.values()),
+]}
+GROUPS: dict[str, list[str]] = {"glue": list(choice.TASKS), "general": list(generative.TASKS)}
+
+
+def parse_tasks(spec: str) -> list[tuple[TaskDef, str | None]]:
+    """Task definitions and their optional sources, in the order given, duplicates removed."""
+    out: dict[str, tuple[TaskDef, str | None]] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, has_source, source = item.partition("=")
+        name = name.strip().lower()
+        names = GROUPS.get(name, [name])
+        if has_source and len(names) > 1:
+            raise PruneCliError(f"task group {name!r} cannot take a source; name its tasks one by one")
+        for n in names:
+            if n not in REGISTRY:
+                known = ", ".join([*REGISTRY, *GROUPS])
+                raise PruneCliError(f"unknown task {n!r}; known tasks: {known}")
+            if has_source and REGISTRY[n].needs == "edits":
+                raise PruneCliError(f"task {n} reads the requests given with --edits; it takes no =SOURCE")
+            out[n] = (REGISTRY[n], (source.strip() or None) if has_source else None)
+    if not out:
+        raise PruneCliError("no task given in --tasks")
+    return list(out.values())

@@ -1,0 +1,147 @@
+"""`run_evaluation`: load the model once, add the deltas in memory, run the requested tasks, return the report.
+
+Order matters for zsRE locality: the reference predictions are taken from the model *before* its deltas are added
+(or from `--locality-reference`), then the deltas are added to the touched tensors and every task runs on that
+final model (the sequential protocol: all edits applied, each edit judged afterwards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunecli.core.delta import Delta, load_deltas
+from prunecli.errors import PruneCliError
+from prunecli.evaluation.base import EvalContext, ProgressFactory, TaskOutcome, no_progress
+from prunecli.evaluation.registry import TaskDef, parse_tasks
+from prunecli.evaluation.report import build_report
+from prunecli.evaluation.scoring import TargetScore
+from prunecli.evaluation.zsre import reference_scores
+from prunecli.requests import EditRequest, load_requests, parse_record
+
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+@dataclass
+class EvalOptions:
+    """Everything `prunecli evaluate` accepts besides the model (the library-level form of its options)."""
+
+    deltas: Sequence[Path] = ()
+    edits: Path | None = None
+    start: int = 0
+    limit: int | None = None
+    tasks: str | None = None
+    text: Path | None = None
+    window: int | None = None
+    stride: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "fp32"
+    locality_reference: str | None = None
+    data_dir: Path = field(default=DEFAULT_DATA_DIR)
+    force: bool = False  # evaluate deltas made for a base whose tensors differ
+
+
+def requests_from_history(delta: Delta) -> list[EditRequest]:
+    """The edit requests a delta records (as EditRequest fields, or as any record format `edit` accepts)."""
+    names = {f.name for f in dataclasses.fields(EditRequest)}
+    out = []
+    for i, rec in enumerate(delta.requests):
+        try:
+            if isinstance(rec, dict) and {"prompt", "subject", "target_new"} <= rec.keys() and set(rec) <= names:
+                out.append(EditRequest(**rec))
+            else:
+                out.append(parse_record(rec, i))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise PruneCliError(f"the delta's recorded request {i} cannot be read ({exc}); give --edits FILE") from None
+    return out
+
+
+def select_requests(options: EvalOptions, delta: Delta | None) -> list[EditRequest] | None:
+    if options.edits is not None:
+        return load_requests(options.edits, options.start, options.limit)
+    if delta is not None and delta.requests:
+        recorded = requests_from_history(delta)
+        end = None if options.limit is None else options.start + options.limit
+        return recorded[options.start:end] or None
+    return None
+
+
+def plan(options: EvalOptions, requests: list[EditRequest] | None) -> list[tuple[TaskDef, str | None]]:
+    """The tasks to run: --tasks, else the edit metrics matching the requests' format plus perplexity with --text."""
+    if options.tasks:
+        tasks = parse_tasks(options.tasks)
+    else:
+        names = []
+        if requests:
+            names.append("zsre" if all(r.source_format == "zsre" for r in requests) else "counterfact")
+        if options.text is not None:
+            names.append("perplexity")
+        if not names:
+            raise PruneCliError("nothing to evaluate: give --edits FILE, --text FILE or --tasks LIST")
+        tasks = parse_tasks(",".join(names))
+    for task, _ in tasks:
+        if task.needs == "edits" and not requests:
+            raise PruneCliError(f"task {task.name} needs edit requests: give --edits FILE")
+    return tasks
+
+
+def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
+               has_delta: bool, progress: ProgressFactory) -> tuple[list[list[TargetScore]], str]:
+    """Locality predictions of the reference model: --locality-reference, else the base model before the deltas."""
+    from prunecli.models.loading import load_model
+
+    total = sum(min(len(r.locality_prompts), len(r.locality_answers)) for r in requests)
+    if options.locality_reference:
+        ref_model, ref_tok, _ = load_model(options.locality_reference, options.device, options.dtype)
+        with progress("zsre locality reference", total) as advance:
+            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, advance)
+        return scores, options.locality_reference
+    with progress("zsre locality reference", total) as advance:
+        scores = reference_scores(model, tokenizer, requests, options.batch_size, advance)
+    return scores, (f"{model_ref} without deltas" if has_delta else f"{model_ref} (the evaluated model itself)")
+
+
+def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFactory = no_progress) -> dict[str, Any]:
+    """Evaluate `model_ref` plus `options.deltas` on the planned tasks; returns the report object."""
+    from prunecli.models.loading import add_delta_to_model, load_model
+
+    if options.batch_size < 1:
+        raise PruneCliError("--batch-size must be at least 1")
+    delta = load_deltas(options.deltas)
+    requests = select_requests(options, delta)
+    tasks = plan(options, requests)
+    model, tokenizer, base = load_model(model_ref, options.device, options.dtype)
+    if delta is not None:
+        delta.check_base(base, options.force)
+    reference, reference_name = None, None
+    if requests and any(t.name == "zsre" for t, _ in tasks):
+        reference, reference_name = _reference(options, model, tokenizer, requests, model_ref, delta is not None,
+                                               progress)
+    if delta is not None:
+        add_delta_to_model(model, delta)
+    ctx = EvalContext(model, tokenizer, options.batch_size, options.limit, options.seed, options.data_dir, requests,
+                      reference, reference_name, options.text, options.window, options.stride, options.max_tokens,
+                      progress)
+    outcomes: list[tuple[str, TaskOutcome, float]] = []
+    for task, source in tasks:
+        t0 = time.perf_counter()
+        outcome = task.run(ctx, source)
+        outcomes.append((task.name, outcome, time.perf_counter() - t0))
+    info = {
+        "edits": None if requests is None else {
+            "file": str(options.edits) if options.edits is not None else "recorded in the deltas",
+            "start": options.start, "n": len(requests)},
+        "tasks": [t.name for t, _ in tasks],
+        "locality_reference": reference_name,
+        "settings": {"batch_size": options.batch_size, "device": str(next(model.parameters()).device),
+                     "dtype": options.dtype, "limit": options.limit, "seed": options.seed,
+                     "data_dir": str(options.data_dir)},
+    }
+    return build_report(str(model_ref), [str(d) for d in options.deltas], info, outcomes)
