@@ -354,6 +354,10 @@ def test_cli_unwritable_output(tmp_path: Path, gpt2_edit: tuple[Path, Path, dict
     delta = tmp_path / "d.safetensors"
     assert run("diff", base_dir, edited_dir, "-o", delta).exit_code == 0
     assert_clean_failure(run("apply", base_dir, delta, "-o", a_file / "out"), "not a directory")
+    # Kinds that do not fit, even with --force: a folder where a delta file goes, a file where a folder goes.
+    assert_clean_failure(run("diff", base_dir, edited_dir, "-o", tmp_path, "--force"), "is a directory")
+    assert_clean_failure(run("apply", base_dir, delta, "-o", a_file, "--force"), "is not a directory")
+    assert a_file.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "plain-file"]
 
 

@@ -38,8 +38,9 @@ def main(
         from prunecli.core.delta import load_deltas
         from prunecli.models.default_model import resolve_model_path
 
-        check_output_path(output, force)
-        base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        base_path = resolve_model_path(base)
+        check_output_path(output, force, is_dir=base_path.is_dir())
+        base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         delta = load_deltas(deltas)
         assert delta is not None  # typer requires at least one DELTA
         rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas])

@@ -46,7 +46,7 @@ def main(
         from prunecli.core.diffing import diff_checkpoints
         from prunecli.models.default_model import resolve_model_path
 
-        check_output_path(output, force)
+        check_output_path(output, force, is_dir=False)
         base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
         edited_ckpt = Checkpoint(resolve_model_path(edited), allow_pickle=allow_pickle)
         delta = diff_checkpoints(base_ckpt, edited_ckpt, select or (), rank, tol,

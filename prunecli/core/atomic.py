@@ -16,11 +16,15 @@ from pathlib import Path
 from prunecli.errors import PruneCliError
 
 
-def check_output_path(path: Path, force: bool) -> None:
-    """Fail early (before any heavy work) when `path` cannot be written."""
+def check_output_path(path: Path, force: bool, is_dir: bool | None = None) -> None:
+    """Fail early (before any heavy work) when `path` cannot be written (as a directory / a file, when `is_dir` says)."""
     path = Path(path)
     if path.exists() and not force:
         raise PruneCliError(f"output {path} already exists (use --force to overwrite)")
+    if is_dir is False and path.is_dir():
+        raise PruneCliError(f"output {path} is a directory, expected a file path")
+    if is_dir is True and path.exists() and not path.is_dir():
+        raise PruneCliError(f"output {path} exists and is not a directory")
     parent = _parent(path)
     if not parent.exists():
         raise PruneCliError(f"cannot write {path}: directory {parent} does not exist")
@@ -46,9 +50,7 @@ def _umask() -> int:
 def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on normal exit it replaces `path`, on error it is removed."""
     path = Path(path)
-    check_output_path(path, force)
-    if path.is_dir():
-        raise PruneCliError(f"output {path} is a directory, expected a file path")
+    check_output_path(path, force, is_dir=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_parent(path))
     os.close(fd)
     tmp_path = Path(tmp)
@@ -65,9 +67,7 @@ def atomic_file(path: Path, force: bool = False) -> Iterator[Path]:
 def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on normal exit it becomes `path` (an old `path` is removed only then)."""
     path = Path(path)
-    check_output_path(path, force)
-    if path.exists() and not path.is_dir():
-        raise PruneCliError(f"output {path} exists and is not a directory")
+    check_output_path(path, force, is_dir=True)
     parent = _parent(path)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700 directories
