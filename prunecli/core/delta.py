@@ -236,7 +236,7 @@ class Delta:
         specs = meta.get("entries")
         base = meta.get("base") or {}
         fingerprints = base.get("fingerprints") if isinstance(base, dict) else None
-        history = meta.get("history", [])
+        history = meta.get("history") or []
         if not isinstance(fingerprints, dict):
             raise bad("base fingerprints are missing")
         if not isinstance(history, list):
