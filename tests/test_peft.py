@@ -83,3 +83,15 @@ def test_export_lora_cli(llama_dir, tmp_path):
     again = runner.invoke(app, ["export-lora", str(tmp_path / "d.safetensors"), "--base", str(llama_dir), "-o",
                                 str(tmp_path / "lora")])
     assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+def test_apply_accepts_a_peft_adapter_as_delta(llama_dir, tmp_path):
+    """Every command that takes a delta also takes an adapter folder; apply is the end-to-end check."""
+    ckpt = Checkpoint(llama_dir)
+    delta = _delta(ckpt, _targets("llama"), ranks=[2, 1], seed=3)
+    export_lora(delta, ckpt, tmp_path / "adapter")
+    res = CliRunner().invoke(app, ["apply", str(llama_dir), str(tmp_path / "adapter"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    out = Checkpoint(tmp_path / "out")
+    for name, entry in delta.entries.items():
+        assert torch.allclose(out.get(name), ckpt.get(name) + entry.stored_update(), atol=1e-5)

@@ -41,7 +41,7 @@ def main(
         base_path = resolve_model_path(base)
         check_output_path(output, force, is_dir=base_path.is_dir())
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
-        delta = load_deltas(deltas)
+        delta = load_deltas(deltas, base_ckpt)
         assert delta is not None  # typer requires at least one DELTA
         rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas])
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],

@@ -35,7 +35,7 @@ def main(
 
         check_output_path(output, force)
         ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
-        d = Delta.load(delta)
+        d = Delta.load(delta, ckpt)
         d.check_base(ckpt)
         summary = export_lora(d, ckpt, output, force)
         if json_out:

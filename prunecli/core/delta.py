@@ -202,13 +202,23 @@ class Delta:
             write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Delta:
-        """Read and validate a delta file; every problem is reported as one clear line."""
+    def load(cls, path: str | os.PathLike[str], base: Checkpoint | None = None) -> Delta:
+        """Read and validate a delta file, or a PEFT LoRA adapter folder of `base`; problems are one clear line.
+
+        Adapters carry no fingerprint of their base, so they can only be read together with the base they are for.
+        """
         path = Path(path)
         if not path.exists():
             raise PruneCliError(f"delta {path} does not exist")
         if path.is_dir():
-            raise PruneCliError(f"delta {path} is a directory, expected a .safetensors delta file")
+            from prunecli.core.peft_io import delta_from_peft, is_peft_adapter
+
+            if not is_peft_adapter(path):
+                raise PruneCliError(f"delta {path} is a directory but not a PEFT adapter (no adapter_config.json); "
+                                    "expected a .safetensors delta file or a PEFT LoRA adapter folder")
+            if base is None:
+                raise PruneCliError(f"{path} is a PEFT adapter: this command needs the base checkpoint to read it")
+            return delta_from_peft(path, base)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as fh:
                 raw_meta = (fh.metadata() or {}).get(META_KEY)
@@ -282,11 +292,11 @@ def _check_finite(name: str, entry: DeltaEntry, prefix: str) -> None:
             raise PruneCliError(f"{prefix} entry {name} contains NaN or Inf values")
 
 
-def load_deltas(paths: Iterable[str | os.PathLike[str]]) -> Delta | None:
-    """Load and compose several delta files in order (None when no path is given)."""
+def load_deltas(paths: Iterable[str | os.PathLike[str]], base: Checkpoint | None = None) -> Delta | None:
+    """Load and compose several delta files (or PEFT adapters of `base`) in order; None when no path is given."""
     total: Delta | None = None
     for p in paths:
-        d = Delta.load(p)
+        d = Delta.load(p, base)
         total = d if total is None else total.compose(d)
     return total
 
