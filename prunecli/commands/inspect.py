@@ -1,19 +1,184 @@
-"""`prunecli inspect`: not implemented yet."""
+"""`prunecli inspect`: singular spectra (sigma_max, sigma_min, kappa, norm, stable rank) of weight matrices."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import DebugOpt, guarded
-from prunecli.errors import PruneCliError
+from prunecli.commands._common import AllowPickleOpt, DebugOpt, JsonOpt, emit_json, guarded, track, warn
+
+if TYPE_CHECKING:
+    from prunecli.core.inspection import DeltaEntryReport, MatrixReport
+    from prunecli.plotting import SpectrumLine
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def main(model: Annotated[str, typer.Argument(help="Model folder.")], debug: DebugOpt = False) -> None:
-    """Not implemented yet (exits 1)."""
+def _device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise typer.BadParameter(f"{value!r} is not cpu, cuda or cuda:N")
+    return value
+
+
+def main(
+    path: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, prunecli delta file, or `smollm2`.",
+                                        show_default=False)],
+    delta: Annotated[list[str] | None, typer.Option("--delta", "-d", help="Delta file(s) to add to the checkpoint "
+                                                    "(composed in order); reports W + D and D for touched matrices.")]
+    = None,
+    select: Annotated[list[str] | None, typer.Option("--select", "-s", help="Glob(s) on tensor names (canonical or as "
+                                                     "stored), e.g. '*.mlp.c_proj.weight'. Default: every 2-D "
+                                                     "matrix, or with --delta the matrices it touches.")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Float64 SVD instead of the fast Gram + eigvalsh path "
+                                        "(needed when kappa approaches 1e7).")] = False,
+    json_out: JsonOpt = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the singular spectra (log scale; "
+                                              "solid W, dashed W + D). Needs matplotlib.", dir_okay=False)] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many top singular values of each delta to report.")]
+    = 5,
+    device: Annotated[str, typer.Option("--device", callback=_device, help="cpu, cuda or cuda:N.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Inspect deltas on a base whose tensors differ from the one "
+                                        "they were made on, and overwrite an existing --plot file.")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Report the singular spectra of a checkpoint's weight matrices: sigma_max, sigma_min, kappa, norm, stable rank.
+
+    Fast path: eigenvalues of the smaller Gram matrix in float64 (accurate while kappa << 1e7); --exact: float64 SVD.
+
+    With --delta: also W + D, and the rank and top singular values of D (computed from its low-rank factors).
+
+    PATH may be a delta file: then each entry's rank, norm and top singular values are reported.
+
+    Example: prunecli inspect ./gpt2-xl --delta edits.safetensors --select '*.17.mlp.c_proj.weight' --plot s.png
+    """
 
     def body() -> None:
-        raise PruneCliError("prunecli inspect is not implemented yet")
+        from prunecli.core.atomic import check_output_path
+        from prunecli.core.checkpoint import Checkpoint
+        from prunecli.core.delta import Delta, load_deltas
+        from prunecli.core.inspection import (checkpoint_candidates, checkpoint_reports, default_checkpoint_selection,
+                                              delta_reports, is_delta_file, select_names)
+        from prunecli.errors import PruneCliError
+        from prunecli.models.default_model import resolve_model_path
+        from prunecli.models.loading import resolve_device
+
+        if plot is not None:
+            check_output_path(plot, force)
+        dev = resolve_device(device)
+        target = resolve_model_path(path)
+        delta_paths = list(delta or [])
+        reports: list[Any]
+        if is_delta_file(target):
+            if delta_paths:
+                raise PruneCliError(f"{target} is a delta file; --delta needs a checkpoint PATH to add deltas to")
+            d = Delta.load(target)
+            names = select_names([(n,) for n in d.entries], select) if select else list(d.entries)
+            reports = list(track(delta_reports(d, names, exact=exact, device=dev, top_k=top,
+                                               keep_spectra=plot is not None), len(names), "delta spectra"))
+            kind = "delta"
+        else:
+            ckpt = Checkpoint(target, allow_pickle=allow_pickle)
+            composed = load_deltas(delta_paths)
+            if select:
+                not_2d = [n for n in ckpt.names() if len(ckpt.info(n).shape) != 2]
+                names = select_names(checkpoint_candidates(ckpt), select, ignored=not_2d)
+            else:
+                names = default_checkpoint_selection(ckpt, composed)
+            if not names:
+                raise PruneCliError(f"{target} holds no 2-D matrix to inspect")
+            reports = list(track(checkpoint_reports(ckpt, names, composed, exact=exact, device=dev, top_k=top,
+                                                    keep_spectra=plot is not None, force=force),
+                                 len(names), "spectra"))
+            kind = "checkpoint"
+            if not exact:
+                _warn_ill_conditioned(reports)
+        if plot is not None:
+            from prunecli.plotting import plot_spectra
+
+            plot_spectra(_plot_lines(reports), plot, f"singular spectra of {target.name}", force)
+        if json_out:
+            emit_json({"path": str(target), "kind": kind, "deltas": delta_paths, "exact": exact, "device": str(dev),
+                       "tensors": [r.to_json(bool(delta_paths)) if kind == "checkpoint" else r.to_json()
+                                   for r in reports]})
+        elif kind == "delta":
+            _print_delta_table(reports)
+        else:
+            _print_checkpoint_table(reports, bool(delta_paths))
 
     guarded(debug, body)
+
+
+def _warn_ill_conditioned(reports: list[MatrixReport]) -> None:
+    """The fast path's sigma_min degrades like eps64 * kappa^2: say so instead of printing a wrong kappa silently."""
+    from prunecli.core.spectra import FAST_KAPPA_LIMIT
+
+    bad = [r.name for r in reports
+           if r.stats.kappa > FAST_KAPPA_LIMIT or (r.edited is not None and r.edited.kappa > FAST_KAPPA_LIMIT)]
+    if bad:
+        warn(f"{len(bad)} matri{'x has' if len(bad) == 1 else 'ces have'} kappa > {FAST_KAPPA_LIMIT:.0e} (first: "
+             f"{bad[0]}); the fast path's sigma_min is not accurate there: rerun with --exact")
+
+
+def _plot_lines(reports: list[Any]) -> list[SpectrumLine]:
+    from prunecli.plotting import SpectrumLine
+
+    lines = []
+    for r in reports:
+        lines.append(SpectrumLine(r.name, r.spectrum))
+        if getattr(r, "edited_spectrum", None) is not None:
+            lines.append(SpectrumLine(r.name, r.edited_spectrum, edited=True))
+    return lines
+
+
+def _stdout_console() -> Any:
+    """Rich console for tables on stdout; not squeezed to 80 columns when piped to a file or pager."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    return console
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _print_checkpoint_table(reports: list[MatrixReport], with_delta: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title="singular spectra" + (" (W, and W + D where a delta touches it)" if with_delta else ""))
+    table.add_column("tensor", overflow="fold")
+    for col in ["shape", "dtype", "σ_max", "σ_min", "κ", "‖W‖_F", "stable rank"]:
+        table.add_column(col, justify="right")
+    if with_delta:
+        for col in ["κ(W+D)", "σ_max(W+D)", "rank D", "σ_1(D)", "#σ(D)>σ_max(W)"]:
+            table.add_column(col, justify="right")
+    for r in reports:
+        s = r.stats
+        row = [r.name, "x".join(map(str, r.shape)), r.dtype, _num(s.sigma_max), _num(s.sigma_min), _num(s.kappa),
+               _num(s.fro), _num(s.stable_rank)]
+        if with_delta:
+            e, d = r.edited, r.delta
+            row += [_num(e.kappa if e else None), _num(e.sigma_max if e else None), str(d.rank) if d else "-",
+                    _num(d.sigma_max if d else None), str(d.n_above_sigma_max) if d else "-"]
+        table.add_row(*row)
+    _stdout_console().print(table)
+
+
+def _print_delta_table(reports: list[DeltaEntryReport]) -> None:
+    from rich.table import Table
+
+    table = Table(title="delta entries (shape [out, in])")
+    table.add_column("tensor", overflow="fold")
+    for col in ["shape", "kind", "rank", "σ_max", "‖D‖_F", "top singular values"]:
+        table.add_column(col, justify="right")
+    for r in reports:
+        d = r.spectrum_stats
+        table.add_row(r.name, "x".join(map(str, r.shape)), r.kind, str(d.rank), _num(d.sigma_max), _num(d.fro),
+                      ", ".join(_num(v) for v in d.top_singular_values))
+    _stdout_console().print(table)

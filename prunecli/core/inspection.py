@@ -1,0 +1,205 @@
+"""What `prunecli inspect` computes: spectra of checkpoint matrices, of edited matrices W + D, and of delta entries.
+
+Everything is a generator over the selected tensors that reads one tensor at a time, so inspecting a large model
+costs one matrix (plus its Gram matrix) of memory, and callers can show progress. A delta's own spectrum always comes
+from its factors (`entry_svd`): a low-rank delta is never densified for it. W + D is formed densely in float64,
+because its spectrum is the question and W is dense anyway.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from prunecli.core.checkpoint import Checkpoint
+from prunecli.core.delta import META_KEY, Delta, DeltaEntry
+from prunecli.core.lowrank import entry_svd
+from prunecli.core.spectra import SpectrumStats, numerical_rank, singular_values
+from prunecli.errors import PruneCliError
+
+
+@dataclass(frozen=True)
+class DeltaSpectrum:
+    """Spectrum summary of one update D; `n_above_sigma_max` counts singular values of D above sigma_max(W)."""
+
+    rank: int
+    sigma_max: float
+    fro: float
+    top_singular_values: list[float]
+    n_above_sigma_max: int | None = None  # None when there is no base matrix to compare with
+
+    @classmethod
+    def from_singular_values(cls, s: torch.Tensor, shape: tuple[int, int], top_k: int,
+                             base_sigma_max: float | None = None) -> DeltaSpectrum:
+        return cls(rank=numerical_rank(s, shape), sigma_max=float(s[0]) if s.numel() else 0.0,
+                   fro=float(torch.sqrt((s.double() ** 2).sum())), top_singular_values=s[:top_k].tolist(),
+                   n_above_sigma_max=None if base_sigma_max is None else int((s > base_sigma_max).sum()))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rank": self.rank, "sigma_max": self.sigma_max, "fro": self.fro,
+                               "top_singular_values": self.top_singular_values}
+        if self.n_above_sigma_max is not None:
+            out["n_above_sigma_max"] = self.n_above_sigma_max
+        return out
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """Spectrum of one checkpoint matrix W, and of W + D and D when a delta touches it."""
+
+    name: str  # canonical name
+    shape: tuple[int, int]  # as stored
+    dtype: str  # stored safetensors dtype (F32, BF16, ...)
+    layout: str  # out_in | in_out
+    stats: SpectrumStats
+    spectrum: torch.Tensor | None = None  # all singular values of W (kept only on request)
+    edited: SpectrumStats | None = None
+    edited_spectrum: torch.Tensor | None = None
+    delta: DeltaSpectrum | None = None
+
+    def to_json(self, with_delta: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                               "layout": self.layout, **self.stats.to_json()}
+        if with_delta:
+            out["edited"] = self.edited.to_json() if self.edited else None
+            out["delta"] = self.delta.to_json() if self.delta else None
+        return out
+
+
+@dataclass(frozen=True)
+class DeltaEntryReport:
+    """Spectrum of one entry of a delta file (shape in math orientation [out, in])."""
+
+    name: str
+    shape: tuple[int, int]
+    layout: str
+    kind: str  # lowrank | dense
+    spectrum_stats: DeltaSpectrum
+    spectrum: torch.Tensor | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "layout": self.layout, "kind": self.kind,
+                **self.spectrum_stats.to_json()}
+
+
+def is_delta_file(path: str | os.PathLike[str]) -> bool:
+    """True for a readable .safetensors file carrying prunecli delta metadata (anything else is not a delta)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            return META_KEY in (fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def select_names(candidates: Sequence[Sequence[str]], globs: Sequence[str],
+                 ignored: Sequence[str] = ()) -> list[str]:
+    """Canonical names of `candidates` (canonical name first, then other names of the same tensor) matched by any
+    glob on any of their names, in candidate order.
+
+    Every glob must match something; `ignored` are names that exist but cannot be selected (e.g. 1-D tensors), so a
+    glob matching only those gets a message saying why.
+    """
+    chosen: set[str] = set()
+    for pattern in globs:
+        hits = {names[0] for names in candidates if any(fnmatch.fnmatchcase(n, pattern) for n in names)}
+        if not hits:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in ignored):
+                raise PruneCliError(f"--select {pattern!r} matches only tensors that are not 2-D matrices")
+            raise PruneCliError(f"no tensor matches --select {pattern!r}")
+        chosen |= hits
+    return [names[0] for names in candidates if names[0] in chosen]
+
+
+def checkpoint_candidates(ckpt: Checkpoint) -> list[tuple[str, ...]]:
+    """Names of the checkpoint's 2-D matrices, in file order: (canonical, stored[, GPT-2 name without the
+    `transformer.` prefix]), so a glob written for either GPT-2 naming selects the tensor."""
+    out = []
+    for stored in ckpt.matrices():
+        canonical = ckpt.canonical(stored)
+        names = [canonical, stored]
+        if ckpt.model_type == "gpt2":
+            names.append(canonical.removeprefix("transformer."))
+        out.append(tuple(dict.fromkeys(names)))
+    return out
+
+
+def default_checkpoint_selection(ckpt: Checkpoint, delta: Delta | None) -> list[str]:
+    """All 2-D matrices in file order; with a delta only the ones it touches (the edited matrices are what one
+    inspects then). Targets the checkpoint lacks are kept, for `checkpoint_reports`' base check to name them."""
+    names = [aliases[0] for aliases in checkpoint_candidates(ckpt)]
+    if delta is None:
+        return names
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(delta.entries, key=lambda n: order.get(n, len(order)))
+
+
+def delta_singular_values(entry: DeltaEntry, exact: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Singular values of an update, descending, float64 on the CPU: from the factors when low rank (exact, cheap);
+    a dense update goes through `singular_values` like any dense matrix."""
+    if entry.is_lowrank:
+        return entry_svd(entry, torch.float64, device).s.cpu()
+    assert entry.dense is not None
+    return singular_values(entry.dense, exact, device)
+
+
+def _add_update(w: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
+    """w (stored layout, float64, modified in place) + D, without densifying D on the CPU for a low-rank entry."""
+    if not entry.is_lowrank:
+        return w.add_(entry.stored_update(torch.float64).to(w.device))
+    assert entry.a is not None and entry.b is not None
+    a, b = entry.a.to(w.device, torch.float64), entry.b.to(w.device, torch.float64)
+    return w.addmm_(a, b.T) if entry.layout == "out_in" else w.addmm_(b, a.T)
+
+
+def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | None = None, *, exact: bool = False,
+                       device: str | torch.device = "cpu", top_k: int = 5, keep_spectra: bool = False,
+                       force: bool = False) -> Iterator[MatrixReport]:
+    """Spectra of the named matrices of `ckpt`, one tensor in memory at a time.
+
+    With `delta`, matrices it touches also get the spectrum of W + D and of D. The delta is checked against the base
+    first (same tensors, shapes and, unless `force`, bytes), before any spectrum is computed.
+    """
+    if delta is not None:
+        delta.check_base(ckpt, force)
+    dev = torch.device(device)
+
+    def generate() -> Iterator[MatrixReport]:
+        for name in names:
+            info, canonical = ckpt.info(name), ckpt.canonical(name)
+            if len(info.shape) != 2:
+                raise PruneCliError(f"tensor {name} has shape {list(info.shape)}: only 2-D matrices have a spectrum")
+            w = ckpt.get(name)
+            s = singular_values(w, exact, dev)
+            stats = SpectrumStats.from_singular_values(s)
+            entry = delta.entries.get(canonical) if delta is not None else None
+            edited = edited_s = dspec = None
+            if entry is not None:
+                edited_s = singular_values(_add_update(w.to(dev, torch.float64), entry), exact, dev)
+                edited = SpectrumStats.from_singular_values(edited_s)
+                dspec = DeltaSpectrum.from_singular_values(delta_singular_values(entry, exact, dev), entry.shape,
+                                                           top_k, stats.sigma_max)
+            del w
+            yield MatrixReport(canonical, (info.shape[0], info.shape[1]), info.dtype, ckpt.layout(name),
+                               stats, s if keep_spectra else None, edited, edited_s if keep_spectra else None, dspec)
+
+    return generate()
+
+
+def delta_reports(delta: Delta, names: Sequence[str], *, exact: bool = False, device: str | torch.device = "cpu",
+                  top_k: int = 5, keep_spectra: bool = False) -> Iterator[DeltaEntryReport]:
+    """Spectra of the named entries of a delta (no base needed)."""
+    for name in names:
+        entry = delta.entries[name]
+        s = delta_singular_values(entry, exact, device)
+        yield DeltaEntryReport(name, entry.shape, entry.layout, "lowrank" if entry.is_lowrank else "dense",
+                               DeltaSpectrum.from_singular_values(s, entry.shape, top_k), s if keep_spectra else None)

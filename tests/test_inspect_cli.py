@@ -1,0 +1,161 @@
+"""`prunecli inspect` end to end on the tiny GPT-2 and LLaMA checkpoints (CliRunner, no subprocess)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunecli.cli import app
+from prunecli.core.checkpoint import Checkpoint
+from prunecli.core.delta import Delta, DeltaEntry
+
+runner = CliRunner()
+
+GPT2_TARGETS = ["transformer.h.1.attn.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"]
+STAT_KEYS = {"name", "shape", "dtype", "layout", "sigma_max", "sigma_min", "kappa", "fro", "stable_rank"}
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, ["inspect", *map(str, args)])
+
+
+def _one_line_error(result, exit_code: int = 1) -> str:
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def gpt2_delta(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rank-2 delta on two GPT-2 matrices (one square, one not), written like `prunecli edit` would."""
+    ckpt = Checkpoint(gpt2_dir)
+    g = torch.Generator().manual_seed(0)
+    delta = Delta.for_base(ckpt)
+    for name in GPT2_TARGETS:
+        inp, out = ckpt.info(name).shape  # Conv1D stores [in, out]
+        delta.add(name, DeltaEntry.lowrank(5 * torch.randn(out, 2, generator=g), torch.randn(inp, 2, generator=g),
+                                           "in_out"), ckpt)
+    path = tmp_path_factory.mktemp("delta") / "edits.safetensors"
+    delta.save(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_table_and_json(family: str, request) -> None:
+    folder = request.getfixturevalue(f"{family}_dir")
+    table = _invoke(folder)
+    assert table.exit_code == 0, table.output
+    assert "σ_max" in table.stdout
+    result = _invoke(folder, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kind"] == "checkpoint" and doc["exact"] is False and doc["deltas"] == []
+    n_matrices = len(Checkpoint(folder).matrices())
+    assert len(doc["tensors"]) == n_matrices
+    for t in doc["tensors"]:
+        assert STAT_KEYS <= set(t) and "edited" not in t
+        assert t["sigma_max"] >= t["sigma_min"] > 0 and t["kappa"] == pytest.approx(t["sigma_max"] / t["sigma_min"])
+
+
+def test_select_and_exact(gpt2_dir: Path) -> None:
+    result = _invoke(gpt2_dir, "--select", "*.h.0.mlp.*", "-s", "h.3.attn.c_attn.weight", "--exact", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["exact"] is True
+    assert [t["name"] for t in doc["tensors"]] == ["transformer.h.0.mlp.c_fc.weight",
+                                                   "transformer.h.0.mlp.c_proj.weight",
+                                                   "transformer.h.3.attn.c_attn.weight"]
+
+
+def test_bad_glob_is_one_line_error(llama_dir: Path) -> None:
+    line = _one_line_error(_invoke(llama_dir, "--select", "*.nothing.*"))
+    assert "no tensor matches --select '*.nothing.*'" in line
+    assert "not 2-D" in _one_line_error(_invoke(llama_dir, "--select", "*layernorm*"))
+
+
+def test_delta_reports_edited_and_delta_spectra(gpt2_dir: Path, gpt2_delta: Path) -> None:
+    result = _invoke(gpt2_dir, "--delta", gpt2_delta, "--top", "3", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["deltas"] == [str(gpt2_delta)]
+    assert [t["name"] for t in doc["tensors"]] == GPT2_TARGETS  # default selection: the touched matrices
+    for t in doc["tensors"]:
+        assert {"sigma_max", "sigma_min", "kappa", "fro", "stable_rank"} <= set(t["edited"])
+        assert t["delta"]["rank"] == 2 and len(t["delta"]["top_singular_values"]) == 2
+        assert 0 <= t["delta"]["n_above_sigma_max"] <= 2
+        assert t["edited"]["sigma_max"] != pytest.approx(t["sigma_max"])
+    # untouched matrices, when selected, say so with nulls
+    doc = json.loads(_invoke(gpt2_dir, "-d", gpt2_delta, "-s", "*.h.0.mlp.c_fc.weight", "--json").stdout)
+    assert doc["tensors"][0]["edited"] is None and doc["tensors"][0]["delta"] is None
+    table = _invoke(gpt2_dir, "--delta", gpt2_delta)
+    assert table.exit_code == 0 and "κ(W+D)" in table.stdout
+
+
+def test_delta_on_the_wrong_base_fails(llama_dir: Path, gpt2_delta: Path) -> None:
+    assert "does not have" in _one_line_error(_invoke(llama_dir, "--delta", gpt2_delta))
+
+
+def test_delta_on_a_changed_base_needs_force(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path) -> None:
+    from tiny_models import save_tiny_model
+
+    other = save_tiny_model("gpt2", tmp_path / "other", seed=1)
+    assert "another base" in _one_line_error(_invoke(other, "--delta", gpt2_delta))
+    assert _invoke(other, "--delta", gpt2_delta, "--force", "--json").exit_code == 0
+
+
+def test_inspecting_a_delta_file(gpt2_delta: Path) -> None:
+    result = _invoke(gpt2_delta, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kind"] == "delta"
+    assert [t["name"] for t in doc["tensors"]] == GPT2_TARGETS
+    for t in doc["tensors"]:
+        assert t["kind"] == "lowrank" and t["rank"] == 2 and t["layout"] == "in_out"
+        assert t["fro"] == pytest.approx(sum(v * v for v in t["top_singular_values"]) ** 0.5)
+    table = _invoke(gpt2_delta, "--select", "*attn*")
+    assert table.exit_code == 0 and "attn.c_proj" in table.stdout and "mlp.c_proj" not in table.stdout
+    assert "--delta needs a checkpoint" in _one_line_error(_invoke(gpt2_delta, "--delta", gpt2_delta))
+
+
+def test_plot_writes_png_and_respects_existing_files(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path) -> None:
+    png = tmp_path / "spectra.png"
+    result = _invoke(gpt2_dir, "--delta", gpt2_delta, "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "already exists" in _one_line_error(_invoke(gpt2_dir, "--plot", png))
+    assert _invoke(gpt2_dir, "-s", "*.h.0.*", "--plot", png, "--force").exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name != "spectra.png"]  # no temp files left behind
+
+
+def test_corrupt_safetensors_is_one_line_error(gpt2_dir: Path, tmp_path: Path) -> None:
+    data = (gpt2_dir / "model.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in _one_line_error(_invoke(truncated))
+    folder = tmp_path / "garbage"
+    shutil.copytree(gpt2_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert "truncated or corrupt" in _one_line_error(_invoke(folder))
+
+
+def test_ill_conditioned_matrix_warns_on_the_fast_path(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    u, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    w = ((u * torch.logspace(0, -9, 24, dtype=torch.float64)) @ u.T).float()
+    save_file({"w": w.contiguous()}, str(tmp_path / "m.safetensors"))
+    result = _invoke(tmp_path / "m.safetensors")
+    assert result.exit_code == 0 and "--exact" in result.stderr
+    assert "--exact" not in _invoke(tmp_path / "m.safetensors", "--exact").stderr
+
+
+def test_usage_errors_exit_2(gpt2_dir: Path) -> None:
+    assert _invoke(gpt2_dir, "--device", "tpu").exit_code == 2
+    assert _invoke(gpt2_dir, "--top", "0").exit_code == 2
