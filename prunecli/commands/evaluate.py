@@ -1,19 +1,188 @@
-"""`prunecli evaluate`: not implemented yet."""
+"""`prunecli evaluate`: editing metrics and general abilities of a model + deltas, every metric with its protocol."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import DebugOpt, guarded
-from prunecli.errors import PruneCliError
+from prunecli.commands._common import DebugOpt, JsonOpt, emit_json, guarded, note, progress_bar, warn
+
+if TYPE_CHECKING:
+    from rich.progress import Task
+    from rich.text import Text
+
+    from prunecli.evaluation.report import Comparison
 
 
-def main(model: Annotated[str, typer.Argument(help="Model folder.")], debug: DebugOpt = False) -> None:
-    """Not implemented yet (exits 1)."""
+def _rate_column() -> Any:  # noqa: ANN401 - a rich ProgressColumn
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Items per second, the throughput of the current task."""
+
+        def render(self, task: Task) -> Text:
+            return Text("" if task.speed is None else f"{task.speed:.1f}/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
+@contextlib.contextmanager
+def _bar(description: str, total: int) -> Iterator[Any]:
+    with progress_bar([_rate_column()]) as bar:
+        task = bar.add_task(description, total=total or None)
+        yield lambda n: bar.advance(task, n)
+
+
+def _metrics_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from prunecli.evaluation.report import format_value
+
+    table = Table(title=f"{report['model']}" + (f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""))
+    for col in ("metric", "value", "n", "NaN/Inf", "protocol"):
+        table.add_column(col, justify="right" if col in ("value", "n", "NaN/Inf") else "left")
+    for name, value in report["metrics"].items():
+        bad = report["n_nonfinite"][name]
+        table.add_row(name, format_value(value), str(report["n"][name]), f"[red]{bad}[/]" if bad else "0",
+                      report["metric_group"][name])
+    console = Console()
+    console.print(table)
+    for group, text in report["protocol"].items():
+        console.print(f"[bold]{group}[/]: {text}", highlight=False)
+
+
+def _comparison_table(cmp: Comparison) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from prunecli.evaluation.report import format_value
+
+    table = Table(title="evaluation reports side by side")
+    table.add_column("metric")
+    for label in cmp.labels:
+        table.add_column(label, justify="right")
+    table.add_column("protocol")
+    for m in cmp.metrics:
+        cells = []
+        for value, bad in zip(cmp.values[m], cmp.n_nonfinite[m]):
+            cells.append(format_value(value) + (f" [red]({bad} NaN/Inf)[/]" if bad else ""))
+        table.add_row(m + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells, cmp.group.get(m, ""))
+    Console().print(table)
+
+
+def _compare(paths: list[str], json_out: bool) -> None:
+    from prunecli.evaluation.report import compare_reports, load_report
+
+    reports = [load_report(Path(p)) for p in paths]
+    stems = [Path(p).stem for p in paths]
+    labels = stems if len(set(stems)) == len(stems) else list(paths)
+    cmp = compare_reports(reports, labels)
+    for group in cmp.protocol_mismatch:
+        warn(f"protocol {group!r} differs between the reports: its numbers are not comparable")
+    if cmp.n_mismatch:
+        warn(f"computed over different case counts (*): {', '.join(cmp.n_mismatch)}")
+    if json_out:
+        emit_json({"reports": list(paths), "labels": cmp.labels,
+                   "metrics": {m: {"values": cmp.values[m], "n": cmp.n[m], "n_nonfinite": cmp.n_nonfinite[m],
+                                   "group": cmp.group.get(m)} for m in cmp.metrics},
+                   "protocol_mismatch": cmp.protocol_mismatch, "n_mismatch": cmp.n_mismatch})
+    else:
+        _comparison_table(cmp)
+
+
+def main(
+    targets: Annotated[list[str] | None, typer.Argument(
+        metavar="MODEL | REPORT.json...",
+        help="Model folder (or `smollm2`) to evaluate; with --compare, the report files to compare.")] = None,
+    deltas: Annotated[list[Path] | None, typer.Option(
+        "--delta", "-d", help="Delta file added in memory to the touched tensors (repeatable, composed in order).")] = None,
+    edits: Annotated[Path | None, typer.Option(
+        "--edits", "-e", help="Edit requests (CounterFact, zsRE or minimal JSON/JSONL). Default: the requests "
+        "recorded in the deltas.")] = None,
+    start: Annotated[int, typer.Option("--start", min=0, help="First request record to use.")] = 0,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general task.")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, gsm8k, "
+        "rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --edits "
+        "(+ perplexity with --text).")] = None,
+    text: Annotated[Path | None, typer.Option(
+        "--text", help="Text file for `perplexity` (default task source: DATA_DIR/wikitext/wiki.test.raw).")] = None,
+    window: Annotated[int | None, typer.Option(
+        "--window", min=2, help="Perplexity window in tokens (default min(1024, model context)).")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Perplexity stride (default window/2).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", min=2, help="Score only the first N tokens of the perplexity text.")] = None,
+    data_dir: Annotated[Path, typer.Option(
+        "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files.")] = Path("../shared/data"),
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="With --limit: a seeded random sample of each general task instead of its first N.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    locality_reference: Annotated[str | None, typer.Option(
+        "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
+        "(default: MODEL without the deltas).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the report (JSON) here.")] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Compare report files (from -o) side by side instead of evaluating.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite an existing report, and evaluate deltas made for different base weights.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate MODEL + deltas: CounterFact/zsRE editing metrics and general abilities, each with its protocol named.
+
+    Every request is judged on the final model (all deltas added in memory; nothing is written to disk). Reports
+    give each metric's value, case count, NaN/Inf count and protocol; `--compare` lines reports up side by side and
+    warns when their protocols differ.
+
+    Example: prunecli evaluate smollm2 -d edits.safetensors -e counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
+
+    Example: prunecli evaluate --compare base.json edited.json pruned.json
+    """
 
     def body() -> None:
-        raise PruneCliError("prunecli evaluate is not implemented yet")
+        paths = list(targets or [])
+        if compare:
+            if not paths:
+                raise typer.BadParameter("--compare needs one or more REPORT.json files")
+            if deltas or edits or tasks or text or output:
+                raise typer.BadParameter("--compare only reads reports; drop --delta/--edits/--tasks/--text/-o")
+            _compare(paths, json_out)
+            return
+        if len(paths) != 1:
+            raise typer.BadParameter("give exactly one MODEL (or --compare REPORT.json...)")
+        from prunecli.core.atomic import check_output_path
+        from prunecli.evaluation.report import write_report
+        from prunecli.evaluation.runner import EvalOptions, run_evaluation
+
+        if output is not None:
+            check_output_path(output, force)
+        options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,
+                              text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
+                              batch_size=batch_size, device=device, dtype=dtype,
+                              locality_reference=locality_reference, data_dir=data_dir, force=force)
+        report = run_evaluation(paths[0], options, _bar)
+        for task, t in report["timing"].items():
+            unit = next(k for k in t if k not in ("seconds",) and not k.endswith("_per_s"))
+            rate = t[f"{unit}_per_s"]
+            note(f"{task}: {t[unit]} {unit} in {t['seconds']:.1f} s" + (f" ({rate:.1f} {unit}/s)" if rate else ""))
+        for name, bad in report["n_nonfinite"].items():
+            if bad:
+                warn(f"{name}: {bad} of {report['n'][name]} cases had NaN/Inf scores (counted, not dropped)")
+        if output is not None:
+            write_report(report, output, force)
+            note(f"wrote {output}")
+        if json_out:
+            emit_json(report)
+        else:
+            _metrics_table(report)
 
     guarded(debug, body)

@@ -33,9 +33,14 @@ class Window:
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
-    """Windows covering tokens 1..n-1 exactly once (token 0 has no context and is never scored)."""
-    if window < 2 or not 1 <= stride <= window:
-        raise PruneCliError(f"perplexity needs window >= 2 and 1 <= stride <= window (got {window}, {stride})")
+    """Windows covering tokens 1..n-1 exactly once (token 0 has no context and is never scored).
+
+    Windows must overlap (stride < window): a window's first token has no context inside it, so with
+    stride == window the token at every window boundary would never be scored.
+    """
+    if window < 2 or not 1 <= stride < window:
+        raise PruneCliError(f"perplexity needs window >= 2 and 1 <= stride < window (got window {window}, "
+                            f"stride {stride})")
     out: list[Window] = []
     begin, scored_to = 0, 1
     while scored_to < n_tokens:
@@ -90,7 +95,7 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
     window = window or min(1024, limit or 1024)
     if limit is not None and window > limit:
         raise PruneCliError(f"perplexity window {window} exceeds the model's context of {limit} tokens")
-    stride = stride or max(1, window // 2)
+    stride = stride or window // 2
     windows = sliding_windows(len(ids), window, stride)
     with progress("perplexity (windows)", len(windows)) as advance:
         nll = token_nlls(model, ids, windows, batch_size, advance)
