@@ -10,7 +10,7 @@ in the same run and on the same device, it times
 taking the best of `--repeat` runs for each, and reports the largest relative error of sigma_min of each method
 against a float64 SVD of the same stored matrices. The last line is `speedup: <naive / fast>x`.
 
-Usage: python benchmarks/bench_spectra.py [--n 4] [--repeat 3] [--device cpu|cuda]
+Usage: python benchmarks/bench_spectra.py [--n 4] [--repeat 3] [--device cpu|cuda] [--threads N]
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="number of matrices")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is reported)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both methods (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:

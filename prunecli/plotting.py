@@ -6,6 +6,7 @@ display and costs nothing when no plot is asked for. The PNG is written atomical
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +32,20 @@ class SpectrumLine:
         return f"{self.name} (W+D)" if self.edited else self.name
 
 
+def require_matplotlib() -> None:
+    """Fail before any heavy work when a plot is asked for but matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PruneCliError("--plot needs matplotlib: pip install 'prunecli[plot]'")
+
+
 def plot_spectra(lines: Sequence[SpectrumLine], path: Path, title: str, force: bool = False) -> None:
     """Draw the spectra on a log y axis (index on x) and write them as a PNG at `path`."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PruneCliError("--plot needs matplotlib: pip install 'prunecli[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not lines:
         raise PruneCliError("nothing to plot: no matrix was selected")
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)

@@ -159,3 +159,39 @@ def test_ill_conditioned_matrix_warns_on_the_fast_path(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(gpt2_dir: Path) -> None:
     assert _invoke(gpt2_dir, "--device", "tpu").exit_code == 2
     assert _invoke(gpt2_dir, "--top", "0").exit_code == 2
+
+
+def test_sharded_bf16_and_pickle_checkpoints(llama_sharded_bf16_dir: Path, llama_dir: Path, tmp_path: Path) -> None:
+    doc = json.loads(_invoke(llama_sharded_bf16_dir, "--json").stdout)
+    assert len(doc["tensors"]) == len(Checkpoint(llama_sharded_bf16_dir).matrices())
+    assert {t["dtype"] for t in doc["tensors"]} == {"BF16"}
+    ckpt = Checkpoint(llama_dir)
+    torch.save({n: ckpt.get(n) for n in ckpt.names()}, tmp_path / "pytorch_model.bin")
+    assert "--allow-pickle" in _one_line_error(_invoke(tmp_path))
+    pickled = json.loads(_invoke(tmp_path, "--allow-pickle", "--json").stdout)
+    assert [t["sigma_max"] for t in pickled["tensors"]] == [t["sigma_max"] for t in
+                                                           json.loads(_invoke(llama_dir, "--json").stdout)["tensors"]]
+
+
+@pytest.mark.slow
+def test_smollm2_fast_path_agrees_with_exact() -> None:
+    args = ["smollm2", "--select", "*layers.0.*", "--select", "model.embed_tokens.weight", "--json"]
+    fast, exact = (json.loads(_invoke(*args, *extra).stdout)["tensors"] for extra in ([], ["--exact"]))
+    assert len(fast) == 8 and [t["name"] for t in fast] == [t["name"] for t in exact]
+    for f, e in zip(fast, exact, strict=True):
+        assert f["sigma_max"] == pytest.approx(e["sigma_max"], rel=1e-9)
+        assert f["sigma_min"] == pytest.approx(e["sigma_min"], rel=1e-6)  # kappa up to ~5e4 here
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_cuda_is_one_line_error(gpt2_dir: Path) -> None:
+    assert "CUDA is not available" in _one_line_error(_invoke(gpt2_dir, "--device", "cuda"))
+
+
+def test_non_finite_weights_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"good": torch.randn(4, 6), "bad": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])},
+              str(tmp_path / "m.safetensors"))
+    assert "tensor bad" in _one_line_error(_invoke(tmp_path / "m.safetensors"))
+    assert _invoke(tmp_path / "m.safetensors", "--select", "good").exit_code == 0

@@ -67,11 +67,15 @@ def main(
         from prunecli.models.loading import resolve_device
 
         if plot is not None:
+            from prunecli.plotting import require_matplotlib
+
             check_output_path(plot, force)
+            require_matplotlib()
         dev = resolve_device(device)
         target = resolve_model_path(path)
         delta_paths = list(delta or [])
         reports: list[Any]
+        tensors_json: list[dict[str, Any]]
         if is_delta_file(target):
             if delta_paths:
                 raise PruneCliError(f"{target} is a delta file; --delta needs a checkpoint PATH to add deltas to")
@@ -79,6 +83,7 @@ def main(
             names = select_names([(n,) for n in d.entries], select) if select else list(d.entries)
             reports = list(track(delta_reports(d, names, exact=exact, device=dev, top_k=top,
                                                keep_spectra=plot is not None), len(names), "delta spectra"))
+            tensors_json = [r.to_json() for r in reports]
             kind = "delta"
         else:
             ckpt = Checkpoint(target, allow_pickle=allow_pickle)
@@ -93,6 +98,7 @@ def main(
             reports = list(track(checkpoint_reports(ckpt, names, composed, exact=exact, device=dev, top_k=top,
                                                     keep_spectra=plot is not None, force=force),
                                  len(names), "spectra"))
+            tensors_json = [r.to_json(with_delta=composed is not None) for r in reports]
             kind = "checkpoint"
             if not exact:
                 _warn_ill_conditioned(reports)
@@ -102,8 +108,7 @@ def main(
             plot_spectra(_plot_lines(reports), plot, f"singular spectra of {target.name}", force)
         if json_out:
             emit_json({"path": str(target), "kind": kind, "deltas": delta_paths, "exact": exact, "device": str(dev),
-                       "tensors": [r.to_json(bool(delta_paths)) if kind == "checkpoint" else r.to_json()
-                                   for r in reports]})
+                       "tensors": tensors_json})
         elif kind == "delta":
             _print_delta_table(reports)
         else:

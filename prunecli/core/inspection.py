@@ -121,10 +121,12 @@ def select_names(candidates: Sequence[Sequence[str]], globs: Sequence[str],
 
 
 def checkpoint_candidates(ckpt: Checkpoint) -> list[tuple[str, ...]]:
-    """Names of the checkpoint's 2-D matrices, in file order: (canonical, stored[, GPT-2 name without the
+    """Names of the checkpoint's non-empty 2-D matrices, in file order: (canonical, stored[, GPT-2 name without the
     `transformer.` prefix]), so a glob written for either GPT-2 naming selects the tensor."""
     out = []
     for stored in ckpt.matrices():
+        if 0 in ckpt.info(stored).shape:
+            continue  # an empty matrix has no spectrum
         canonical = ckpt.canonical(stored)
         names = [canonical, stored]
         if ckpt.model_type == "gpt2":
@@ -153,7 +155,7 @@ def delta_singular_values(entry: DeltaEntry, exact: bool = False, device: str | 
 
 
 def _add_update(w: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
-    """w (stored layout, float64, modified in place) + D, without densifying D on the CPU for a low-rank entry."""
+    """w (stored layout, float64, a private copy: modified in place) + D, without densifying D on the CPU for a low-rank entry."""
     if not entry.is_lowrank:
         return w.add_(entry.stored_update(torch.float64).to(w.device))
     assert entry.a is not None and entry.b is not None
@@ -179,12 +181,14 @@ def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | No
             if len(info.shape) != 2:
                 raise PruneCliError(f"tensor {name} has shape {list(info.shape)}: only 2-D matrices have a spectrum")
             w = ckpt.get(name)
+            if not bool(torch.isfinite(w).all()):
+                raise PruneCliError(f"tensor {canonical} in {ckpt.path} contains NaN or Inf values")
             s = singular_values(w, exact, dev)
             stats = SpectrumStats.from_singular_values(s)
             entry = delta.entries.get(canonical) if delta is not None else None
             edited = edited_s = dspec = None
             if entry is not None:
-                edited_s = singular_values(_add_update(w.to(dev, torch.float64), entry), exact, dev)
+                edited_s = singular_values(_add_update(w.to(dev, torch.float64, copy=True), entry), exact, dev)
                 edited = SpectrumStats.from_singular_values(edited_s)
                 dspec = DeltaSpectrum.from_singular_values(delta_singular_values(entry, exact, dev), entry.shape,
                                                            top_k, stats.sigma_max)
