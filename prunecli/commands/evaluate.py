@@ -148,17 +148,18 @@ def main(
     Example: prunecli evaluate --compare base.json edited.json pruned.json
     """
 
+    paths = list(targets or [])
+    if compare and not paths:
+        raise typer.BadParameter("--compare needs one or more REPORT.json files")
+    if compare and (deltas or edits or tasks or text or output):
+        raise typer.BadParameter("--compare only reads reports; drop --delta/--edits/--tasks/--text/-o")
+    if not compare and len(paths) != 1:
+        raise typer.BadParameter("give exactly one MODEL (or --compare REPORT.json...)")
+
     def body() -> None:
-        paths = list(targets or [])
         if compare:
-            if not paths:
-                raise typer.BadParameter("--compare needs one or more REPORT.json files")
-            if deltas or edits or tasks or text or output:
-                raise typer.BadParameter("--compare only reads reports; drop --delta/--edits/--tasks/--text/-o")
             _compare(paths, json_out)
             return
-        if len(paths) != 1:
-            raise typer.BadParameter("give exactly one MODEL (or --compare REPORT.json...)")
         from prunecli.core.atomic import check_output_path
         from prunecli.evaluation.report import write_report
         from prunecli.evaluation.runner import EvalOptions, run_evaluation
