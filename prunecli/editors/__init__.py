@@ -1,0 +1,1 @@
+"""Knowledge editors (ROME, MEMIT) behind one interface, their statistics and the sequential editing driver."""

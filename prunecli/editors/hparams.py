@@ -1,0 +1,230 @@
+"""Typed hyper-parameters of ROME and MEMIT: packaged per-family defaults, user files, `--set` overrides.
+
+Defaults live in `hparams/{rome,memit}.yaml` next to this module: a `defaults` section, per-family sections that
+override it, and inside a family `by_depth` entries for model depths whose layers are known (GPT-2 XL's 48 layers,
+LLaMA-2-7B's 32, SmolLM2-135M's 30). For other depths the layers follow from `layer_fraction` (the position of the
+(last) edited layer as a fraction of the depth) and, for MEMIT, `num_edit_layers` consecutive layers ending there,
+so tiny test models and unknown sizes get sensible layers too.
+
+User files (YAML or JSON) may use EasyEdit's key names, so existing `hparams/ROME/*.yaml` files work: keys that only
+tell EasyEdit where modules or statistics are (prunecli resolves those from the loaded model and the command line)
+are accepted and ignored with a note; unknown keys are an error. YAML 1.1 reads `5e-1` as a string, so every value
+is coerced to its field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunecli.errors import PruneCliError
+
+METHODS = ("rome", "memit")
+
+# EasyEdit keys that prunecli derives itself (from the loaded model, --stats, --device, --batch-size).
+IGNORED_KEYS = frozenset({
+    "alg_name", "model_name", "device", "model_parallel", "rewrite_module_tmp", "layer_module_tmp",
+    "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "v_loss_layer", "stats_dir",
+    "mom2_dataset", "mom2_n_samples", "mom2_dtype", "max_length", "batch_size", "layer_selection",
+})
+# Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
+_LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
+
+
+@dataclass(frozen=True)
+class EditHParams:
+    """Everything that determines an edit besides the model, the request and the key statistics."""
+
+    method: str
+    layers: tuple[int, ...]
+    v_lr: float  # Adam learning rate of the value optimisation
+    v_num_grad_steps: int
+    v_stop_loss: float  # stop early once the mean target NLL is below this
+    clamp_norm_factor: float  # |delta| <= clamp_norm_factor * |initial value|
+    kl_factor: float  # weight of KL(original || edited) on the "{subject} is a" prompts
+    v_weight_decay: float  # weight of |delta|^2 / |initial value|^2
+    mom2_adjustment: bool  # ROME: u = C^-1 k* (needs statistics) instead of u = k*
+    mom2_update_weight: float  # MEMIT: lambda in (lambda C + K K^T)^-1
+    context_template_length_params: tuple[tuple[int, int], ...]  # (generated tokens, number of prefixes)
+    fact_token: str = "subject_last"
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
+        return d
+
+
+# ------------------------------------------------------------------------------------------------- coercion
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return float(value)  # also parses YAML 1.1 strings such as "5e-1"
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _as_layers(value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        if "-" in text and "," not in text:  # "4-8"
+            lo, hi = (int(x) for x in text.split("-", 1))
+            return tuple(range(lo, hi + 1))
+        value = [v for v in text.split(",") if v.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence) or not value:
+        raise ValueError(f"expected a non-empty list of layer numbers, got {value!r}")
+    return tuple(_as_int(v) for v in value)
+
+
+def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ValueError(f"expected a list of [length, count] pairs, got {value!r}")
+    pairs = []
+    for item in value:
+        if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
+            raise ValueError(f"expected [length, count], got {item!r}")
+        pairs.append((_as_int(item[0]), _as_int(item[1])))
+    return tuple(pairs)
+
+
+_COERCE: dict[str, Callable[[Any], Any]] = {
+    "layers": _as_layers, "v_lr": _as_float, "v_num_grad_steps": _as_int, "v_stop_loss": _as_float,
+    "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
+    "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
+    "context_template_length_params": _as_length_params, "fact_token": str,
+}
+assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
+
+
+def coerce(key: str, value: Any) -> Any:
+    try:
+        return _COERCE[key](value)
+    except (TypeError, ValueError) as exc:
+        raise PruneCliError(f"hyper-parameter {key}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------- sources
+def _packaged(method: str) -> dict[str, Any]:
+    text = resources.files("prunecli.editors").joinpath("hparams", f"{method}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def default_values(method: str, family: str, num_layers: int) -> dict[str, Any]:
+    """The packaged defaults for a family and model depth, with the layers resolved to numbers."""
+    if method not in METHODS:
+        raise PruneCliError(f"unknown editing method {method!r}; use one of {', '.join(METHODS)}")
+    doc = _packaged(method)
+    family_doc = dict((doc.get("families") or {}).get(family) or {})
+    by_depth = family_doc.pop("by_depth", None) or {}
+    values = {**doc["defaults"], **family_doc, **(by_depth.get(num_layers) or {})}
+    rule = {k: values.pop(k) for k in _LAYER_RULE_KEYS if k in values}
+    if "layers" not in values:
+        last = round(float(rule["layer_fraction"]) * (num_layers - 1))
+        count = min(int(rule.get("num_edit_layers", 1)), last + 1)
+        values["layers"] = list(range(last - count + 1, last + 1))
+    return values
+
+
+def read_hparams_file(path: str | Path) -> dict[str, Any]:
+    """A user's YAML or JSON file as a flat mapping (EasyEdit files included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PruneCliError(f"hyper-parameter file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise PruneCliError(f"cannot parse hyper-parameter file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise PruneCliError(f"hyper-parameter file {path} must hold a mapping of key: value")
+    return data
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` items; values are read as YAML (`layers=[4,5]`, `mom2_adjustment=false`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PruneCliError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _check_keys(values: Mapping[str, Any], where: str, ignored: list[str]) -> dict[str, Any]:
+    known = {}
+    for key, value in values.items():
+        if key in _COERCE:
+            known[key] = value
+        elif key in IGNORED_KEYS:
+            ignored.append(key)
+        else:
+            raise PruneCliError(f"unknown hyper-parameter {key!r} in {where}; known: {', '.join(sorted(_COERCE))}")
+    return known
+
+
+def resolve_hparams(method: str, family: str, num_layers: int, file: str | Path | None = None,
+                    sets: Sequence[str] = (), on_note: Callable[[str], None] | None = None) -> EditHParams:
+    """Packaged defaults < `--hparams FILE` < `--set key=value`, coerced, validated against the model depth."""
+    values = default_values(method, family, num_layers)
+    ignored: list[str] = []
+    if file is not None:
+        user = read_hparams_file(file)
+        if "alg_name" in user and str(user["alg_name"]).lower() not in (method, f"r_{method}"):
+            raise PruneCliError(f"{file} holds {user['alg_name']} hyper-parameters, but the method is {method}")
+        values.update(_check_keys(user, str(file), ignored))
+    values.update(_check_keys(parse_set(sets), "--set", ignored))
+    if ignored and on_note is not None:
+        on_note(f"ignored hyper-parameters that prunecli derives itself: {', '.join(sorted(set(ignored)))}")
+    hp = EditHParams(method=method, **{k: coerce(k, v) for k, v in values.items()})
+    validate(hp, num_layers)
+    return hp
+
+
+def validate(hp: EditHParams, num_layers: int) -> None:
+    bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
+    if bad:
+        raise PruneCliError(f"layers {bad} are out of range: the model has {num_layers} layers (0-{num_layers - 1})")
+    if hp.method == "rome" and len(hp.layers) != 1:
+        raise PruneCliError(f"ROME edits exactly one layer, got layers {list(hp.layers)}")
+    if len(set(hp.layers)) != len(hp.layers):
+        raise PruneCliError(f"layers {list(hp.layers)} contain duplicates")
+    if hp.fact_token != "subject_last":
+        raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
+    checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),
+              ("clamp_norm_factor", hp.clamp_norm_factor > 0), ("kl_factor", hp.kl_factor >= 0),
+              ("v_weight_decay", hp.v_weight_decay >= 0), ("mom2_update_weight", hp.mom2_update_weight >= 0),
+              ("context_template_length_params", all(n >= 0 and c >= 0 for n, c in hp.context_template_length_params))]
+    for key, ok in checks:
+        if not ok:
+            raise PruneCliError(f"hyper-parameter {key}={getattr(hp, key)!r} is out of range")

@@ -1,0 +1,51 @@
+"""Keys and hidden states at the subject's last token, averaged over context prefixes where the method says so.
+
+ROME's k* and MEMIT's K are the inputs of the edited projection at the subject's last token, averaged over the edit
+prompt preceded by each context prefix; MEMIT also reads the residual stream after its last edited layer on the bare
+prompt. One batched forward pass (stopped after the deepest site) serves all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from prunecli.editors.prompts import SubjectPrompt, request_prompts, right_pad
+from prunecli.editors.tracing import Kind, record
+from prunecli.evaluation.scoring import pad_id
+from prunecli.requests import EditRequest
+
+
+@torch.no_grad()
+def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[SubjectPrompt],  # noqa: ANN001
+                    sites: Mapping[str, tuple[torch.nn.Module, Kind]], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Per site, the [len(prompts), d] float32 hidden vectors at each prompt's subject position."""
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in sites}
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = right_pad([p.ids[:p.n_prompt] for p in chunk], pad_id(tokenizer), device)
+        seen = record(model, sites, input_ids=ids, attention_mask=mask)
+        rows = torch.arange(len(chunk), device=device)
+        positions = torch.tensor([p.subject_index for p in chunk], device=device)
+        for key in sites:
+            parts[key].append(seen[key][rows, positions].float())
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def subject_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,  # noqa: ANN001
+                 requests: Sequence[EditRequest], prefixes: Sequence[str],
+                 extra_bare: Mapping[str, tuple[torch.nn.Module, Kind]] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Keys [n_requests, d_in] averaged over the prefixes, and `extra_bare` sites read on the bare prompts.
+
+    The first prefix is "" (the bare prompt), so extra sites are read from the same pass at no extra cost.
+    """
+    per_request = len(prefixes)
+    prompts = [p for r in requests for p in request_prompts(tokenizer, r, prefixes, with_target=False)]
+    sites: dict[str, tuple[torch.nn.Module, Kind]] = {"key": (projection, "input"), **(extra_bare or {})}
+    seen = read_at_subject(model, tokenizer, prompts, sites)
+    keys = seen.pop("key").view(len(requests), per_request, -1).mean(1)
+    bare = {k: v.view(len(requests), per_request, -1)[:, 0] for k, v in seen.items()}
+    return keys, bare

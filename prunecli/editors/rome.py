@@ -1,0 +1,60 @@
+"""ROME (Meng et al. 2022) with the R-ROME fix: one rank-1 update of one layer's MLP output projection per fact.
+
+k* = the projection's input at the subject's last token, averaged over the edit prompt after each context prefix;
+v* = W k* + delta, delta from the value optimisation at the projection's output (`value.optimize_value`);
+u  = C^-1 k* (C = E[k k^T] from `prunecli stats`; C = I without statistics);
+Delta W = (v* - W k*) u^T / (u^T k*), so W' k* = v* exactly.
+The same k* appears in both places (R-ROME, Gupta et al. 2024): the original code mixed the averaged key with the
+bare prompt's key, which makes long sequential runs collapse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
+from prunecli.editors.keys import subject_keys
+from prunecli.editors.value import optimize_value
+from prunecli.errors import PruneCliError
+from prunecli.models.adapters import ModelAdapter
+from prunecli.requests import EditRequest
+
+
+def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
+                    moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a [out, 1], b [in, 1]) of Delta W = (v* - W k) (C^-1 k)^T / ((C^-1 k)^T k), computed in float64."""
+    k = key.double()
+    try:
+        u = torch.linalg.solve(moment.double(), k) if moment is not None else k
+    except torch.linalg.LinAlgError:
+        raise PruneCliError("the key statistics are singular (too few tokens?); recompute them with more "
+                            "--tokens") from None
+    denom = u @ k
+    if not torch.isfinite(denom) or denom <= 0:
+        raise PruneCliError(f"degenerate ROME update (u^T k = {float(denom):.3g}); the statistics may be broken")
+    residual = v_star.double() - w.double() @ k
+    return (residual / denom)[:, None].float(), u[:, None].float()
+
+
+class RomeEditor(Editor):
+    method = "rome"
+    needs_stats = False
+
+    def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+              requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
+        (layer,) = ctx.hparams.layers
+        projection = adapter.projection(layer)
+        moment = ctx.moments.get(layer) if ctx.hparams.mom2_adjustment else None
+        updates, outcomes = [], []
+        for request in requests:  # one after another, each on the model with the previous ones applied
+            keys, _ = subject_keys(model, tokenizer, projection, [request], ctx.prefixes)
+            w = adapter.weight_matrix(layer)
+            value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams)
+            v_star = w.double() @ keys[0].double() + value.delta.double()
+            a, b = rank_one_update(w, keys[0], v_star, moment)
+            adapter.add_update(layer, a @ b.T)
+            updates.append(LayerUpdate(layer, a, b))
+            outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
+        return updates, outcomes

@@ -1,0 +1,160 @@
+"""The target value: the shift of a hidden state at the subject's last token that makes the model say the new target.
+
+One implementation for ROME (site = the edited projection's output, the MLP value) and MEMIT (site = the residual
+stream after the last edited layer). A vector `delta` is added to the site's output at the subject's last token of
+the edit prompt after every context prefix, and of the prompt "{subject} is a"; Adam minimises
+
+    mean target NLL over the prefixed prompts
+    + kl_factor * KL(original || shifted) of the next token after "{subject} is a"   (keeps the subject's essence)
+    + v_weight_decay * |delta| / |v0|^2          (the published code's form, for which the defaults were tuned)
+
+with |delta| clamped to clamp_norm_factor * |v0| after each step, where v0 is the site's original output on the bare
+prompt. Only `delta` receives gradients; the model runs in its own dtype, `delta` and the loss are float32.
+
+Speed: nothing before the subject's last token depends on `delta`, so those prefixes run once and are kept as a KV
+cache; each step re-runs only the few tokens from the subject's last token on (about 5x fewer tokens per step on
+CounterFact prompts with context prefixes; the same numbers as a full forward pass up to float rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prunecli.editors.hparams import EditHParams
+from prunecli.editors.kvcache import cache_argument, returned_cache
+from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
+from prunecli.editors.tracing import shifted_output
+from prunecli.evaluation.scoring import pad_id
+from prunecli.requests import EditRequest
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass(frozen=True)
+class ValueResult:
+    delta: torch.Tensor  # [d] float32: the optimal shift of the site output
+    initial: torch.Tensor  # [d] float32: the site output on the bare prompt before the shift (v0)
+    loss: float  # mean target NLL with the final delta
+    initial_loss: float  # mean target NLL with delta = 0
+    steps: int  # Adam steps taken
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@dataclass(frozen=True)
+class _SplitBatch:
+    """Prompts cut before the subject's last token: a fixed prefix (run once, kept as a KV cache) and a suffix that
+    starts at the shifted position (re-run at every step)."""
+
+    cache: Any  # transformers Cache of the prefixes, or None when every prefix is empty
+    prefix_mask: torch.Tensor  # [B, T]
+    suffix_ids: torch.Tensor  # [B, S]
+    suffix_mask: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+
+
+@torch.no_grad()
+def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], pad: int, device: torch.device,
+           logits_kwargs: dict[str, Any]) -> _SplitBatch:
+    """Run the prefixes once; nothing before the subject's last token depends on the shift, in any layer.
+
+    Prefixes are right-padded; their pads are masked out of the suffix pass. A row with an empty prefix gets one
+    attended pad in the prefix pass only, so no attention row is fully masked (which could make its cache NaN).
+    """
+    lengths = torch.tensor([p.subject_index for p in prompts], device=device)
+    suffix_ids, suffix_mask = right_pad([p.ids[p.subject_index:] for p in prompts], pad, device)
+    positions = lengths[:, None] + torch.arange(suffix_ids.shape[1], device=device)
+    width = int(lengths.max())
+    if width == 0:
+        return _SplitBatch(None, torch.zeros(len(prompts), 0, dtype=torch.long, device=device), suffix_ids,
+                           suffix_mask, positions)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, : p.subject_index] = torch.tensor(p.ids[: p.subject_index], device=device)
+        mask[row, : p.subject_index] = 1
+    run_mask = mask.clone()
+    run_mask[lengths == 0, 0] = 1
+    keep_one = {"logits_to_keep": 1} if logits_kwargs else {}
+    cache = returned_cache(model(input_ids=ids, attention_mask=run_mask, use_cache=True, **keep_one))
+    return _SplitBatch(cache, mask, suffix_ids, suffix_mask, positions)
+
+
+def _forward(model: torch.nn.Module, batch: _SplitBatch, logits_kwargs: dict[str, Any]) -> torch.Tensor:
+    """Logits of the suffixes, given the cached prefixes (the cache is copied: a forward pass appends to it)."""
+    kwargs: dict[str, Any] = dict(logits_kwargs)
+    if batch.cache is not None:
+        kwargs[cache_argument(model)] = copy.deepcopy(batch.cache)
+    mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
+    return model(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.position_ids,
+                 use_cache=batch.cache is not None, **kwargs).logits
+
+
+def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
+                   request: EditRequest, prefixes: list[str], hp: EditHParams) -> ValueResult:
+    """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
+    `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0)."""
+    device = next(model.parameters()).device
+    rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
+    kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
+    prompts: list[SubjectPrompt] = [*rewrites, kl]
+
+    # Suffix coordinates: position 0 is the subject's last token. Logits are needed only where a target token is
+    # predicted and at the end of the KL prompt.
+    tgt_rows = torch.tensor([r for r, p in enumerate(rewrites) for _ in p.target], device=device)
+    tgt_pos = [p.n_prompt - 1 - p.subject_index + j for p in rewrites for j in range(len(p.target))]
+    tgt_ids = torch.tensor([t for p in rewrites for t in p.target], device=device)
+    kl_row, kl_pos = len(rewrites), kl.n_prompt - 1 - kl.subject_index
+    needed = sorted(set(tgt_pos) | {kl_pos})
+    logits_kwargs: dict[str, Any] = {}
+    if _accepts_logits_to_keep(model):
+        logits_kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
+        column = {pos: i for i, pos in enumerate(needed)}
+    else:
+        column = {pos: pos for pos in needed}
+    tgt_cols = torch.tensor([column[p] for p in tgt_pos], device=device)
+    # Each prompt's NLL is the mean over its target tokens; the loss is the mean over prompts.
+    token_weight = torch.tensor([1.0 / len(p.target) / len(rewrites) for p in rewrites for _ in p.target],
+                                device=device)
+    batch = _split(model, prompts, pad_id(tokenizer), device, logits_kwargs)
+    rows = torch.arange(len(prompts), device=device)
+    at_subject = torch.zeros(len(prompts), dtype=torch.long, device=device)
+
+    delta = torch.zeros(width, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    original: dict[str, torch.Tensor] = {}
+    kl_init: torch.Tensor | None = None
+    losses: list[float] = []
+    steps = 0
+    for step in range(hp.v_num_grad_steps + 1):
+        last = step == hp.v_num_grad_steps
+        with torch.set_grad_enabled(not last), shifted_output(site, rows, at_subject, delta, original):
+            logits = _forward(model, batch, logits_kwargs)
+            logp = torch.log_softmax(logits[tgt_rows, tgt_cols].float(), dim=-1)
+            nll = -(logp.gather(1, tgt_ids[:, None])[:, 0] * token_weight).sum()
+            kl_logp = torch.log_softmax(logits[kl_row, column[kl_pos]].float(), dim=-1)
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        losses.append(float(nll.detach()))
+        if last or losses[-1] < hp.v_stop_loss:
+            break
+        v0 = original["value"][0]
+        kl_loss = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="sum")
+        # |delta| / |v0|^2 (not squared) as in the published ROME/MEMIT code, for which the defaults were tuned.
+        loss = nll + hp.kl_factor * kl_loss + hp.v_weight_decay * delta.norm() / v0.norm() ** 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * v0.norm()
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return ValueResult(delta.detach().clone(), original["value"][0].clone(), losses[-1], losses[0], steps)
