@@ -158,7 +158,7 @@ def _print_checkpoint_table(reports: list[MatrixReport], with_delta: bool) -> No
 
     table = Table(title="singular spectra" + (" (W, and W + D where a delta touches it)" if with_delta else ""))
     table.add_column("tensor", overflow="fold")
-    for col in ["shape", "dtype", "σ_max", "σ_min", "κ", "‖W‖_F", "stable rank"]:
+    for col in ["stored shape", "dtype", "σ_max", "σ_min", "κ", "‖W‖_F", "stable rank"]:
         table.add_column(col, justify="right")
     if with_delta:
         for col in ["κ(W+D)", "σ_max(W+D)", "rank D", "σ_1(D)", "#σ(D)>σ_max(W)"]:
@@ -178,9 +178,9 @@ def _print_checkpoint_table(reports: list[MatrixReport], with_delta: bool) -> No
 def _print_delta_table(reports: list[DeltaEntryReport]) -> None:
     from rich.table import Table
 
-    table = Table(title="delta entries (shape [out, in])")
+    table = Table(title="delta entries")
     table.add_column("tensor", overflow="fold")
-    for col in ["shape", "kind", "rank", "σ_max", "‖D‖_F", "top singular values"]:
+    for col in ["out x in", "kind", "rank", "σ_max", "‖D‖_F", "top singular values"]:
         table.add_column(col, justify="right")
     for r in reports:
         d = r.spectrum_stats

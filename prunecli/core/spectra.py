@@ -7,10 +7,17 @@ smaller Gram matrix W W^T (or W^T W); formed and diagonalised in float64 they ar
 The Gram matrix is accumulated over column chunks cast to float64 one at a time, so a float32/bf16 matrix never has a
 full float64 copy in memory, and only its upper triangle is formed (block rows times the columns right of the
 diagonal block: about 5/8 of the flops of a full product), which `eigvalsh(..., UPLO="U")` reads.
+
+On the CPU, eigvalsh of a Gram matrix up to 2048 x 2048 runs on one thread: its tridiagonal reduction is a long chain
+of small memory-bound steps, each a thread synchronisation. Measured on our 2-core box for n = 1600: 0.27 s on one
+thread vs 0.49 s on two when idle and 1.3-3.6 s on two when other processes compete for the cores. Larger matrices
+keep torch's thread count (not measured here; more work per step should amortise the synchronisation).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +28,7 @@ FAST_KAPPA_LIMIT = 1e6
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 chunk of the long side: 64 MiB
 _ROW_BLOCKS = 4  # upper-triangle blocking of the Gram product
+_SINGLE_THREAD_EIG_MAX = 2048
 
 
 def _gram_upper(w: torch.Tensor, device: torch.device, chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
@@ -37,13 +45,30 @@ def _gram_upper(w: torch.Tensor, device: torch.device, chunk_elements: int = _CH
     return g
 
 
+@contextlib.contextmanager
+def _eig_threads(n: int, device: torch.device) -> Iterator[None]:
+    """One CPU thread for the eigvalsh of a small Gram matrix (see the module docstring); restored afterwards."""
+    if device.type != "cpu" or n > _SINGLE_THREAD_EIG_MAX:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> torch.Tensor:
     """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU."""
     dev = torch.device(device) if device is not None else w.device
     if exact:
         s = torch.linalg.svdvals(w.to(dev, torch.float64))
     else:
-        s = torch.linalg.eigvalsh(_gram_upper(w, dev), UPLO="U").clamp_min(0.0).sqrt().flip(0)
+        gram = _gram_upper(w, dev)
+        with _eig_threads(gram.shape[0], dev):
+            eig = torch.linalg.eigvalsh(gram, UPLO="U")
+        s = eig.clamp_min(0.0).sqrt().flip(0)
     return s.cpu()
 
 
