@@ -1,19 +1,103 @@
-"""`prunecli stats`: not implemented yet."""
+"""`prunecli stats`: key second moments of the edited layers, computed once and reused by every edit."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import DebugOpt, guarded
+from prunecli.commands._common import DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, note, progress_bar
 from prunecli.errors import PruneCliError
 
 
-def main(model: Annotated[str, typer.Argument(help="Model folder.")], debug: DebugOpt = False) -> None:
-    """Not implemented yet (exits 1)."""
+def _parse_layers(text: str) -> list[int]:
+    from prunecli.editors.hparams import coerce
+
+    return list(coerce("layers", text))
+
+
+def main(
+    model: Annotated[str, typer.Argument(help="Model folder (or `smollm2`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Statistics file to write (.safetensors).")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 4,5,6 or 4-8.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Take the layers from this method's default "
+                                               "hyper-parameters for the model: rome or memit.")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="Plain text file (paragraphs).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="`datasets` source: a local .json/.jsonl/.csv/"
+                                                ".parquet/.txt file or folder, or a hub name (downloaded).")] = None,
+    subset: Annotated[str | None, typer.Option("--subset", help="Dataset configuration name.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "train",
+    column: Annotated[str | None, typer.Option("--column", help="Dataset text column (default: text).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Token budget.", min=1)] = 100_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.", min=1)] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.", min=2)] = 256,
+    dtype: Annotated[str, typer.Option("--dtype", help="Accumulation dtype: float64 or float32.")] = "float64",
+    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Model weights dtype: fp32, bf16, fp16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Collect uncentred second moments of the keys (inputs of the edited MLP projections) of several layers in one
+    pass over a text corpus, with a token budget; the file records the model fingerprint, layers and corpus.
+
+    Example: prunecli stats smollm2 --method memit --text ../shared/data/wikitext/wiki.test.raw --tokens 50000
+    -o smollm2-memit.stats.safetensors
+    """
 
     def body() -> None:
-        raise PruneCliError("prunecli stats is not implemented yet")
+        from prunecli.core.atomic import check_output_path
+        from prunecli.editors import corpus as corpora
+        from prunecli.editors.hparams import default_values
+        from prunecli.editors.stats import STATS_DTYPES, collect_key_stats
+        from prunecli.models.adapters import resolve_adapter
+        from prunecli.models.loading import load_model
+
+        if (layers is None) == (method is None):
+            raise PruneCliError("give exactly one of --layers and --method")
+        if (text is None) == (dataset is None):
+            raise PruneCliError("give exactly one of --text and --dataset")
+        if dtype not in STATS_DTYPES:
+            raise PruneCliError(f"--dtype must be one of {', '.join(STATS_DTYPES)}, got {dtype!r}")
+        wanted = _parse_layers(layers) if layers is not None else None
+        check_output_path(output, force)
+        source = corpora.text_file(text) if text is not None else corpora.dataset(dataset, split, column, subset)
+        lm, tokenizer, base = load_model(model, device, model_dtype)
+        adapter = resolve_adapter(lm)
+        if wanted is None:
+            assert method is not None
+            wanted = list(default_values(method, adapter.family, adapter.num_layers)["layers"])
+            note(f"layers {wanted} (default {method} layers for this {adapter.family} model)")
+        limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+        length = min(seq_len, limit) if limit else seq_len
+        if length < seq_len:
+            note(f"--seq-len {seq_len} exceeds the model's {limit} positions; using {length}")
+        chunks = corpora.token_chunks(tokenizer, source.texts, length, tokens)
+        started = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task("key statistics", total=tokens)
+
+            def advance(n: int) -> None:
+                done = bar.tasks[0].completed + n
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=n, description=f"key statistics ({rate:,.0f} tokens/s)")
+
+            stats = collect_key_stats(lm, tokenizer, base, adapter, wanted, chunks, source.description, batch_size,
+                                      STATS_DTYPES[dtype], length, advance)
+        seconds = time.perf_counter() - started
+        stats.save(output, force)
+        summary = {"output": str(output), "model": str(base.path), "layers": sorted(stats.layers),
+                   "modules": [v["module"] for _, v in sorted(stats.layers.items())], "corpus": stats.corpus,
+                   "tokens": stats.tokens, "dtype": stats.dtype, "seconds": seconds,
+                   "tokens_per_second": stats.tokens / seconds if seconds > 0 else None}
+        if stats.tokens < tokens:
+            note(f"the corpus ran out after {stats.tokens:,} of the {tokens:,} requested tokens")
+        if json_out:
+            emit_json(summary)
+        else:
+            err_console.print(f"wrote {output}: layers {summary['layers']}, {stats.tokens:,} tokens, "
+                              f"{summary['tokens_per_second']:,.0f} tokens/s", highlight=False)
 
     guarded(debug, body)

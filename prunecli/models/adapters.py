@@ -115,7 +115,7 @@ class ModelAdapter:
 
     def weight_matrix(self, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in math orientation [out, in] (value = W key), as a detached copy in `dtype`."""
-        w = self.weight(layer).detach().to(dtype)
+        w = self.weight(layer).detach().to(dtype, copy=True)
         return w if self.layout == "out_in" else w.T
 
     def key_size(self, layer: int) -> int:

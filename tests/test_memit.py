@@ -1,0 +1,63 @@
+"""MEMIT: the float64 spread update equals its dense formula; a batch of facts is edited in one go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing_helpers import REQUESTS, TINY_SETS
+from prunecli.editors import corpus
+from prunecli.editors.base import EditContext
+from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.memit import MemitEditor, spread_update
+from prunecli.editors.stats import accumulate
+from prunecli.errors import PruneCliError
+from prunecli.evaluation.scoring import score_targets
+from prunecli.models.adapters import resolve_adapter
+from prunecli.models.loading import load_model
+from tiny_models import CORPUS
+
+
+def test_spread_update_equals_the_dense_formula():
+    g = torch.Generator().manual_seed(0)
+    r, k = torch.randn(6, 3, generator=g), torch.randn(8, 3, generator=g)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    c = x.T @ x / 40
+    a, b = spread_update(r, k, c, 2.0)
+    kd = k.double()
+    dense = r.double() @ kd.T @ torch.linalg.inv(2.0 * c + kd @ kd.T)
+    torch.testing.assert_close((a @ b.T).double(), dense, rtol=1e-5, atol=1e-6)
+    assert a.shape == (6, 3) and b.shape == (8, 3)
+
+
+def _moments(model, tok, adapter, layers):
+    sums, counts = accumulate(model, tok, adapter, layers, corpus.token_chunks(tok, CORPUS, 32, 10_000))
+    return {L: sums[L] / counts[L] for L in layers}
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir"])
+def test_batch_of_facts_in_one_go(request, fixture):
+    model, tok, _ = load_model(request.getfixturevalue(fixture))
+    model.requires_grad_(False)
+    adapter = resolve_adapter(model)
+    hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                         sets=[*TINY_SETS, "layers=[1,0]", "mom2_update_weight=1"])
+    ctx = EditContext(hp, [""], _moments(model, tok, adapter, [0, 1]))
+    texts, targets = [r.text for r in REQUESTS], [r.target_new for r in REQUESTS]
+    assert not any(s.all_correct for s in score_targets(model, tok, texts, targets))
+    w0 = {L: adapter.weight_matrix(L) for L in (0, 1)}
+    updates, outcomes = MemitEditor().apply(model, tok, adapter, REQUESTS, ctx)
+    assert all(s.all_correct for s in score_targets(model, tok, texts, targets))
+    assert [u.layer for u in updates] == [0, 1]  # ascending, whatever order the user gave
+    for u in updates:
+        assert u.a.shape[1] == len(REQUESTS)  # rank <= batch size
+        torch.testing.assert_close(adapter.weight_matrix(u.layer) - w0[u.layer], u.a @ u.b.T, rtol=1e-4, atol=1e-5)
+    assert len(outcomes) == len(REQUESTS)
+
+
+def test_memit_needs_statistics_of_every_layer(llama_dir):
+    model, tok, _ = load_model(llama_dir)
+    adapter = resolve_adapter(model)
+    hp = resolve_hparams("memit", adapter.family, adapter.num_layers, sets=[*TINY_SETS, "layers=[0,1]"])
+    with pytest.raises(PruneCliError, match=r"needs key statistics of layers \[1\]"):
+        MemitEditor().apply(model, tok, adapter, REQUESTS, EditContext(hp, [""], {0: torch.eye(32)}))

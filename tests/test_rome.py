@@ -1,0 +1,116 @@
+"""ROME: the rank-1 update maps k* to v* exactly (both weight layouts), edits make the target the argmax, and the
+value optimisation's cached prefixes give the same losses as full forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing_helpers import REQUESTS, TINY_SETS
+from prunecli.editors.base import EditContext
+from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.keys import subject_keys
+from prunecli.editors.prompts import encode_subject_prompt, generate_prefixes, request_prompts
+from prunecli.editors.rome import RomeEditor, rank_one_update
+from prunecli.editors.tracing import shifted_output
+from prunecli.editors.value import optimize_value
+from prunecli.evaluation.scoring import score_targets
+from prunecli.models.adapters import resolve_adapter
+from prunecli.models.loading import load_model
+
+LAYER = 1
+
+
+def _setup(path, sets=()):
+    model, tok, base = load_model(path)
+    model.requires_grad_(False)
+    adapter = resolve_adapter(model)
+    hp = resolve_hparams("rome", adapter.family, adapter.num_layers, sets=[*TINY_SETS, f"layers={LAYER}", *sets])
+    return model, tok, adapter, hp
+
+
+def _spd(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    return x.T @ x / (4 * n)
+
+
+@pytest.mark.parametrize("with_moment", [False, True])
+def test_rank_one_update_maps_key_to_value(with_moment):
+    g = torch.Generator().manual_seed(1)
+    w, k, v = torch.randn(6, 8, generator=g), torch.randn(8, generator=g), torch.randn(6, generator=g)
+    c = _spd(8) if with_moment else None
+    a, b = rank_one_update(w, k, v, c)
+    assert a.shape == (6, 1) and b.shape == (8, 1)
+    torch.testing.assert_close((w + a @ b.T) @ k, v, rtol=1e-5, atol=1e-5)
+    u = torch.linalg.solve(c, k.double()) if with_moment else k.double()
+    dense = torch.outer(v.double() - w.double() @ k.double(), u) / (u @ k.double())
+    torch.testing.assert_close((a @ b.T).double(), dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_dir", "llama_dir"])
+@pytest.mark.parametrize("with_moment", [False, True])
+def test_edit_makes_target_argmax_and_w_maps_k_star_to_v_star(request, fixture, with_moment):
+    """Conv1D ([in, out]) and Linear ([out, in]) weights both end up with W' k* = W k* + delta = v*."""
+    model, tok, adapter, hp = _setup(request.getfixturevalue(fixture))
+    req = REQUESTS[0]
+    moments = {LAYER: _spd(adapter.key_size(LAYER))} if with_moment else {}
+    ctx = EditContext(hp, [""], moments)
+    # The editor is deterministic: computing k* and delta beforehand gives the values it uses.
+    keys, _ = subject_keys(model, tok, adapter.projection(LAYER), [req], ctx.prefixes)
+    value = optimize_value(model, tok, adapter.projection(LAYER), adapter.value_size(LAYER), req, ctx.prefixes, hp)
+    w0 = adapter.weight_matrix(LAYER).double()
+    before = score_targets(model, tok, [req.text], [req.target_new])[0]
+    updates, outcomes = RomeEditor().apply(model, tok, adapter, [req], ctx)
+    after = score_targets(model, tok, [req.text], [req.target_new])[0]
+    assert not before.all_correct and after.all_correct
+    assert outcomes[0].loss < outcomes[0].initial_loss
+    (update,) = updates
+    assert update.layer == LAYER and update.a.shape[1] == update.b.shape[1] == 1  # rank 1
+    k = keys[0].double()
+    w1 = adapter.weight_matrix(LAYER).double()
+    torch.testing.assert_close(w1 @ k, w0 @ k + value.delta.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w1 - w0, (update.a @ update.b.T).double(), rtol=1e-4, atol=1e-5)
+    if with_moment:  # u = C^-1 k*, up to scale
+        u = torch.linalg.solve(moments[LAYER], k)
+        torch.testing.assert_close(update.b[:, 0].double() / update.b[0, 0], u / u[0], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_prefix_losses_equal_full_forward_passes(llama_dir):
+    model, tok, adapter, hp = _setup(llama_dir, ["v_num_grad_steps=3"])
+    prefixes = generate_prefixes(model, tok, [(4, 3)], seed=0)
+    req = REQUESTS[1]
+    site = adapter.projection(LAYER)
+    value = optimize_value(model, tok, site, adapter.value_size(LAYER), req, prefixes, hp)
+    texts = [p + req.text for p in prefixes]
+
+    def full_loss(delta):
+        total = 0.0
+        for prompt in request_prompts(tok, req, prefixes, with_target=True):
+            rows, pos = torch.tensor([0]), torch.tensor([prompt.subject_index])
+            with shifted_output(site, rows, pos, delta):
+                total += score_targets(model, tok, [tok.decode(prompt.ids[:prompt.n_prompt])], [req.target_new])[0].nll
+        return total / len(prefixes)
+
+    reference0 = sum(s.nll for s in score_targets(model, tok, texts, [req.target_new] * len(texts))) / len(texts)
+    assert value.initial_loss == pytest.approx(reference0, rel=1e-4)
+    assert value.loss == pytest.approx(full_loss(value.delta), rel=1e-4)
+    assert value.steps == 3 and value.loss < value.initial_loss
+
+
+def test_prefixes_are_seeded_and_start_with_the_bare_prompt(llama_dir):
+    model, tok, _, _ = _setup(llama_dir)
+    a = generate_prefixes(model, tok, [(4, 3), (2, 6)], seed=5)
+    assert a == generate_prefixes(model, tok, [(4, 3), (2, 6)], seed=5)
+    assert a != generate_prefixes(model, tok, [(4, 3), (2, 6)], seed=6)
+    assert a[0] == "" and len(a) == 10 and all(p.endswith(". ") and "{" not in p for p in a[1:])
+
+
+def test_subject_last_token_is_found_when_it_merges_with_what_follows(llama_dir):
+    _, tok, _, _ = _setup(llama_dir)
+    p = encode_subject_prompt(tok, "In Paris. ", "What about {}? It is", "Lyon", "French")
+    text = "In Paris. What about Lyon? It is"
+    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    start, end = offsets[p.subject_index]
+    assert start < text.index("Lyon") + 4 <= end  # the token holding "n", the subject's last character
+    assert p.ids[:p.n_prompt] == tok(text)["input_ids"] and len(p.target) == 1
