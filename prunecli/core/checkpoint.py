@@ -1,8 +1,8 @@
 """Lazy, read-only access to checkpoints, and atomic writing of edited copies.
 
 A checkpoint is a Hugging Face model folder (`model.safetensors`, or shards plus `model.safetensors.index.json`) or a
-single `.safetensors` file. Tensors are read one at a time through `safe_open`, so inspecting or restraining a 70B model
-costs one matrix of memory. Pickled weights (`pytorch_model.bin`) execute code when loaded, so they are refused unless
+single `.safetensors` file. Tensors are read one at a time (headers validated by `safe_open`, data read without a
+memory map), so inspecting or restraining a 70B model costs one matrix of memory. Pickled weights (`pytorch_model.bin`) execute code when loaded, so they are refused unless
 the caller opts in, and then loaded with `weights_only=True`.
 
 Names: the canonical name of a tensor is the name `transformers` uses for the parameter (`transformer.h.0...` for
@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunecli.core.atomic import atomic_directory, atomic_file
-from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, tensor_bytes,
-                                               write_safetensors)
+from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, read_header,
+                                               read_tensor, tensor_bytes, write_safetensors)
 from prunecli.errors import PruneCliError
 
 SAFE_SINGLE = "model.safetensors"
@@ -80,6 +80,7 @@ class Checkpoint:
         self.config: dict[str, Any] = {}
         self.pickled = False
         self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}
         self._pickle_cache: dict[str, dict[str, torch.Tensor]] = {}
         # A lone weights file inside a model folder (`gpt2/model.safetensors`) still needs the folder's config: it
         # says which weights are Conv1D ([in, out]) and whether lm_head is tied.
@@ -212,8 +213,12 @@ class Checkpoint:
         if self.pickled:
             return self._pickle_tensors(info.file)[info.name]
         try:
-            return self._handle(info.file).get_tensor(info.name)
-        except (SafetensorError, OSError, ValueError) as exc:
+            self._handle(info.file)  # validated by safetensors once; the data itself is read without a memory map
+            if info.file not in self._headers:
+                self._headers[info.file] = read_header(self._files[info.file])
+            start, header = self._headers[info.file]
+            return read_tensor(self._files[info.file], start, header[info.name])
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
             raise _read_error(self._files[info.file], exc) from exc
 
     def fingerprint(self, name: str) -> str:
