@@ -42,6 +42,13 @@ class WordTokenizer:
         return " ".join(WORDS[i] for i in ids)
 
 
+class StatelessCache:
+    """A bigram needs no history: its "cache" only has to survive the batch reordering done for shared prompts."""
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        pass
+
+
 class Bigram(torch.nn.Module):
     """logits[t] = log P(next | token t): the next-token distribution depends only on the current token."""
 
@@ -57,7 +64,8 @@ class Bigram(torch.nn.Module):
                 position_ids: torch.Tensor | None = None, cache: object = None, use_cache: bool = False,
                 logits_to_keep: int = 0) -> SimpleNamespace:
         logits = self.table[input_ids]
-        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=None)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits,
+                               cache=StatelessCache())
 
 
 def _distribution(spec: dict[str, float]) -> list[float]:

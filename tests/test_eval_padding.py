@@ -37,14 +37,20 @@ def test_scores_do_not_depend_on_batching(model: torch.nn.Module) -> None:
 
 
 def test_scores_match_an_unpadded_forward(model: torch.nn.Module) -> None:
+    """Shared prompts (read once, cache rows repeated per target) and targets of 1-3 tokens, batched together."""
     tok = tiny_tokenizer()
-    (score,) = score_targets(model, tok, [PROMPTS[4]], [TARGETS[4]])
-    prompt = tok(PROMPTS[4])["input_ids"]
-    target = tok(" " + TARGETS[4], add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
-    expected = [logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(target)]
-    assert score.token_logprobs == pytest.approx(expected, abs=1e-5)
+    prompts = [PROMPTS[4], PROMPTS[4], PROMPTS[4], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    targets = ["Microsoft", "Apple", "language is French", "Paris", "Seattle", "Space Needle"]
+    scores = score_targets(model, tok, prompts, targets, batch_size=2)
+    for prompt_text, target_text, score in zip(prompts, targets, scores):
+        prompt = tok(prompt_text)["input_ids"]
+        target = tok(" " + target_text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+        rows = logits[len(prompt) - 1:len(prompt) - 1 + len(target)]
+        assert score.token_logprobs == pytest.approx([rows[j, t].item() for j, t in enumerate(target)], abs=1e-5)
+        assert score.token_argmax == rows.argmax(-1).tolist()
+    assert len({len(tok(" " + t, add_special_tokens=False)["input_ids"]) for t in targets}) > 1
 
 
 def test_counterfact_metrics_do_not_depend_on_batching(model: torch.nn.Module) -> None:

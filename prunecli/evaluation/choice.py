@@ -105,7 +105,7 @@ def run_choice(task: ChoiceTask, ctx: EvalContext, source: str | None) -> TaskOu
     acc = case_means(judged, 0.0)
     f1 = MetricValue(weighted_f1(golds, preds), acc.n, acc.n_nonfinite)
     protocol = (f"{task.name}: zero-shot label-word likelihood (AlphaEdit's protocol): each label word "
-                f"{list(task.labels)} is scored teacher-forced after the prompt {task.template!r}; prediction = the "
+                f"{list(task.labels)} is scored teacher-forced after the prompt '{task.template}'; prediction = the "
                 "lowest mean token NLL; accuracy and class-frequency-weighted F1. NaN/Inf scores count as wrong "
                 "(n_nonfinite).")
     return TaskOutcome([MetricGroup(task.prefix, protocol, {f"{task.prefix}_acc": acc, f"{task.prefix}_f1": f1})],

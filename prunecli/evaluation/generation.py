@@ -7,7 +7,6 @@ token), so a prompt decodes to the same text alone or in any batch. A key/value 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from prunecli.evaluation.base import Advance
-from prunecli.evaluation.scoring import max_context, pad_id
+from prunecli.evaluation.scoring import forward_keywords, max_context, pad_id
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,6 @@ def stop_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _forward_keywords(model: Any) -> tuple[str, bool]:
-    """(name of the key/value cache argument, whether `logits_to_keep` exists): transformers renamed
-    `past_key_values` to `cache` in 5.x, and older versions have no `logits_to_keep`."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
                     on_batch: Advance | None = None) -> list[Generation]:
@@ -58,7 +50,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
     usually sits at the end).
     """
     device = next(model.parameters()).device
-    cache_kw, can_trim = _forward_keywords(model)
+    cache_kw, can_trim = forward_keywords(model)
     last_only = {"logits_to_keep": 1} if can_trim else {}  # the prompt's other logits are vocabulary-sized waste
     stops = stop_ids(model, tokenizer)
     pid = pad_id(tokenizer)

@@ -110,7 +110,7 @@ def run_generative(task: GenerativeTask, ctx: EvalContext, source: str | None) -
     for (_, gold), out in zip(built, outputs):
         for name, value in task.judge(out.text, gold).items():
             per_metric.setdefault(name, []).append([value if out.finite else None])
-    protocol = (f"{task.name}: {task.metric_text}. Prompt: {task.template!r}; greedy decoding of at most "
+    protocol = (f"{task.name}: {task.metric_text}. Prompt: '{task.template}'; greedy decoding of at most "
                 f"{task.max_new_tokens} new tokens (stops at end-of-sequence), batched with left padding. "
                 "NaN/Inf logits while decoding count as failure (n_nonfinite).")
     metrics = {name: case_means(cases, 0.0) for name, cases in per_metric.items()}

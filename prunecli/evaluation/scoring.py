@@ -1,8 +1,11 @@
 """Teacher-forced scoring of target continuations, batched: the one primitive editing metrics and editors share.
 
 For each (prompt, target) pair the model reads prompt + target and we collect, at every target position, the token's
-log-probability and whether it is the argmax. Sequences are right-padded (pads after the text, masked out), so a
-causal model's scores do not depend on the batch they were computed in.
+log-probability and whether it is the argmax. Pairs that share a prompt (CounterFact: the new and the true object)
+read the prompt once: a batch of distinct prompts runs left-padded with a key/value cache, whose rows are then
+repeated once per target, and only the target tokens (all but the last) run a second, right-padded pass. Pads are
+masked and position ids count real tokens only, so a score does not depend on the batch it was computed in; the
+vocabulary projection is only computed where a target token is predicted.
 
 Tokenisation convention (used everywhere in prunecli): the prompt is encoded with the tokenizer's special tokens
 (e.g. LLaMA's BOS), the target without them and with one leading space unless the prompt already ends in whitespace.
@@ -10,6 +13,7 @@ Tokenisation convention (used everywhere in prunecli): the prompt is encoded wit
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,36 +80,72 @@ def max_context(model: Any) -> int | None:
     return None
 
 
+def forward_keywords(model: Any) -> tuple[str, bool]:
+    """(name of the key/value cache argument, whether `logits_to_keep` exists): transformers renamed
+    `past_key_values` to `cache` in 5.x, and older versions have no `logits_to_keep`."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
 @torch.no_grad()
 def score_targets(model: torch.nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],  # noqa: ANN001
                   batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[TargetScore]:
-    """Teacher-forced scores of targets[i] after prompts[i], computed in length-sorted right-padded batches."""
+    """Teacher-forced scores of targets[i] after prompts[i]; `batch_size` distinct prompts (with all their targets)
+    per forward pass, prompts of similar length together."""
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets differ in length")
     device = next(model.parameters()).device
+    cache_kw, can_trim = forward_keywords(model)
+    last_only = {"logits_to_keep": 1} if can_trim else {}
     pairs = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt_ids, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(prompt_ids), []).append(i)
+    distinct = sorted(by_prompt, key=len)
     results: list[TargetScore | None] = [None] * len(pairs)
     pid = pad_id(tokenizer)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pid, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, i in enumerate(idx):
-            n_prompt, target = len(pairs[i][0]), pairs[i][1]
-            # Only the target positions need a softmax (the full [batch, length, vocab] one costs more than the model).
-            logprobs = torch.log_softmax(logits[row, n_prompt - 1:n_prompt - 1 + len(target)].float(), dim=-1)
-            tgt = torch.tensor(target, device=logprobs.device)
-            lp = logprobs.gather(1, tgt[:, None])[:, 0]
-            top = logprobs.argmax(-1)
+    for start in range(0, len(distinct), batch_size):
+        batch = distinct[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pid, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts every target's first token
+        rows = [(g, i) for g, p in enumerate(batch) for i in by_prompt[p]]
+        rest = max(len(pairs[i][1]) for _, i in rows) - 1
+        later = None
+        if rest > 0:  # multi-token targets: feed all but their last token after the cached prompt
+            cache = getattr(out, cache_kw, None)
+            if cache is None:
+                raise ValueError(f"{type(model).__name__} returned no key/value cache; cannot score targets")
+            prompt_of = torch.tensor([g for g, _ in rows], device=device)
+            cache.reorder_cache(prompt_of)
+            tids = torch.full((len(rows), rest), pid, dtype=torch.long)
+            tmask = torch.zeros((len(rows), rest), dtype=torch.long)
+            for r, (_, i) in enumerate(rows):
+                fed = pairs[i][1][:-1]
+                tids[r, : len(fed)] = torch.tensor(fed, dtype=torch.long)
+                tmask[r, : len(fed)] = 1
+            full_mask = torch.cat([mask[prompt_of], tmask.to(device)], dim=1)
+            tpos = positions[prompt_of, -1:] + 1 + torch.arange(rest, device=device)
+            later = model(input_ids=tids.to(device), attention_mask=full_mask, position_ids=tpos, use_cache=True,
+                          **{cache_kw: cache}).logits
+        for r, (g, i) in enumerate(rows):
+            target = pairs[i][1]
+            dists = first[g:g + 1]
+            if len(target) > 1:
+                assert later is not None
+                dists = torch.cat([dists, torch.log_softmax(later[r, : len(target) - 1].float(), dim=-1)])
+            tgt = torch.tensor(target, device=dists.device)
+            lp = dists.gather(1, tgt[:, None])[:, 0]
+            top = dists.argmax(-1)
             correct = (top == tgt) & torch.isfinite(lp)  # NaN rows have an arbitrary argmax: never "correct"
             results[i] = TargetScore(lp.tolist(), correct.tolist(), top.tolist())
         if on_batch is not None:
-            on_batch(len(idx))
+            on_batch(len(rows))
     return [r for r in results if r is not None]
