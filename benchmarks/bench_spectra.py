@@ -10,6 +10,10 @@ in the same run and on the same device, it times
 taking the best of `--repeat` runs for each, and reports the largest relative error of sigma_min of each method
 against a float64 SVD of the same stored matrices. The last line is `speedup: <naive / fast>x`.
 
+The ratio depends on threads: on our 2-core box torch's float32 svdvals runs slower on two threads than on one (and
+far slower when other processes compete for the cores), while the Gram product scales. Run it with `--threads 1`
+as well to see the single-thread ratio (about 1.2x there: both methods then do similar BLAS3 work).
+
 Usage: python benchmarks/bench_spectra.py [--n 4] [--repeat 3] [--device cpu|cuda] [--threads N]
 """
 

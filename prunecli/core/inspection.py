@@ -155,7 +155,8 @@ def delta_singular_values(entry: DeltaEntry, exact: bool = False, device: str | 
 
 
 def _add_update(w: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
-    """w (stored layout, float64, a private copy: modified in place) + D, without densifying D on the CPU for a low-rank entry."""
+    """w (stored layout, float64, a private copy: modified in place) + D; a low-rank D is added as a product of its
+    factors on w's device, never densified on its own."""
     if not entry.is_lowrank:
         return w.add_(entry.stored_update(torch.float64).to(w.device))
     assert entry.a is not None and entry.b is not None

@@ -10,8 +10,8 @@ diagonal block: about 5/8 of the flops of a full product), which `eigvalsh(..., 
 
 On the CPU, eigvalsh of a Gram matrix up to 2048 x 2048 runs on one thread: its tridiagonal reduction is a long chain
 of small memory-bound steps, each a thread synchronisation. Measured on our 2-core box for n = 1600: 0.27 s on one
-thread vs 0.49 s on two when idle and 1.3-3.6 s on two when other processes compete for the cores. Larger matrices
-keep torch's thread count (not measured here; more work per step should amortise the synchronisation).
+thread vs 0.49 s on two when lightly loaded, 1.3-3.6 s on two when other processes compete for the cores. Larger
+matrices keep torch's thread count (not measured here; more work per step should amortise the synchronisation).
 """
 
 from __future__ import annotations
