@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from prunecli.commands._common import DebugOpt, JsonOpt, emit_json, guarded, note, progress_bar, warn
+from prunecli.evaluation.data import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
     from rich.progress import Task
-    from rich.text import Text
 
     from prunecli.evaluation.report import Comparison
 
@@ -120,7 +120,7 @@ def main(
     max_tokens: Annotated[int | None, typer.Option(
         "--max-tokens", min=2, help="Score only the first N tokens of the perplexity text.")] = None,
     data_dir: Annotated[Path, typer.Option(
-        "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files.")] = Path("../shared/data"),
+        "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files.")] = DEFAULT_DATA_DIR,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="With --limit: a seeded random sample of each general task instead of its first N.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 16,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.evaluation.scoring import TargetScore
 from prunecli.requests import EditRequest
@@ -54,7 +55,7 @@ class EvalContext:
     batch_size: int = 16
     limit: int | None = None  # subsample general-ability tasks to this many examples
     seed: int | None = None  # None: the first `limit` examples; else a seeded random sample
-    data_dir: Path = Path("../shared/data")
+    data_dir: Path = DEFAULT_DATA_DIR
     requests: list[EditRequest] | None = None
     locality_reference: list[list[TargetScore]] | None = None  # per request, per locality prompt (unedited model)
     reference_name: str | None = None

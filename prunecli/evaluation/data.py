@@ -14,6 +14,8 @@ from typing import Any
 from prunecli.errors import PruneCliError
 
 HUB_PREFIX = "hub:"
+DEFAULT_DATA_DIR = Path("../shared/data")
+"""Task data files default to here, relative to the current directory (`--data-dir` overrides)."""
 
 
 def resolve_source(source: str | None, default: str | None, data_dir: Path, task: str) -> str:

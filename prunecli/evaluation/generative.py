@@ -9,6 +9,10 @@
 
 GSM8K follows PRUNE: the gold reasoning (the answer text before "####") is given as the hint and only the final
 number is asked for, so the task measures whether the model can still read off a result, not whether it can reason.
+Where we differ from PRUNE's script, on purpose: GSM8K writes "A: Let's" as the paper's Table 5 does (the script has
+"A:Let's") and takes the first number of the completion (zero-shot-CoT answer cleansing) instead of testing whether
+the gold string occurs anywhere in it ("18" would match "180"); RTE allows 2 new tokens instead of 1, so a tokenizer
+that splits " True" still answers. Token budgets otherwise as PRUNE: GSM8K 5, NQ 20, SAMSum 25.
 """
 
 from __future__ import annotations

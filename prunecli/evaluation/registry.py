@@ -22,7 +22,6 @@ from prunecli.requests import EditRequest
 class TaskDef:
     name: str
     needs: str  # "edits" (requests), "text" (a text file) or "data" (a task data set)
-    summary: str
     run: Callable[[EvalContext, str | None], TaskOutcome]
 
 
@@ -56,20 +55,17 @@ def _run_perplexity(ctx: EvalContext, source: str | None) -> TaskOutcome:
 
 
 def _generative(task: generative.GenerativeTask) -> TaskDef:
-    return TaskDef(task.name, "data", task.metric_text, lambda ctx, src: generative.run_generative(task, ctx, src))
+    return TaskDef(task.name, "data", lambda ctx, src: generative.run_generative(task, ctx, src))
 
 
 def _choice(task: choice.ChoiceTask) -> TaskDef:
-    return TaskDef(task.name, "data", f"label-word accuracy/F1 on {task.default_file}",
-                   lambda ctx, src: choice.run_choice(task, ctx, src))
+    return TaskDef(task.name, "data", lambda ctx, src: choice.run_choice(task, ctx, src))
 
 
 REGISTRY: dict[str, TaskDef] = {t.name: t for t in [
-    TaskDef("counterfact", "edits", "efficacy/paraphrase/neighborhood scores, magnitudes and argmax accuracies",
-            _run_counterfact),
-    TaskDef("zsre", "edits", "token accuracy of edits and rephrases, locality agreement and gold accuracy", _run_zsre),
-    TaskDef("perplexity", "text", "sliding-window perplexity of a text file (--text, default WikiText-2 test)",
-            _run_perplexity),
+    TaskDef("counterfact", "edits", _run_counterfact),
+    TaskDef("zsre", "edits", _run_zsre),
+    TaskDef("perplexity", "text", _run_perplexity),
     *(_generative(t) for t in generative.TASKS.values()),
     *(_choice(t) for t in choice.TASKS.values()),
 ]}

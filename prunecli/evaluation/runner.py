@@ -17,13 +17,12 @@ from typing import Any
 from prunecli.core.delta import Delta, load_deltas
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, ProgressFactory, TaskOutcome, no_progress
+from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.registry import TaskDef, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.evaluation.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
 from prunecli.requests import EditRequest, load_requests, parse_record
-
-DEFAULT_DATA_DIR = Path("../shared/data")
 
 
 @dataclass
