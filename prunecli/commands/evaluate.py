@@ -172,9 +172,8 @@ def main(
                               locality_reference=locality_reference, data_dir=data_dir, force=force)
         report = run_evaluation(paths[0], options, _bar)
         for task, t in report["timing"].items():
-            unit = next(k for k in t if k not in ("seconds",) and not k.endswith("_per_s"))
-            rate = t[f"{unit}_per_s"]
-            note(f"{task}: {t[unit]} {unit} in {t['seconds']:.1f} s" + (f" ({rate:.1f} {unit}/s)" if rate else ""))
+            rate = f" ({t['per_second']:.1f} {t['unit']}/s)" if t["per_second"] else ""
+            note(f"{task}: {t['count']} {t['unit']} in {t['seconds']:.1f} s{rate}")
         for name, bad in report["n_nonfinite"].items():
             if bad:
                 warn(f"{name}: {bad} of {report['n'][name]} cases had NaN/Inf scores (counted, not dropped)")

@@ -37,8 +37,8 @@ def build_report(model: str, deltas: Sequence[str], info: dict[str, Any],
             protocol[g.name] = g.protocol
             for name, value in g.metrics.items():
                 group[name], metrics[name], n[name], nonfinite[name] = g.name, value.value, value.n, value.n_nonfinite
-        timing[task] = {"seconds": round(seconds, 3), outcome.unit: outcome.cases,
-                        f"{outcome.unit}_per_s": round(outcome.cases / seconds, 3) if seconds > 0 else None}
+        timing[task] = {"seconds": round(seconds, 3), "count": outcome.cases, "unit": outcome.unit,
+                        "per_second": round(outcome.cases / seconds, 3) if seconds > 0 else None}
     return {"format": FORMAT, "version": VERSION, "model": model, "deltas": list(deltas), **info,
             "protocol": protocol, "metric_group": group, "n": n, "n_nonfinite": nonfinite, "metrics": metrics,
             "timing": timing}

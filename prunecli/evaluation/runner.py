@@ -125,9 +125,10 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
                                                progress)
     if delta is not None:
         add_delta_to_model(model, delta)
-    ctx = EvalContext(model, tokenizer, options.batch_size, options.limit, options.seed, options.data_dir, requests,
-                      reference, reference_name, options.text, options.window, options.stride, options.max_tokens,
-                      progress)
+    ctx = EvalContext(model, tokenizer, batch_size=options.batch_size, limit=options.limit, seed=options.seed,
+                      data_dir=options.data_dir, requests=requests, locality_reference=reference,
+                      reference_name=reference_name, text_path=options.text, window=options.window,
+                      stride=options.stride, max_tokens=options.max_tokens, progress=progress)
     outcomes: list[tuple[str, TaskOutcome, float]] = []
     for task, source in tasks:
         t0 = time.perf_counter()
