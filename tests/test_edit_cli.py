@@ -52,6 +52,17 @@ def test_rome_json_summary_and_delta(tmp_path, llama_dir, requests_file):
     assert delta.fingerprints[WEIGHT] == Checkpoint(llama_dir).fingerprint(WEIGHT)
 
 
+def test_bf16_sharded_checkpoint(tmp_path, llama_sharded_bf16_dir, requests_file):
+    """The model runs in bf16, the edit is computed in fp32 and tied to the bf16 base tensors' fingerprints."""
+    out = tmp_path / "d.safetensors"
+    summary = ok(llama_sharded_bf16_dir, "--requests", requests_file, "--limit", 1, "--dtype", "bf16", *SETS,
+                 "-o", out)
+    assert summary["requests"][0]["prob_after"] > summary["requests"][0]["prob_before"]
+    delta = Delta.load(out)
+    assert delta.entries[WEIGHT].a.dtype == torch.float32
+    delta.check_base(Checkpoint(llama_sharded_bf16_dir))
+
+
 def _factors_close(x: Delta, y: Delta) -> None:
     assert set(x.entries) == set(y.entries)
     for name in x.entries:

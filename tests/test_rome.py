@@ -96,6 +96,8 @@ def test_cached_prefix_losses_equal_full_forward_passes(llama_dir):
     assert value.initial_loss == pytest.approx(reference0, rel=1e-4)
     assert value.loss == pytest.approx(full_loss(value.delta), rel=1e-4)
     assert value.steps == 3 and value.loss < value.initial_loss
+    naive = optimize_value(model, tok, site, adapter.value_size(LAYER), req, prefixes, hp, prefix_cache=False)
+    torch.testing.assert_close(naive.delta, value.delta, rtol=1e-4, atol=1e-5)
 
 
 def test_prefixes_are_seeded_and_start_with_the_bare_prompt(llama_dir):

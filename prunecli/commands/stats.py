@@ -97,7 +97,15 @@ def main(
         if json_out:
             emit_json(summary)
         else:
-            err_console.print(f"wrote {output}: layers {summary['layers']}, {stats.tokens:,} tokens, "
-                              f"{summary['tokens_per_second']:,.0f} tokens/s", highlight=False)
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=f"key statistics: {stats.corpus}")
+            for col in ("layer", "module", "tokens", "dtype"):
+                table.add_column(col)
+            for layer, info in sorted(stats.layers.items()):
+                table.add_row(str(layer), info["module"], f"{stats.counts[layer]:,}", stats.dtype)
+            Console().print(table)
+            err_console.print(f"wrote {output} ({summary['tokens_per_second']:,.0f} tokens/s)", highlight=False)
 
     guarded(debug, body)

@@ -61,15 +61,16 @@ class _SplitBatch:
 
 
 @torch.no_grad()
-def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], pad: int, device: torch.device,
+def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int], pad: int, device: torch.device,
            logits_kwargs: dict[str, Any]) -> _SplitBatch:
-    """Run the prefixes once; nothing before the subject's last token depends on the shift, in any layer.
+    """Run the prefixes `ids[:cut]` once (a cut at the subject's last token at the latest: nothing before it depends
+    on the shift, in any layer); the suffixes `ids[cut:]` are what each step runs.
 
     Prefixes are right-padded; their pads are masked out of the suffix pass. A row with an empty prefix gets one
     attended pad in the prefix pass only, so no attention row is fully masked (which could make its cache NaN).
     """
-    lengths = torch.tensor([p.subject_index for p in prompts], device=device)
-    suffix_ids, suffix_mask = right_pad([p.ids[p.subject_index:] for p in prompts], pad, device)
+    lengths = torch.tensor(cuts, device=device)
+    suffix_ids, suffix_mask = right_pad([p.ids[cut:] for p, cut in zip(prompts, cuts)], pad, device)
     positions = lengths[:, None] + torch.arange(suffix_ids.shape[1], device=device)
     width = int(lengths.max())
     if width == 0:
@@ -77,9 +78,9 @@ def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], pad: int, devic
                            suffix_mask, positions)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, : p.subject_index] = torch.tensor(p.ids[: p.subject_index], device=device)
-        mask[row, : p.subject_index] = 1
+    for row, (p, cut) in enumerate(zip(prompts, cuts)):
+        ids[row, :cut] = torch.tensor(p.ids[:cut], device=device)
+        mask[row, :cut] = 1
     run_mask = mask.clone()
     run_mask[lengths == 0, 0] = 1
     keep_one = {"logits_to_keep": 1} if logits_kwargs else {}
@@ -98,20 +99,24 @@ def _forward(model: torch.nn.Module, batch: _SplitBatch, logits_kwargs: dict[str
 
 
 def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
-                   request: EditRequest, prefixes: list[str], hp: EditHParams) -> ValueResult:
+                   request: EditRequest, prefixes: list[str], hp: EditHParams,
+                   prefix_cache: bool = True) -> ValueResult:
     """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
-    `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0)."""
+    `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).
+
+    `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline)."""
     device = next(model.parameters()).device
     rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
     kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
     prompts: list[SubjectPrompt] = [*rewrites, kl]
 
-    # Suffix coordinates: position 0 is the subject's last token. Logits are needed only where a target token is
+    # Positions below are in suffix coordinates (after the cut). Logits are needed only where a target token is
     # predicted and at the end of the KL prompt.
+    cuts = [p.subject_index if prefix_cache else 0 for p in prompts]
     tgt_rows = torch.tensor([r for r, p in enumerate(rewrites) for _ in p.target], device=device)
-    tgt_pos = [p.n_prompt - 1 - p.subject_index + j for p in rewrites for j in range(len(p.target))]
+    tgt_pos = [p.n_prompt - 1 - cut + j for p, cut in zip(rewrites, cuts) for j in range(len(p.target))]
     tgt_ids = torch.tensor([t for p in rewrites for t in p.target], device=device)
-    kl_row, kl_pos = len(rewrites), kl.n_prompt - 1 - kl.subject_index
+    kl_row, kl_pos = len(rewrites), kl.n_prompt - 1 - cuts[-1]
     needed = sorted(set(tgt_pos) | {kl_pos})
     logits_kwargs: dict[str, Any] = {}
     if _accepts_logits_to_keep(model):
@@ -123,9 +128,9 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
     # Each prompt's NLL is the mean over its target tokens; the loss is the mean over prompts.
     token_weight = torch.tensor([1.0 / len(p.target) / len(rewrites) for p in rewrites for _ in p.target],
                                 device=device)
-    batch = _split(model, prompts, pad_id(tokenizer), device, logits_kwargs)
+    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, logits_kwargs)
     rows = torch.arange(len(prompts), device=device)
-    at_subject = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    at_subject = torch.tensor([p.subject_index - cut for p, cut in zip(prompts, cuts)], device=device)
 
     delta = torch.zeros(width, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)

@@ -1,0 +1,171 @@
+"""Benchmark: seconds per ROME edit and key-statistics tokens/s, each against its naive baseline in the same run.
+
+ROME: `--n` sequential edits of CounterFact records 0..n-1 (never the reserved 5000-9999) with the model's default
+ROME hyper-parameters, timed per edit (context prefixes are generated once beforehand and not counted), with
+
+  cached: the value optimisation runs the prompts' prefixes once and re-runs only the tokens from the subject's last
+          token on at every step (what `prunecli edit` does);
+  naive:  whole prompts re-run at every step (what the published ROME/MEMIT code does).
+
+Both start from the same model and must reach the same losses (checked: the cache changes speed, not results).
+
+Statistics: `--stats-tokens` tokens of WikiText for the default MEMIT layers, with
+
+  one pass: all layers collected in one forward pass that stops after the deepest one (what `prunecli stats` does);
+  naive:    one full forward pass per layer (what the published code does, layer after layer).
+
+Prints one summary line with both ratios. `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
+(48 layers, width 1600; SmolLM2's tokenizer) instead of `--model`, for GPU timings without downloading GPT-2 XL.
+
+Usage: python benchmarks/bench_edit.py [--model smollm2 | --random-shape gpt2-xl] [--device cpu|cuda] [--n 3]
+       [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunecli.editors import corpus
+from prunecli.editors.base import EditContext
+from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.keys import subject_keys
+from prunecli.editors.prompts import generate_prefixes
+from prunecli.editors.rome import rank_one_update
+from prunecli.editors.stats import accumulate
+from prunecli.editors.tracing import record
+from prunecli.editors.value import optimize_value
+from prunecli.models.adapters import ModelAdapter, resolve_adapter
+from prunecli.models.loading import load_model, parse_dtype, resolve_device
+from prunecli.requests import EditRequest, load_requests
+
+RESERVED_START = 5000
+SHAPES = {"gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024)}
+
+
+def random_model(shape: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """A random-weight model of a known shape (GPT-2 family) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from prunecli.models.default_model import ensure_default_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model())
+    config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(resolve_device(device)):
+        model = GPT2LMHeadModel(config)
+    return model.to(parse_dtype(dtype)).eval(), tok
+
+
+def rome_edits(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], ctx: EditContext,
+               prefix_cache: bool) -> tuple[list[float], list[float]]:
+    """Sequential ROME edits (the editor's steps, with the value optimisation's cache switchable); seconds, losses."""
+    (layer,) = ctx.hparams.layers
+    moment = ctx.moments.get(layer)
+    seconds, losses = [], []
+    for req in requests:
+        sync(model)
+        t0 = time.perf_counter()
+        keys, _ = subject_keys(model, tok, adapter.projection(layer), [req], ctx.prefixes)
+        w = adapter.weight_matrix(layer)
+        value = optimize_value(model, tok, adapter.projection(layer), w.shape[0], req, ctx.prefixes, ctx.hparams,
+                               prefix_cache=prefix_cache)
+        a, b = rank_one_update(w, keys[0], w.double() @ keys[0].double() + value.delta.double(), moment)
+        adapter.add_update(layer, a.to(w.device) @ b.to(w.device).T)
+        sync(model)
+        seconds.append(time.perf_counter() - t0)
+        losses.append(value.loss)
+    return seconds, losses
+
+
+@torch.no_grad()
+def naive_stats(model: Any, tok: Any, adapter: ModelAdapter, layers: list[int], chunks: list[list[int]],
+                batch_size: int) -> None:
+    """One full forward pass per layer and batch, as the published statistics code does."""
+    from prunecli.editors.prompts import right_pad
+    from prunecli.evaluation.scoring import pad_id
+
+    device = next(model.parameters()).device
+    for layer in layers:
+        total = torch.zeros(adapter.key_size(layer), adapter.key_size(layer), dtype=torch.float64, device=device)
+        for i in range(0, len(chunks), batch_size):
+            ids, mask = right_pad(chunks[i:i + batch_size], pad_id(tok), device)
+            keys = record(model, {"k": (adapter.projection(layer), "input")}, stop_early=False, input_ids=ids,
+                          attention_mask=mask)["k"][mask.bool()].float()
+            total += (keys.T @ keys).double()
+
+
+def sync(model: Any) -> None:
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="model folder or `smollm2`")
+    parser.add_argument("--random-shape", choices=sorted(SHAPES), help="time a random-weight model of this shape")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--n", type=int, default=3, help="ROME edits per variant (CounterFact records 0..n-1)")
+    parser.add_argument("--stats-tokens", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8, help="statistics sequences per forward pass")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.n > RESERVED_START:
+        parser.error(f"records {RESERVED_START}-9999 are reserved")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.random_shape:
+        model, tok = random_model(args.random_shape, args.device, args.dtype)
+        name = f"random {args.random_shape}"
+    else:
+        model, tok, base = load_model(args.model, args.device, args.dtype)
+        name = str(base.path.name)
+    model.requires_grad_(False)
+    adapter = resolve_adapter(model)
+    rome = resolve_hparams("rome", adapter.family, adapter.num_layers)
+    memit_layers = list(resolve_hparams("memit", adapter.family, adapter.num_layers).layers)
+    requests = load_requests(args.data / "counterfact" / "counterfact-edit.json", 0, args.n)
+    texts = corpus.text_file(args.data / "wikitext" / "wiki.test.raw").texts
+    chunks = list(corpus.token_chunks(tok, texts, args.seq_len, args.stats_tokens))
+
+    # Statistics: one pass for all MEMIT layers vs one full pass per layer (first a small warm-up).
+    accumulate(model, tok, adapter, memit_layers, chunks[:1], args.batch_size)
+    sync(model)
+    t0 = time.perf_counter()
+    _, counts = accumulate(model, tok, adapter, memit_layers, chunks, args.batch_size)
+    sync(model)
+    one_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive_stats(model, tok, adapter, memit_layers, chunks, args.batch_size)
+    sync(model)
+    naive_pass = time.perf_counter() - t0
+    tokens = counts[memit_layers[0]]
+
+    # ROME: the same edits from the same weights, cached then naive.
+    (layer,) = rome.layers
+    ctx = EditContext(rome, generate_prefixes(model, tok, rome.context_template_length_params, 0), {})
+    w0 = adapter.weight(layer).detach().clone()
+    cached_s, cached_loss = rome_edits(model, tok, adapter, requests, ctx, prefix_cache=True)
+    with torch.no_grad():
+        adapter.weight(layer).copy_(w0)
+    naive_s, naive_loss = rome_edits(model, tok, adapter, requests, ctx, prefix_cache=False)
+    same = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(cached_loss, naive_loss))
+
+    per_edit, naive_edit = sum(cached_s) / len(cached_s), sum(naive_s) / len(naive_s)
+    print(f"bench_edit model={name} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}: "
+          f"ROME layer {layer}: {per_edit:.2f} s/edit (naive {naive_edit:.2f}, speedup {naive_edit / per_edit:.1f}x, "
+          f"same losses: {same}); stats layers {memit_layers}: {tokens / one_pass:,.0f} tokens/s "
+          f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

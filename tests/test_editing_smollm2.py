@@ -1,0 +1,65 @@
+"""Acceptance on the real SmolLM2-135M (CPU): 10 sequential ROME edits and one MEMIT batch of CounterFact records
+0-9 reach efficacy >= 0.9 with the packaged default hyper-parameters (ROME protocol: P(target_new) > P(ground_truth)
+by mean token NLL on the edit prompt, evaluated on the final model after all edits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prunecli.cli import app
+from prunecli.core.delta import Delta, load_deltas
+from prunecli.evaluation.scoring import score_targets
+from prunecli.models.loading import load_model
+from prunecli.requests import load_requests
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from prunecli.models.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="module")
+def counterfact(shared_data):
+    return shared_data / "counterfact" / "counterfact-edit.json"
+
+
+@pytest.fixture(scope="module")
+def stats(smollm2, shared_data, tmp_path_factory):
+    """Key statistics of the default ROME and MEMIT layers from a 20k-token WikiText slice, in one pass."""
+    from prunecli.editors.hparams import default_values
+
+    layers = sorted(set(default_values("rome", "llama", 30)["layers"]) | set(default_values("memit", "llama", 30)
+                                                                             ["layers"]))
+    out = tmp_path_factory.mktemp("stats") / "smollm2.stats.safetensors"
+    result = runner.invoke(app, ["stats", str(smollm2), "--layers", ",".join(map(str, layers)), "--text",
+                                 str(shared_data / "wikitext" / "wiki.test.raw"), "--tokens", "20000", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _efficacy(model_dir, delta_path, counterfact) -> float:
+    requests = load_requests(counterfact, 0, 10)
+    model, tok, _ = load_model(model_dir, delta=load_deltas([delta_path]))
+    texts = [r.text for r in requests]
+    new = score_targets(model, tok, texts, [r.target_new for r in requests])
+    true = score_targets(model, tok, texts, [r.target_true for r in requests])
+    return sum(n.nll < t.nll for n, t in zip(new, true)) / len(requests)
+
+
+@pytest.mark.parametrize("method, extra", [("rome", []), ("memit", ["--batch-size", "10"])])
+def test_ten_counterfact_edits_reach_efficacy(method, extra, smollm2, counterfact, stats, tmp_path):
+    out = tmp_path / f"{method}.delta.safetensors"
+    result = runner.invoke(app, ["edit", str(smollm2), "--requests", str(counterfact), "--limit", "10", "--method",
+                                 method, "--stats", str(stats), *extra, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["edits"] == 10 and len(Delta.load(out).requests) == 10
+    assert _efficacy(smollm2, out, counterfact) >= 0.9
