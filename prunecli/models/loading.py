@@ -41,7 +41,9 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
                force: bool = False) -> tuple[Any, Any, Checkpoint]:
     """(model in eval mode, tokenizer, base checkpoint) for a model folder or the `smollm2` alias, deltas applied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
     path = resolve_model_path(str(ref))
     base = Checkpoint(path)
     if not base.is_folder or not base.config:
