@@ -36,8 +36,8 @@ def guarded(debug: bool, body: Callable[[], T]) -> T:
     """Run a command body: user errors become one red line and exit 1; bugs too unless --debug."""
     try:
         return body()
-    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
-        raise
+    except (typer.Exit, typer.Abort, typer.BadParameter, click.exceptions.ClickException, click.exceptions.Abort):
+        raise  # usage errors keep Typer's exit code 2 (Typer >= 0.26 raises its own vendored Click classes)
     except PruneCliError as exc:
         if debug:
             raise

@@ -1,0 +1,29 @@
+from prunecli.core.checkpoint import Checkpoint
+
+
+def test_fixtures_build(gpt2_dir, llama_sharded_bf16_dir):
+    g = Checkpoint(gpt2_dir)
+    assert g.layout("transformer.h.0.mlp.c_proj.weight") == "in_out"
+    assert g.resolve("lm_head.weight") in g.names()
+    s = Checkpoint(llama_sharded_bf16_dir)
+    assert len(s._files) > 1
+    assert s.info("model.layers.0.mlp.down_proj.weight").dtype == "BF16"
+
+
+def test_usage_errors_raised_in_a_command_body_exit_2():
+    """Typer vendors its own Click: guarded() must let its BadParameter through so the exit code stays 2."""
+    import typer
+    from typer.testing import CliRunner
+
+    from prunecli.commands._common import guarded
+
+    app = typer.Typer()
+
+    @app.command()
+    def main(x: int = 0) -> None:
+        def body() -> None:
+            raise typer.BadParameter("x is bad", param_hint="--x")
+
+        guarded(False, body)
+
+    assert CliRunner().invoke(app, []).exit_code == 2
