@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from prunecli.commands import apply, diff, edit, evaluate, export_lora, inspect, prune, stats
+from prunecli.commands import apply, diff, edit, evaluate, export_lora, inspect, prune, stats, train_mend
 
 app = typer.Typer(
     name="prunecli",
@@ -17,7 +17,8 @@ app = typer.Typer(
 )
 
 for _name, _module in [("inspect", inspect), ("diff", diff), ("prune", prune), ("apply", apply), ("stats", stats),
-                       ("edit", edit), ("evaluate", evaluate), ("export-lora", export_lora)]:
+                       ("edit", edit), ("evaluate", evaluate), ("export-lora", export_lora),
+                       ("train-mend", train_mend)]:
     app.command(_name, no_args_is_help=True)(_module.main)
 
 

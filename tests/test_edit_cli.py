@@ -144,8 +144,8 @@ def test_bad_requests(tmp_path, llama_dir):
 
 
 def test_bad_method_and_missing_stats(tmp_path, llama_dir, requests_file):
-    assert "unknown editing method 'mend'" in _bad(tmp_path, llama_dir, "--requests", requests_file, "--method",
-                                                    "mend")
+    assert "unknown editing method 'alphaedit'" in _bad(tmp_path, llama_dir, "--requests", requests_file,
+                                                         "--method", "alphaedit")
     assert "memit needs key statistics" in _bad(tmp_path, llama_dir, "--requests", requests_file, "--method",
                                                 "memit")
 

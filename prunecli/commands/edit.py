@@ -1,4 +1,4 @@
-"""`prunecli edit`: sequential ROME / MEMIT editing of a checkpoint into a factored delta file."""
+"""`prunecli edit`: sequential ROME / MEMIT / MEND editing of a checkpoint into a factored delta file."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def main(
     requests: Annotated[Path, typer.Option("--requests", help="Edit requests: JSON list or JSONL (CounterFact, "
                                            "zsRE MEND or minimal format).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.safetensors).")],
-    method: Annotated[str, typer.Option("--method", help="rome or memit.")] = "rome",
+    method: Annotated[str, typer.Option("--method", help="rome, memit or mend.")] = "rome",
+    archive: Annotated[Path | None, typer.Option("--archive", help="MEND: the trained networks (from `prunecli "
+                                                 "train-mend` on this same base model).")] = None,
     start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
     limit: Annotated[int | None, typer.Option("--limit", help="Number of records to use.", min=1)] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Key statistics from `prunecli stats` (MEMIT: "
@@ -48,10 +50,13 @@ def main(
 
     Example: prunecli edit smollm2 --requests facts.jsonl --method rome --stats smollm2.stats.safetensors
     -o edits.delta.safetensors
+
+    MEND: prunecli edit smollm2 --requests facts.jsonl --method mend --archive smollm2.mend.safetensors -o m.delta
     """
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path
+        from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
         from prunecli.core.restraint import check_params
         from prunecli.editors.base import editor_for
@@ -59,11 +64,12 @@ def main(
         from prunecli.editors.session import PruneSchedule, run_edits
         from prunecli.editors.stats import KeyStats, load_moments
         from prunecli.models.adapters import resolve_adapter
+        from prunecli.models.default_model import resolve_model_path
         from prunecli.models.loading import load_model
         from prunecli.requests import load_requests
 
         # Everything that can be checked without the model is checked before loading it.
-        editor = editor_for(method)
+        editor = editor_for(method, archive)
         check_output_path(output, force)
         if editor.needs_stats and stats is None:
             raise PruneCliError(f"{method} needs key statistics: compute them with `prunecli stats {model} "
@@ -76,12 +82,17 @@ def main(
         prior = load_deltas(delta or [])
         if stats is not None:
             KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
+        if method == "mend":
+            if hparams is not None or set_:
+                raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
+            editor.archive.check_base(Checkpoint(resolve_model_path(model)), archive)  # type: ignore[attr-defined]
 
         lm, tokenizer, base = load_model(model, device, dtype)
         if prior is not None:
             prior.check_base(base, force)
         adapter = resolve_adapter(lm)
-        hp = resolve_hparams(method, adapter.family, adapter.num_layers, hparams, set_ or [], note)
+        hp = (editor.hparams(str(archive)) if method == "mend"  # type: ignore[attr-defined]
+              else resolve_hparams(method, adapter.family, adapter.num_layers, hparams, set_ or [], note))
         moments = load_moments(stats, base, adapter, hp.layers) if stats is not None else None
         if method == "rome" and hp.mom2_adjustment and moments is None:
             note("no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method")
@@ -92,7 +103,7 @@ def main(
 
         run = _with_progress(len(edit_requests), lambda on_step: run_edits(
             lm, tokenizer, base, edit_requests, method, hp, moments, prior, batch_size, schedule, seed, provenance,
-            on_step))
+            on_step, editor))
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)

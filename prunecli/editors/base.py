@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,11 +21,14 @@ from prunecli.requests import EditRequest
 
 @dataclass(frozen=True)
 class LayerUpdate:
-    """The update of one layer's projection: D = a @ b.T with a [out, r], b [in, r] (float32)."""
+    """The update of one layer's weight: D = a @ b.T with a [out, r], b [in, r] (float32).
+
+    `weight` names the parameter when it is not the layer's MLP output projection (MEND edits every MLP matrix)."""
 
     layer: int
     a: torch.Tensor
     b: torch.Tensor
+    weight: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,22 @@ class Editor(ABC):
         """Edit `requests` into `model` (in place) and return the updates and one outcome per request."""
 
 
-def editor_for(method: str) -> Editor:
+def editor_for(method: str, archive: str | Path | None = None) -> Editor:
+    """The editor of `method`; MEND's needs its trained `archive` (from `prunecli train-mend`), the others none."""
     from prunecli.editors.memit import MemitEditor
     from prunecli.editors.rome import RomeEditor
+    from prunecli.errors import PruneCliError
 
-    editors: dict[str, Editor] = {"rome": RomeEditor(), "memit": MemitEditor()}
+    editors: dict[str, type[Editor]] = {"rome": RomeEditor, "memit": MemitEditor}
+    if method == "mend":
+        if archive is None:
+            raise PruneCliError("mend needs a trained archive: pass --archive FILE (made by `prunecli train-mend`)")
+        from prunecli.editors.mend import MendEditor
+        from prunecli.editors.mend_archive import MendArchive
+
+        return MendEditor(MendArchive.load(archive))
     if method not in editors:
-        from prunecli.errors import PruneCliError
-
-        raise PruneCliError(f"unknown editing method {method!r}; use one of {', '.join(editors)}")
-    return editors[method]
+        raise PruneCliError(f"unknown editing method {method!r}; use one of {', '.join([*editors, 'mend'])}")
+    if archive is not None:
+        raise PruneCliError(f"--archive is only used by --method mend, not {method}")
+    return editors[method]()

@@ -23,7 +23,7 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.restraint import TensorReport, restrain_delta
-from prunecli.editors.base import EditContext, editor_for
+from prunecli.editors.base import EditContext, Editor, editor_for
 from prunecli.editors.hparams import EditHParams
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.evaluation.scoring import score_targets
@@ -93,15 +93,17 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
               method: str, hparams: EditHParams, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
               provenance: dict[str, Any] | None = None,
-              on_step: Callable[[int, list[RequestReport]], None] | None = None) -> EditRun:
+              on_step: Callable[[int, list[RequestReport]], None] | None = None,
+              editor: Editor | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. MEMIT edits
     `batch_size` requests at a time; ROME one at a time. `provenance` is merged into each edit op of the history.
+    `editor` replaces `editor_for(method)` (MEND's carries its trained networks).
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
-    editor = editor_for(method)
+    editor = editor or editor_for(method)
     model.requires_grad_(False)
     device = next(model.parameters()).device
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
@@ -128,7 +130,8 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
         after = _target_probs(model, tokenizer, batch)
         for u in updates:
-            run.delta.add(adapter.weight_name(u.layer), DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
+            name = u.weight or adapter.weight_name(u.layer)
+            run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
         edits_before = len(run.delta.requests) + len(pending)
         pending.extend(r.to_json() for r in batch)
         seconds = (time.perf_counter() - t0) / len(batch)

@@ -1,0 +1,154 @@
+"""`prunecli train-mend`: train MEND's gradient-transform networks for one base model into an archive."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from prunecli.commands._common import DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, progress_bar
+
+
+def main(
+    model: Annotated[str, typer.Argument(help="Base model folder (or `smollm2`).")],
+    data: Annotated[Path, typer.Option("--data", help="Edit records: JSON list or JSONL (zsRE MEND format or "
+                                       "CounterFact), as `edit --requests` reads them.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Archive to write (.safetensors); the checkpoint "
+                                         "goes next to it as ARCHIVE.ckpt.")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers whose MLP matrices are edited, e.g. "
+                                               "'27,28,29' or '27-29' (default: the last three).")] = None,
+    start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="Number of records to use.", min=1)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps (each edits --batch-size records).",
+                                       min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Edits per step.", min=1)] = 10,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the records held out for "
+                                                "validation.", min=0.0, max=0.9)] = 0.1,
+    val_every: Annotated[int, typer.Option("--val-every", help="Validate (and checkpoint) every N steps.",
+                                           min=1)] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the networks.", min=0.0)] = 1e-4,
+    lr_lr: Annotated[float, typer.Option("--lr-lr", help="Adam learning rate of the per-weight edit learning "
+                                         "rates.", min=0.0)] = 1e-3,
+    edit_lr_init: Annotated[float, typer.Option("--edit-lr-init", help="Initial edit learning rate of every "
+                                                "weight.")] = 1e-4,
+    rank: Annotated[int, typer.Option("--rank", help="Hidden width of the networks' low-rank MLP.", min=1)] = 256,
+    edit_weight: Annotated[float, typer.Option("--edit-weight", help="Weight of the edit NLL in the loss.",
+                                               min=0.0)] = 0.1,
+    loc_weight: Annotated[float, typer.Option("--loc-weight", help="Weight of the locality KL in the loss.",
+                                              min=0.0)] = 1.0,
+    patience: Annotated[int, typer.Option("--early-stop-patience", help="Stop after N validations without a "
+                                          "better validation loss.", min=1)] = 5,
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", help="Stop (validate, checkpoint, write "
+                                                      "the archive) after this much training time.",
+                                                      min=0.0)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from ARCHIVE.ckpt (same model, data and "
+                                         "settings; --steps and --early-stop-patience may change).")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the record order and the networks' "
+                                      "initialisation.")] = 0,
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train MEND's networks (Mitchell et al. 2022) for a base model on edit records: the archive is what
+    `prunecli edit --method mend --archive ARCHIVE` uses. Holds out --val-fraction of the records for validation,
+    keeps the best networks, stops early, checkpoints after every validation and resumes with --resume.
+
+    Example: prunecli train-mend smollm2 --data ../shared/data/zsre/zsre_mend_train-1k.json --limit 900
+    --steps 2000 --max-minutes 30 -o smollm2.mend.safetensors
+    """
+
+    def body() -> None:
+        import torch
+
+        from prunecli.core.atomic import check_output_path
+        from prunecli.editors.hparams import coerce
+        from prunecli.editors.mend import MendConfig, default_layers, mlp_targets
+        from prunecli.editors.mend_train import TrainConfig, train_mend
+        from prunecli.models.adapters import resolve_adapter
+        from prunecli.models.loading import load_model
+        from prunecli.requests import load_requests
+
+        checkpoint = Path(str(output) + ".ckpt")
+        if not resume:
+            check_output_path(output, force)
+            check_output_path(checkpoint, force)
+        else:
+            check_output_path(output, force=True)
+        records = load_requests(data, start, limit)
+        data_info = {"path": str(data), "start": start, "records": len(records),
+                     "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+
+        lm, tokenizer, base = load_model(model, device, "fp32")
+        adapter = resolve_adapter(lm)
+        chosen = coerce("layers", layers) if layers is not None else tuple(default_layers(adapter.num_layers))
+        for layer in chosen:
+            adapter.check_layer(layer)
+        targets = mlp_targets(adapter, chosen)
+        config = TrainConfig(tuple(chosen), steps, batch_size, val_fraction, lr, lr_lr, edit_weight, loc_weight,
+                             val_every, patience, seed, MendConfig(rank, edit_lr_init))
+        torch.manual_seed(seed)
+        result = _with_progress(steps, lambda on_step, on_validate: train_mend(
+            lm, tokenizer, base, targets, records, config, checkpoint, resume, data_info,
+            None if max_minutes is None else max_minutes * 60, on_step, on_validate))
+        result.archive.save(output, force=True)
+        summary = {"output": str(output), "checkpoint": str(checkpoint), "model": str(base.path),
+                   "weights": [t.name for t in targets], "train_records": result.n_train,
+                   "val_records": result.n_val, "steps": result.state.step, "best_step": result.state.best_step,
+                   "best_val_loss": result.state.best_val, "stopped": result.state.stopped,
+                   "seconds": result.state.seconds,
+                   "edit_lrs": [float(x) for x in result.archive.networks.edit_lrs.detach()],
+                   "validation": result.state.history}
+        if json_out:
+            emit_json(summary)
+        else:
+            _print_validation(result.state.history)
+            err_console.print(f"wrote {output}: {len(targets)} weights, {result.state.step} steps "
+                              f"({result.state.stopped}), best validation loss "
+                              f"{_fmt(result.state.best_val)} at step {result.state.best_step}", highlight=False)
+
+    guarded(debug, body)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _with_progress(total: int, run: Any) -> Any:
+    """Call `run(on_step, on_validate)` under a progress bar that shows the running training losses."""
+    from rich.progress import TextColumn
+
+    with progress_bar([TextColumn("{task.fields[losses]}")]) as bar:
+        task = bar.add_task("training", total=total, losses="")
+        smooth: dict[str, float] = {}
+
+        def on_step(state: Any, metrics: dict[str, float]) -> None:
+            for key in ("loss", "edit_nll", "loc_kl", "edit_acc"):
+                smooth[key] = metrics[key] if key not in smooth else 0.9 * smooth[key] + 0.1 * metrics[key]
+            bar.update(task, completed=state.step, losses=f"loss {smooth['loss']:.3f} edit {smooth['edit_nll']:.3f} "
+                       f"loc {smooth['loc_kl']:.4f} acc {smooth['edit_acc']:.2f}")
+
+        def on_validate(state: Any, metrics: dict[str, float]) -> None:
+            bar.console.print(f"step {state.step}: val loss {metrics['loss']:.4f}, edit acc {metrics['edit_acc']:.3f}, "
+                              f"rephrase acc {metrics['rephrase_acc']:.3f}, loc agree {metrics['loc_agree']:.3f}",
+                              highlight=False)
+
+        return run(on_step, on_validate)
+
+
+def _print_validation(history: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not history:
+        return
+    table = Table(title="validation")
+    columns = ("step", "loss", "edit_nll", "loc_kl", "pre_nll", "edit_acc", "rephrase_acc", "loc_agree")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in history:
+        table.add_row(*(str(row[c]) if c == "step" else f"{row[c]:.4f}" for c in columns))
+    Console().print(table)
+
