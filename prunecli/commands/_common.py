@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import click
@@ -30,6 +31,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readabl
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin/.pt) weights; they can run "
                                               "code when loaded, and are read with weights_only=True.")]
+DeviceMapOpt = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread a model too big for one device over GPUs, CPU and disk with accelerate: auto, "
+    "balanced, balanced_low_0, sequential, or one device (cpu, cuda:N). Replaces --device.")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to "
+    "disk).")]
+OffloadFolderOpt = Annotated[Path | None, typer.Option(
+    "--offload-folder", help="With --device-map: folder accelerate may use for weights offloaded to disk "
+    "(safetensors checkpoints are read in place; edits never write to disk-offloaded files).")]
 
 
 def guarded(debug: bool, body: Callable[[], T]) -> T:

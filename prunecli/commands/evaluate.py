@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import DebugOpt, JsonOpt, emit_json, guarded, note, progress_bar, warn
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, emit_json,
+                                       guarded, note, progress_bar, warn)
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ def main(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 16,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     locality_reference: Annotated[str | None, typer.Option(
         "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
         "(default: MODEL without the deltas).")] = None,
@@ -146,6 +150,11 @@ def main(
     Example: prunecli evaluate smollm2 -d edits.safetensors -e counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
 
     Example: prunecli evaluate --compare base.json edited.json pruned.json
+
+    Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]. Several GPUs or machines: run it under
+    `accelerate launch` (or torchrun); each process scores a share of every task, rank 0 reports.
+
+    Example: accelerate launch --multi_gpu --num_processes 4 -m prunecli evaluate smollm2 -e cf.json -o r.json
     """
 
     paths = list(targets or [])
@@ -161,6 +170,7 @@ def main(
             _compare(paths, json_out)
             return
         from prunecli.core.atomic import check_output_path
+        from prunecli.distributed import workers
         from prunecli.evaluation.report import write_report
         from prunecli.evaluation.runner import EvalOptions, run_evaluation
 
@@ -169,8 +179,12 @@ def main(
         options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,
                               text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
                               batch_size=batch_size, device=device, dtype=dtype,
-                              locality_reference=locality_reference, data_dir=data_dir, force=force)
-        report = run_evaluation(paths[0], options, _bar)
+                              locality_reference=locality_reference, data_dir=data_dir, force=force,
+                              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+        with workers(device, device_map) as group:
+            report = run_evaluation(paths[0], options, _bar, group)
+            if not group.is_main:
+                return  # rank 0 reports for every process
         for task, t in report["timing"].items():
             rate = f" ({t['per_second']:.1f} {t['unit']}/s)" if t["per_second"] else ""
             note(f"{task}: {t['count']} {t['unit']} in {t['seconds']:.1f} s{rate}")

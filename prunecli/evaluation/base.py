@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.evaluation.scoring import TargetScore
@@ -64,3 +65,4 @@ class EvalContext:
     stride: int | None = None
     max_tokens: int | None = None
     progress: ProgressFactory = field(default=no_progress)
+    workers: Workers = SINGLE  # the processes of a data-parallel run; each scores its share of every task

@@ -92,7 +92,9 @@ def run_choice(task: ChoiceTask, ctx: EvalContext, source: str | None) -> TaskOu
     prompts = [p for p, _ in built for _ in task.labels]
     words = [w for _ in built for w in task.labels]
     with ctx.progress(f"{task.name} (label words)", len(prompts)) as advance:
-        scores = score_targets(ctx.model, ctx.tokenizer, prompts, words, ctx.batch_size, advance)
+        scores = ctx.workers.map(lambda part: score_targets(ctx.model, ctx.tokenizer, [p for p, _ in part],
+                                                            [w for _, w in part], ctx.batch_size, advance),
+                                 list(zip(prompts, words)))
     k = len(task.labels)
     golds, preds, judged = [], [], []
     for j, (_, gold) in enumerate(built):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.base import Advance, MetricGroup
 from prunecli.evaluation.metrics import Judgement, MetricValue, case_means, flag, lower, prob_gap
 from prunecli.evaluation.scoring import TargetScore, score_targets
@@ -101,8 +102,9 @@ def needed_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
 
 
 def evaluate_counterfact(model: Any, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int = 16,
-                         on_batch: Advance | None = None) -> list[MetricGroup]:
-    """Score every pair in batches, then judge (see the module docstring for the definitions)."""
+                         on_batch: Advance | None = None, workers: Workers = SINGLE) -> list[MetricGroup]:
+    """Score every pair in batches (each process its share), then judge (see the module docstring)."""
     pairs = needed_pairs(requests)
-    results = score_targets(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size, on_batch)
+    results = workers.map(lambda part: score_targets(model, tokenizer, [p for p, _ in part], [t for _, t in part],
+                                                     batch_size, on_batch), pairs)
     return counterfact_metrics(requests, dict(zip(pairs, results)))

@@ -15,6 +15,7 @@ import torch
 
 from prunecli.evaluation.base import Advance
 from prunecli.evaluation.scoring import forward_keywords, max_context, pad_id
+from prunecli.models.placement import input_device
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
     A prompt longer than the model's context minus `max_new_tokens` keeps its last tokens (the question/instruction
     usually sits at the end).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache_kw, can_trim = forward_keywords(model)
     last_only = {"logits_to_keep": 1} if can_trim else {}  # the prompt's other logits are vocabulary-sized waste
     stops = stop_ids(model, tokenizer)

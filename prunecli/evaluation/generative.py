@@ -108,8 +108,8 @@ def run_generative(task: GenerativeTask, ctx: EvalContext, source: str | None) -
                         ctx.limit, ctx.seed)
     built = [task.build(rec, i) for i, rec in enumerate(records)]
     with ctx.progress(f"{task.name} (generations)", len(built)) as advance:
-        outputs = greedy_generate(ctx.model, ctx.tokenizer, [p for p, _ in built], task.max_new_tokens,
-                                  ctx.batch_size, advance)
+        outputs = ctx.workers.map(lambda part: greedy_generate(ctx.model, ctx.tokenizer, part, task.max_new_tokens,
+                                                               ctx.batch_size, advance), [p for p, _ in built])
     per_metric: dict[str, list[list[Judgement]]] = {}
     for (_, gold), out in zip(built, outputs):
         for name, value in task.judge(out.text, gold).items():

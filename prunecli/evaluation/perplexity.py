@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import Advance, MetricGroup, ProgressFactory, TaskOutcome, no_progress
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.evaluation.scoring import max_context
+from prunecli.models.placement import input_device
 
 GROUP = "perplexity"
 TOKENS_PER_BATCH = 4096
@@ -52,10 +54,11 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
 
 
 @torch.no_grad()
-def token_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: int,
-               on_batch: Advance | None = None) -> torch.Tensor:
-    """NLL of every scored token (float64, in text order), windows batched right-padded with attention masks."""
-    device = next(model.parameters()).device
+def window_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: int,
+                on_batch: Advance | None = None) -> list[torch.Tensor]:
+    """Per window, the NLLs of the tokens it scores (float64, CPU), windows batched right-padded with attention
+    masks."""
+    device = input_device(model)
     tokens = torch.tensor(ids)
     out: list[torch.Tensor] = []
     width = max(w.end - w.begin for w in windows)
@@ -75,14 +78,14 @@ def token_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: in
             out.append(-logprobs.gather(1, target[:, None])[:, 0].cpu())
         if on_batch is not None:
             on_batch(len(chunk))
-    return torch.cat(out)
+    return out
 
 
 def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | None = None, stride: int | None = None,
                         max_tokens: int | None = None, batch_size: int = 16,
-                        progress: ProgressFactory = no_progress) -> TaskOutcome:
+                        progress: ProgressFactory = no_progress, workers: Workers = SINGLE) -> TaskOutcome:
     """Perplexity of the text file `path` (see the module docstring); defaults: window min(1024, context), stride
-    window // 2, the whole file."""
+    window // 2, the whole file. In a parallel run each process scores its share of the windows."""
     if not path.is_file():
         raise PruneCliError(f"perplexity: text file {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -98,7 +101,7 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
     stride = stride or window // 2
     windows = sliding_windows(len(ids), window, stride)
     with progress("perplexity (windows)", len(windows)) as advance:
-        nll = token_nlls(model, ids, windows, batch_size, advance)
+        nll = torch.cat(workers.map(lambda part: window_nlls(model, ids, part, batch_size, advance), windows))
     bad = int((~torch.isfinite(nll)).sum())
     ppl = math.exp(float(nll.sum()) / len(nll)) if not bad else math.nan
     protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} tokens of {path.name} (tokenised once, special "

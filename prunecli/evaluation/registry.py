@@ -34,7 +34,8 @@ def _requests(ctx: EvalContext, task: str) -> list[EditRequest]:
 def _run_counterfact(ctx: EvalContext, source: str | None) -> TaskOutcome:
     requests = _requests(ctx, "counterfact")
     with ctx.progress("counterfact (prompt/target pairs)", len(counterfact.needed_pairs(requests))) as advance:
-        groups = counterfact.evaluate_counterfact(ctx.model, ctx.tokenizer, requests, ctx.batch_size, advance)
+        groups = counterfact.evaluate_counterfact(ctx.model, ctx.tokenizer, requests, ctx.batch_size, advance,
+                                                  ctx.workers)
     return TaskOutcome(groups, len(requests))
 
 
@@ -44,14 +45,14 @@ def _run_zsre(ctx: EvalContext, source: str | None) -> TaskOutcome:
         raise PruneCliError("zsre needs the reference model's locality predictions (computed before deltas)")
     with ctx.progress("zsre (prompt/target pairs)", len(zsre.needed_pairs(requests))) as advance:
         groups = zsre.evaluate_zsre(ctx.model, ctx.tokenizer, requests, ctx.locality_reference,
-                               ctx.reference_name or "reference", ctx.batch_size, advance)
+                                    ctx.reference_name or "reference", ctx.batch_size, advance, ctx.workers)
     return TaskOutcome(groups, len(requests))
 
 
 def _run_perplexity(ctx: EvalContext, source: str | None) -> TaskOutcome:
     path = Path(source) if source else ctx.text_path or ctx.data_dir / "wikitext" / "wiki.test.raw"
     return evaluate_perplexity(ctx.model, ctx.tokenizer, path, ctx.window, ctx.stride, ctx.max_tokens,
-                               ctx.batch_size, ctx.progress)
+                               ctx.batch_size, ctx.progress, ctx.workers)
 
 
 def _generative(task: generative.GenerativeTask) -> TaskDef:

@@ -3,6 +3,11 @@
 Order matters for zsRE locality: the reference predictions are taken from the model *before* its deltas are added
 (or from `--locality-reference`), then the deltas are added to the touched tensors and every task runs on that
 final model (the sequential protocol: all edits applied, each edit judged afterwards).
+
+Big models load with a device map (`device_map`, `max_memory`, `offload_folder`). In a data-parallel run (`workers`
+from `prunecli.distributed`) every process loads the model and scores its share of each task's items; the scores
+are gathered in the original order, so every process computes the metrics of a single-process run, and only the
+main process draws progress.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecli.core.delta import Delta, load_deltas
+from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, ProgressFactory, TaskOutcome, no_progress
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
@@ -45,6 +51,9 @@ class EvalOptions:
     locality_reference: str | None = None
     data_dir: Path = field(default=DEFAULT_DATA_DIR)
     force: bool = False  # evaluate deltas made for a base whose tensors differ
+    device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
+    max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
+    offload_folder: Path | None = None
 
 
 def requests_from_history(delta: Delta) -> list[EditRequest]:
@@ -91,44 +100,63 @@ def plan(options: EvalOptions, requests: list[EditRequest] | None) -> list[tuple
     return tasks
 
 
-def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
-               has_delta: bool, progress: ProgressFactory) -> tuple[list[list[TargetScore]], str]:
-    """Locality predictions of the reference model: --locality-reference, else the base model before the deltas."""
+def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, Any]:
     from prunecli.models.loading import load_model
 
+    return load_model(ref, workers.resolve_device(options.device), options.dtype, device_map=options.device_map,
+                      max_memory=options.max_memory, offload_folder=options.offload_folder)
+
+
+def _shared_progress(progress: ProgressFactory, workers: Workers) -> ProgressFactory:
+    """The main process's bar counts its own share of each task; the other processes draw nothing."""
+    if not workers.parallel:
+        return progress
+    if not workers.is_main:
+        return no_progress
+    return lambda description, total: progress(f"{description} [process 1 of {workers.world_size}]",
+                                               workers.share(total))
+
+
+def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
+               has_delta: bool, progress: ProgressFactory, workers: Workers) -> tuple[list[list[TargetScore]], str]:
+    """Locality predictions of the reference model: --locality-reference, else the base model before the deltas."""
     total = sum(min(len(r.locality_prompts), len(r.locality_answers)) for r in requests)
     if options.locality_reference:
-        ref_model, ref_tok, _ = load_model(options.locality_reference, options.device, options.dtype)
+        ref_model, ref_tok, _ = _load(options.locality_reference, options, workers)
         with progress("zsre locality reference", total) as advance:
-            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, advance)
+            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, advance, workers)
         return scores, options.locality_reference
     with progress("zsre locality reference", total) as advance:
-        scores = reference_scores(model, tokenizer, requests, options.batch_size, advance)
+        scores = reference_scores(model, tokenizer, requests, options.batch_size, advance, workers)
     return scores, (f"{model_ref} without deltas" if has_delta else f"{model_ref} (the evaluated model itself)")
 
 
-def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFactory = no_progress) -> dict[str, Any]:
-    """Evaluate `model_ref` plus `options.deltas` on the planned tasks; returns the report object."""
-    from prunecli.models.loading import add_delta_to_model, load_model
+def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFactory = no_progress,
+                   workers: Workers = SINGLE) -> dict[str, Any]:
+    """Evaluate `model_ref` plus `options.deltas` on the planned tasks; returns the report object (the same one on
+    every process of a parallel run)."""
+    from prunecli.models.loading import add_delta_to_model
+    from prunecli.models.placement import input_device
 
     if options.batch_size < 1:
         raise PruneCliError("--batch-size must be at least 1")
+    progress = _shared_progress(progress, workers)
     delta = load_deltas(options.deltas)
     requests = select_requests(options, delta)
     tasks = plan(options, requests)
-    model, tokenizer, base = load_model(model_ref, options.device, options.dtype)
+    model, tokenizer, base = _load(model_ref, options, workers)
     if delta is not None:
         delta.check_base(base, options.force)
     reference, reference_name = None, None
     if requests and any(t.name == "zsre" for t, _ in tasks):
         reference, reference_name = _reference(options, model, tokenizer, requests, model_ref, delta is not None,
-                                               progress)
+                                               progress, workers)
     if delta is not None:
         add_delta_to_model(model, delta)
     ctx = EvalContext(model, tokenizer, batch_size=options.batch_size, limit=options.limit, seed=options.seed,
                       data_dir=options.data_dir, requests=requests, locality_reference=reference,
                       reference_name=reference_name, text_path=options.text, window=options.window,
-                      stride=options.stride, max_tokens=options.max_tokens, progress=progress)
+                      stride=options.stride, max_tokens=options.max_tokens, progress=progress, workers=workers)
     outcomes: list[tuple[str, TaskOutcome, float]] = []
     for task, source in tasks:
         t0 = time.perf_counter()
@@ -140,8 +168,9 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
             "start": options.start, "n": len(requests)},
         "tasks": [t.name for t, _ in tasks],
         "locality_reference": reference_name,
-        "settings": {"batch_size": options.batch_size, "device": str(next(model.parameters()).device),
-                     "dtype": options.dtype, "limit": options.limit, "seed": options.seed,
-                     "data_dir": str(options.data_dir)},
+        "settings": {"batch_size": options.batch_size, "device": str(input_device(model)),
+                     "device_map": getattr(model, "hf_device_map", None) if options.device_map else None,
+                     "processes": workers.world_size, "dtype": options.dtype, "limit": options.limit,
+                     "seed": options.seed, "data_dir": str(options.data_dir)},
     }
     return build_report(str(model_ref), [str(d) for d in options.deltas], info, outcomes)

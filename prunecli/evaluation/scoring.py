@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from prunecli.models.placement import input_device
+
 
 @dataclass(frozen=True)
 class TargetScore:
@@ -94,7 +96,7 @@ def score_targets(model: torch.nn.Module, tokenizer, prompts: Sequence[str], tar
     per forward pass, prompts of similar length together."""
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets differ in length")
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache_kw, can_trim = forward_keywords(model)
     last_only = {"logits_to_keep": 1} if can_trim else {}
     pairs = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]

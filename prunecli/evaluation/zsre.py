@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import Advance, MetricGroup
 from prunecli.evaluation.metrics import Judgement, case_means
@@ -36,11 +37,12 @@ def _locality_pairs(requests: Sequence[EditRequest]) -> list[list[tuple[str, str
 
 
 def reference_scores(model: Any, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int = 16,
-                     on_batch: Advance | None = None) -> list[list[TargetScore]]:
+                     on_batch: Advance | None = None, workers: Workers = SINGLE) -> list[list[TargetScore]]:
     """Teacher-forced scores of every locality answer (per request, per prompt) under the reference model."""
     per_case = _locality_pairs(requests)
     flat = [pair for pairs in per_case for pair in pairs]
-    scores = iter(score_targets(model, tokenizer, [p for p, _ in flat], [a for _, a in flat], batch_size, on_batch))
+    scores = iter(workers.map(lambda part: score_targets(model, tokenizer, [p for p, _ in part],
+                                                         [a for _, a in part], batch_size, on_batch), flat))
     return [[next(scores) for _ in pairs] for pairs in per_case]
 
 
@@ -88,8 +90,10 @@ def needed_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
 
 def evaluate_zsre(model: Any, tokenizer: Any, requests: Sequence[EditRequest],
                   reference: Sequence[Sequence[TargetScore]], reference_name: str, batch_size: int = 16,
-                  on_batch: Advance | None = None) -> list[MetricGroup]:
-    """Score the edit, rephrase and locality pairs of every request in one batched pass, then judge."""
+                  on_batch: Advance | None = None, workers: Workers = SINGLE) -> list[MetricGroup]:
+    """Score the edit, rephrase and locality pairs of every request in one batched pass (each process its share),
+    then judge."""
     keys = needed_pairs(requests)
-    results = score_targets(model, tokenizer, [p for p, _ in keys], [t for _, t in keys], batch_size, on_batch)
+    results = workers.map(lambda part: score_targets(model, tokenizer, [p for p, _ in part], [t for _, t in part],
+                                                     batch_size, on_batch), keys)
     return [zsre_metrics(requests, dict(zip(keys, results)), reference, reference_name)]

@@ -2,6 +2,10 @@
 
 `evaluate` and `edit` never need a merged checkpoint on disk: the base is loaded once and each delta entry is added
 to its parameter (in the parameter's own layout), exactly as `prunecli apply` would write it.
+
+Models larger than one device load with accelerate's big-model support (`device_map`, `max_memory`,
+`offload_folder`, passed to `from_pretrained`); deltas and edits then reach offloaded parameters through
+`prunecli.models.placement`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.errors import PruneCliError
 from prunecli.models.default_model import resolve_model_path
+from prunecli.models.placement import add_to_tensor
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -37,39 +42,107 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str) -> str:
+    """A placement strategy accelerate understands, or one device for the whole model (checked to exist)."""
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        return str(resolve_device(text))
+    except RuntimeError:
+        raise PruneCliError(f"--device-map {text!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a device "
+                            "(cpu, cuda:N)") from None
+
+
+def parse_max_memory(text: str) -> dict[int | str, int | str]:
+    """`0=20GiB,1=20GiB,cpu=60GiB` -> {0: "20GiB", 1: "20GiB", "cpu": "60GiB"} (accelerate's max_memory form)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict[int | str, int | str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, size = (x.strip() for x in item.partition("="))
+        if not sep or not key or not size:
+            raise PruneCliError(f"--max-memory item {item!r}: write DEVICE=SIZE, e.g. 0=20GiB or cpu=60GiB")
+        index = key.lower().removeprefix("cuda:")
+        if index.isdigit():
+            device: int | str = int(index)
+        elif key.lower() in ("cpu", "mps"):
+            device = key.lower()
+        else:
+            raise PruneCliError(f"--max-memory device {key!r}: use a GPU index (0, 1, ...), cpu or mps")
+        value: int | str = int(size) if size.isdigit() else size
+        try:
+            convert_file_size_to_int(value)
+        except ValueError:
+            raise PruneCliError(f"--max-memory size {size!r}: use bytes or a unit, e.g. 20GiB or 500MB") from None
+        out[device] = value
+    if not out:
+        raise PruneCliError("--max-memory is empty; e.g. 0=20GiB,cpu=60GiB")
+    return out
+
+
+def placement_kwargs(device_map: str | None, max_memory: str | dict[int | str, int | str] | None,
+                     offload_folder: str | Path | None) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for accelerate's big-model loading (empty without a device map)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise PruneCliError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+        return {}
+    kwargs: dict[str, Any] = {"device_map": parse_device_map(device_map)}
+    if max_memory is not None:
+        kwargs["max_memory"] = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
+
+
 def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta: Delta | None = None,
-               force: bool = False) -> tuple[Any, Any, Checkpoint]:
-    """(model in eval mode, tokenizer, base checkpoint) for a model folder or the `smollm2` alias, deltas applied."""
+               force: bool = False, *, device_map: str | None = None,
+               max_memory: str | dict[int | str, int | str] | None = None,
+               offload_folder: str | Path | None = None) -> tuple[Any, Any, Checkpoint]:
+    """(model in eval mode, tokenizer, base checkpoint) for a model folder or the `smollm2` alias, deltas applied.
+
+    With `device_map` (e.g. "auto", optionally bounded by `max_memory` such as "0=20GiB,cpu=60GiB", spilling to
+    `offload_folder`) accelerate places the model across GPUs, CPU and disk and `device` is not used.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
+    placement = placement_kwargs(device_map, max_memory, offload_folder)
     path = resolve_model_path(str(ref))
     base = Checkpoint(path)
     if not base.is_folder or not base.config:
         raise PruneCliError(f"{path} is not a model folder with config.json (needed to build the model)")
     if delta is not None:
         delta.check_base(base, force)
+    target = None if placement else resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise PruneCliError(f"cannot load model from {path}: {exc}") from exc
-    model.to(resolve_device(device)).eval()
+    if target is not None:
+        model.to(target)
+    model.eval()
     if delta is not None:
         add_delta_to_model(model, delta)
     return model, tokenizer, base
 
 
-@torch.no_grad()
 def add_delta_to_model(model: torch.nn.Module, delta: Delta, scale: float = 1.0) -> None:
-    """Add `scale * D` to every parameter the delta touches (in fp32, then cast back to the parameter's dtype)."""
+    """Add `scale * D` to every parameter the delta touches (in fp32, then cast back to the parameter's dtype),
+    including parameters accelerate keeps offloaded on the CPU or disk."""
     for name, entry in delta.entries.items():
         try:
             param = model.get_parameter(name)
         except AttributeError:
             raise PruneCliError(f"delta targets {name!r}, which the model has no parameter for") from None
-        update = entry.stored_update(torch.float32).to(param.device)
+        update = entry.stored_update(torch.float32)
         if tuple(update.shape) != tuple(param.shape):
             raise PruneCliError(f"delta entry {name} has shape {list(update.shape)}, parameter is {list(param.shape)}")
-        param.copy_((param.float() + scale * update).to(param.dtype))
+        add_to_tensor(model, name, update, scale)
