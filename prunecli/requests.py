@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,10 @@ def parse_record(rec: Any, index: int) -> EditRequest:
                      "zsRE (src, subject, alt, ...) or minimal (prompt, subject, target_new)")
 
 
-def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | None = None) -> list[EditRequest]:
-    """Read records [start, start + limit) of a JSON list or JSONL file; any bad record is a clear error."""
+def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | None = None,
+                  on_invalid: Callable[[int, str], None] | None = None) -> list[EditRequest]:
+    """Read records [start, start + limit) of a JSON list or JSONL file; any bad record is a clear error, unless
+    `on_invalid(index, reason)` is given: then bad records are reported to it and skipped (bulk training data)."""
     path = Path(path)
     if not path.is_file():
         raise PruneCliError(f"requests file {path} does not exist")
@@ -130,7 +133,9 @@ def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | Non
         try:
             out.append(parse_record(records[i], i))
         except (ValueError, KeyError, TypeError) as exc:
-            raise PruneCliError(f"{path}: record {i}: {exc}") from None
+            if on_invalid is None:
+                raise PruneCliError(f"{path}: record {i}: {exc}") from None
+            on_invalid(i, str(exc))
     if not out:
         raise PruneCliError(f"{path}: no requests in the selected range")
     return out

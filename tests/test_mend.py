@@ -159,7 +159,7 @@ def test_archive_round_trip_and_base_check(tmp_path, llama_dir):
 
 def _write_data(tmp_path):
     path = tmp_path / "zsre.json"
-    path.write_text(json.dumps(RECORDS))
+    path.write_text(json.dumps([*RECORDS, {"src": "Who made Windows?", "subject": "Windows", "alt": ""}]))
     return path
 
 
@@ -193,6 +193,7 @@ def test_train_resume_equals_one_run(tmp_path, llama_dir):
 
     archive = MendArchive.load(straight)
     assert archive.training["steps"] == 4 and archive.training["data"]["records"] == 5
+    assert archive.training["data"]["skipped"] == [5]  # the record without a new target, with a warning
     assert archive.fingerprints == base_fingerprints(Checkpoint(llama_dir), archive.networks.targets)
 
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, progress_bar
+from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, progress_bar,
+                                       warn)
 
 
 def main(
@@ -30,7 +31,7 @@ def main(
                                            min=1)] = 100,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the networks.", min=0.0)] = 1e-4,
     lr_lr: Annotated[float, typer.Option("--lr-lr", help="Adam learning rate of the per-weight edit learning "
-                                         "rates.", min=0.0)] = 1e-3,
+                                         "rates.", min=0.0)] = 1e-5,
     edit_lr_init: Annotated[float, typer.Option("--edit-lr-init", help="Initial edit learning rate of every "
                                                 "weight.")] = 1e-4,
     rank: Annotated[int, typer.Option("--rank", help="Hidden width of the networks' low-rank MLP.", min=1)] = 256,
@@ -77,8 +78,12 @@ def main(
             check_output_path(checkpoint, force)
         else:
             check_output_path(output, force=True)
-        records = load_requests(data, start, limit)
-        data_info = {"path": str(data), "start": start, "records": len(records),
+        skipped: list[int] = []
+        records = load_requests(data, start, limit, lambda i, reason: skipped.append(i))
+        if skipped:
+            warn(f"skipped {len(skipped)} unusable record(s) of {data} (e.g. record {skipped[0]}); "
+                 f"training on {len(records)}")
+        data_info = {"path": str(data), "start": start, "records": len(records), "skipped": skipped,
                      "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
 
         lm, tokenizer, base = load_model(model, device, "fp32")

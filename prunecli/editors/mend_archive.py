@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint
@@ -54,9 +54,10 @@ def read_safetensors(path: Path, key: str, what: str) -> tuple[dict[str, Any], d
 
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], key: str, meta: dict[str, Any],
                              force: bool) -> None:
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"format": "pt", key: json.dumps(meta)})
     with atomic_file(path, force) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", key: json.dumps(meta)})
+        tmp.write_bytes(data)  # into the file atomic_file made (save_file would recreate it with mode 0600)
 
 
 def base_fingerprints(base: Checkpoint, targets: list[MendTarget]) -> dict[str, str]:

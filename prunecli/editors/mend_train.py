@@ -51,7 +51,7 @@ class TrainConfig:
     batch_size: int = 10
     val_fraction: float = 0.1
     lr: float = 1e-4  # Adam, networks (the paper's 1e-6 assumes ~100k steps; CPU runs are far shorter)
-    lr_lr: float = 1e-3  # Adam, per-weight edit learning rates
+    lr_lr: float = 1e-5  # Adam, per-weight edit learning rates (Adam moves them ~lr_lr per step; init 1e-4)
     edit_weight: float = 0.1  # the published code's cedit
     loc_weight: float = 1.0  # cloc
     val_every: int = 100
