@@ -154,3 +154,44 @@ def test_evaluate_rejects_offload_options_without_a_map(llama_dir: Path) -> None
     result = runner.invoke(app, ["evaluate", str(llama_dir), "--tasks", "perplexity", "--max-memory", "cpu=1GB"])
     assert result.exit_code == 1
     assert "need --device-map" in result.output
+
+
+def _cli(command: str, *args: object) -> dict:
+    result = runner.invoke(app, [command, *[str(a) for a in args], "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_stats_and_edits_with_device_map_match_plain_load(llama_dir: Path, tmp_path: Path) -> None:
+    """stats, ROME and MEMIT on a model whose edited layers are partly resident (0) and partly disk-offloaded (2)
+    give the statistics and deltas of a plain load; the offloaded weights are edited in memory, never on disk."""
+    from editing_helpers import TINY_SETS, write_requests
+    from prunecli.editors.stats import KeyStats
+    from tiny_models import CORPUS
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(CORPUS))
+    requests = write_requests(tmp_path / "requests.jsonl")
+    before = (llama_dir / "model.safetensors").read_bytes()
+    mapped = ["--device-map", "auto", "--max-memory", "cpu=160000", "--offload-folder", tmp_path / "off"]
+    runs = {}
+    for kind, extra in (("plain", []), ("mapped", mapped)):
+        stats = tmp_path / f"{kind}.stats.safetensors"
+        _cli("stats", llama_dir, "--layers", "0,2", "--text", text, "--tokens", 400, "--seq-len", 32, "-o", stats,
+             *extra)
+        sets = [a for s in [*TINY_SETS, "v_num_grad_steps=8"] for a in ("--set", s)]
+        _cli("edit", llama_dir, "--requests", requests, "--limit", 2, "--method", "rome", *sets, "--set", "layers=2",
+             "-o", tmp_path / f"{kind}.rome.safetensors", *extra)
+        _cli("edit", llama_dir, "--requests", requests, "--method", "memit", "--stats", tmp_path / "plain.stats.safetensors",
+             "--batch-size", 2, *sets, "--set", "layers=[0,2]", "-o", tmp_path / f"{kind}.memit.safetensors", *extra)
+        runs[kind] = (KeyStats.load(stats), Delta.load(tmp_path / f"{kind}.rome.safetensors"),
+                      Delta.load(tmp_path / f"{kind}.memit.safetensors"))
+    (stats_p, *deltas_p), (stats_m, *deltas_m) = runs["plain"], runs["mapped"]
+    assert stats_m.counts == stats_p.counts
+    for layer in (0, 2):
+        torch.testing.assert_close(stats_m.sums[layer], stats_p.sums[layer], rtol=1e-9, atol=1e-9)
+    for plain, offloaded in zip(deltas_p, deltas_m):
+        assert set(offloaded.entries) == set(plain.entries) and ON_DISK in plain.entries
+        for name, entry in plain.entries.items():
+            torch.testing.assert_close(offloaded.entries[name].to_dense(), entry.to_dense(), rtol=1e-4, atol=1e-5)
+    assert (llama_dir / "model.safetensors").read_bytes() == before

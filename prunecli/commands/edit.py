@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, note,
-                                       progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
+                                       emit_json, err_console, guarded, note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -38,6 +38,9 @@ def main(
     alpha: Annotated[float, typer.Option("--alpha", help="Base of log F.")] = 1.2,
     beta: Annotated[float, typer.Option("--beta", help="Divisor of linear F.")] = 2.0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32 or bf16 (edits are computed in fp32).")]
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
@@ -52,6 +55,9 @@ def main(
     -o edits.delta.safetensors
 
     MEND: prunecli edit smollm2 --requests facts.jsonl --method mend --archive smollm2.mend.safetensors -o m.delta
+
+    Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
+    edited matrices are materialised, in fp32, while an update is computed).
     """
 
     def body() -> None:
@@ -87,7 +93,8 @@ def main(
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
             editor.archive.check_base(Checkpoint(resolve_model_path(model)), archive)  # type: ignore[attr-defined]
 
-        lm, tokenizer, base = load_model(model, device, dtype)
+        lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,
+                                         offload_folder=offload_folder)
         if prior is not None:
             prior.check_base(base, force)
         adapter = resolve_adapter(lm)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, note, progress_bar
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
+                                       emit_json, err_console, guarded, note, progress_bar)
 from prunecli.errors import PruneCliError
 
 
@@ -16,6 +19,23 @@ def _parse_layers(text: str) -> list[int]:
     from prunecli.editors.hparams import coerce
 
     return list(coerce("layers", text))
+
+
+@contextlib.contextmanager
+def _token_bar(label: str, total: int, shown: bool) -> Iterator[Callable[[int], None]]:
+    """`advance(tokens)` for a bar with the token rate in its description (nothing drawn when not `shown`)."""
+    if not shown:
+        yield lambda n: None
+        return
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(n: int) -> None:
+            rate = (bar.tasks[0].completed + n) / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, description=f"{label} ({rate:,.0f} tokens/s)")
+
+        yield advance
 
 
 def main(
@@ -36,6 +56,9 @@ def main(
     dtype: Annotated[str, typer.Option("--dtype", help="Accumulation dtype: float64 or float32.")] = "float64",
     model_dtype: Annotated[str, typer.Option("--model-dtype", help="Model weights dtype: fp32, bf16, fp16.")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     debug: DebugOpt = False,
@@ -45,10 +68,17 @@ def main(
 
     Example: prunecli stats smollm2 --method memit --text ../shared/data/wikitext/wiki.test.raw --tokens 50000
     -o smollm2-memit.stats.safetensors
+
+    Under `accelerate launch` (or torchrun) each process runs every N-th batch and the sums and counts are added
+    over processes; rank 0 writes the file.
+
+    Example: accelerate launch --multi_gpu --num_processes 4 -m prunecli stats smollm2 --method memit --text wiki.txt
+    --device auto -o smollm2-memit.stats.safetensors
     """
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path
+        from prunecli.distributed import workers
         from prunecli.editors import corpus as corpora
         from prunecli.editors.hparams import default_values
         from prunecli.editors.stats import STATS_DTYPES, collect_key_stats
@@ -64,29 +94,28 @@ def main(
         wanted = _parse_layers(layers) if layers is not None else None
         check_output_path(output, force)
         source = corpora.text_file(text) if text is not None else corpora.dataset(dataset, split, column, subset)
-        lm, tokenizer, base = load_model(model, device, model_dtype)
-        adapter = resolve_adapter(lm)
-        if wanted is None:
-            assert method is not None
-            wanted = list(default_values(method, adapter.family, adapter.num_layers)["layers"])
-            note(f"layers {wanted} (default {method} layers for this {adapter.family} model)")
-        limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
-        length = min(seq_len, limit) if limit else seq_len
-        if length < seq_len:
-            note(f"--seq-len {seq_len} exceeds the model's {limit} positions; using {length}")
-        chunks = corpora.token_chunks(tokenizer, source.texts, length, tokens)
-        started = time.perf_counter()
-        with progress_bar() as bar:
-            task = bar.add_task("key statistics", total=tokens)
-
-            def advance(n: int) -> None:
-                done = bar.tasks[0].completed + n
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=n, description=f"key statistics ({rate:,.0f} tokens/s)")
-
-            stats = collect_key_stats(lm, tokenizer, base, adapter, wanted, chunks, source.description, batch_size,
-                                      STATS_DTYPES[dtype], length, advance)
-        seconds = time.perf_counter() - started
+        with workers(device, device_map) as group:
+            say = note if group.is_main else (lambda message: None)  # rank 0 speaks for every process
+            lm, tokenizer, base = load_model(model, group.resolve_device(device), model_dtype, device_map=device_map,
+                                             max_memory=max_memory, offload_folder=offload_folder)
+            adapter = resolve_adapter(lm)
+            if wanted is None:
+                assert method is not None
+                wanted = list(default_values(method, adapter.family, adapter.num_layers)["layers"])
+                say(f"layers {wanted} (default {method} layers for this {adapter.family} model)")
+            limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+            length = min(seq_len, limit) if limit else seq_len
+            if length < seq_len:
+                say(f"--seq-len {seq_len} exceeds the model's {limit} positions; using {length}")
+            chunks = corpora.token_chunks(tokenizer, source.texts, length, tokens)
+            started = time.perf_counter()
+            label = f"key statistics [process 1 of {group.world_size}]" if group.parallel else "key statistics"
+            with _token_bar(label, group.share(tokens), group.is_main) as advance:
+                stats = collect_key_stats(lm, tokenizer, base, adapter, wanted, chunks, source.description,
+                                          batch_size, STATS_DTYPES[dtype], length, advance, group)
+            seconds = time.perf_counter() - started
+            if not group.is_main:
+                return
         stats.save(output, force)
         summary = {"output": str(output), "model": str(base.path), "layers": sorted(stats.layers),
                    "modules": [v["module"] for _, v in sorted(stats.layers.items())], "corpus": stats.corpus,

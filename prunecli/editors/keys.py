@@ -14,6 +14,7 @@ import torch
 from prunecli.editors.prompts import SubjectPrompt, request_prompts, right_pad
 from prunecli.editors.tracing import Kind, record
 from prunecli.evaluation.scoring import pad_id
+from prunecli.models.placement import input_device
 from prunecli.requests import EditRequest
 
 
@@ -21,7 +22,7 @@ from prunecli.requests import EditRequest
 def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[SubjectPrompt],  # noqa: ANN001
                     sites: Mapping[str, tuple[torch.nn.Module, Kind]], batch_size: int = 32) -> dict[str, torch.Tensor]:
     """Per site, the [len(prompts), d] float32 hidden vectors at each prompt's subject position."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in sites}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -30,7 +31,7 @@ def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[Subject
         rows = torch.arange(len(chunk), device=device)
         positions = torch.tensor([p.subject_index for p in chunk], device=device)
         for key in sites:
-            parts[key].append(seen[key][rows, positions].float())
+            parts[key].append(seen[key].to(device)[rows, positions].float())  # layers may sit on other GPUs
     return {key: torch.cat(v) for key, v in parts.items()}
 
 

@@ -41,6 +41,7 @@ from prunecli.editors.prompts import right_pad
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.scoring import encode_pair, pad_id
 from prunecli.models.adapters import ModelAdapter
+from prunecli.models.placement import add_to_tensor, input_device
 from prunecli.requests import EditRequest
 
 if TYPE_CHECKING:
@@ -303,10 +304,9 @@ def low_rank_added(model: nn.Module, targets: Sequence[MendTarget],
 
 @torch.no_grad()
 def add_to_weight(model: nn.Module, target: MendTarget, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Add D = a b^T (math orientation) to the stored weight, in fp32, cast back to its dtype."""
-    param = model.get_parameter(target.name)
-    d = (a @ b.T).to(param.device, torch.float32)
-    param.copy_((param.float() + (d if target.layout == "out_in" else d.T)).to(param.dtype))
+    """Add D = a b^T (math orientation) to the stored weight (offloaded ones too), in fp32, cast back to its dtype."""
+    d = (a @ b.T).float()
+    add_to_tensor(model, target.name, d if target.layout == "out_in" else d.T)
 
 
 def edit_factors(model: nn.Module, tokenizer, networks: MendNetworks,  # noqa: ANN001
@@ -316,7 +316,7 @@ def edit_factors(model: nn.Module, tokenizer, networks: MendNetworks,  # noqa: A
     A sum, not a mean, over requests: each token's delta then has the same scale whatever the batch size, which the
     normalisation statistics (gathered in training) rely on.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = encode_targets(tokenizer, [r.text for r in requests], [r.target_new for r in requests], device)
     return gradient_factors(model, networks.targets, lambda: sequence_nll(model(**batch.inputs()).logits, batch).sum())
 
@@ -354,7 +354,7 @@ class MendEditor(Editor):
 
     def apply(self, model: nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.networks.to(device)
         updates, outcomes = [], []
         for request in requests:

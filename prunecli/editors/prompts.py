@@ -22,6 +22,7 @@ import torch
 
 from prunecli.editors.kvcache import cache_argument, returned_cache
 from prunecli.evaluation.scoring import encode_pair
+from prunecli.models.placement import input_device
 from prunecli.requests import EditRequest
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -94,7 +95,7 @@ def generate_prefixes(model: torch.nn.Module, tokenizer, length_params: Sequence
 
     Deterministic for a given model and seed: sampling uses its own CPU generator, not the global RNG.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
     cache_kw = cache_argument(model)
     prefixes = [""]

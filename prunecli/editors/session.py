@@ -29,6 +29,7 @@ from prunecli.editors.prompts import generate_prefixes
 from prunecli.evaluation.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
+from prunecli.models.placement import input_device, write_tensor
 from prunecli.requests import EditRequest
 
 
@@ -76,13 +77,10 @@ def _target_probs(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
     return [math.exp(sum(s.token_logprobs)) for s in scores]
 
 
-@torch.no_grad()
 def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta) -> None:
-    """Set every parameter the delta touches to base + D (undoing whatever was added before)."""
+    """Set every parameter the delta touches to base + D (undoing whatever was added before), offloaded ones too."""
     for name, entry in delta.entries.items():
-        param = model.get_parameter(name)
-        w = base.get(name).to(param.device, torch.float32)
-        param.copy_((w + entry.stored_update(torch.float32).to(param.device)).to(param.dtype))
+        write_tensor(model, name, base.get(name).float() + entry.stored_update(torch.float32))
 
 
 def _copy(delta: Delta) -> Delta:
@@ -105,7 +103,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     adapter = resolve_adapter(model)
     editor = editor or editor_for(method)
     model.requires_grad_(False)
-    device = next(model.parameters()).device
+    device = input_device(model)
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
     total = _copy(prior) if prior is not None else Delta.for_base(base)
     if prior is not None:

@@ -6,6 +6,10 @@ is excluded by the attention mask; a token budget bounds the work. Each batch's 
 own precision) and accumulated in float64 (or float32 on request); the file stores the *sum* and the *count* (no
 sum-vs-mean confusion: the moment is sum / count, computed by `KeyStats.moment`).
 
+Data parallel (`accelerate launch`): every process reads the same token stream and runs the forward passes of every
+W-th batch; the per-layer sums and counts are then added over processes, so the file equals a single process's up to
+the order of float64 additions (the batches themselves are identical).
+
 File: safetensors with `layer.{L}.sum` [d, d] and `layer.{L}.count` [1] (int64), plus JSON metadata under
 `prunecli.stats`: format/version, model type and source, per layer the module, weight name and the fingerprint of the
 weight (so statistics of another model or layer are refused), corpus description, token count, dtype, sequence length.
@@ -26,11 +30,13 @@ from safetensors.torch import save_file
 
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint
+from prunecli.distributed import SINGLE, Workers
 from prunecli.editors.prompts import right_pad
 from prunecli.editors.tracing import Kind, record
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.scoring import pad_id
 from prunecli.models.adapters import ModelAdapter
+from prunecli.models.placement import input_device
 
 FORMAT = "prunecli-stats"
 VERSION = 1
@@ -132,9 +138,11 @@ def load_moments(path: str | os.PathLike[str], base: Checkpoint, adapter: ModelA
 @torch.no_grad()
 def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers: Sequence[int],  # noqa: ANN001
                chunks: Iterable[list[int]], batch_size: int = 8, dtype: torch.dtype = torch.float64,
-               on_batch: Callable[[int], None] | None = None) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
-    """Sum of k k^T and token count per layer over the chunks (one forward pass per batch, padding excluded)."""
-    device = next(model.parameters()).device
+               on_batch: Callable[[int], None] | None = None,
+               workers: Workers = SINGLE) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+    """Sum of k k^T and token count per layer over the chunks (one forward pass per batch, padding excluded); in a
+    parallel run each process takes every W-th batch and the sums and counts are added over processes."""
+    device = input_device(model)
     sites: dict[str, tuple[torch.nn.Module, Kind]] = {str(L): (adapter.projection(L), "input") for L in layers}
     sums = {L: torch.zeros(adapter.key_size(L), adapter.key_size(L), dtype=dtype, device=device) for L in layers}
     counts = dict.fromkeys(layers, 0)
@@ -144,20 +152,26 @@ def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers:
         seen = record(model, sites, input_ids=ids, attention_mask=mask)
         real = mask.bool()
         for L in layers:
-            keys = seen[str(L)][real].float()  # [tokens, d]; pads dropped
+            keys = seen[str(L)].to(device)[real].float()  # [tokens, d]; pads dropped
             sums[L] += (keys.T @ keys).to(dtype)
             counts[L] += keys.shape[0]
         if on_batch is not None:
             on_batch(int(real.sum()))
 
     batch: list[list[int]] = []
+    index = 0
     for chunk in chunks:
         batch.append(chunk)
         if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
+            if workers.owns(index):
+                flush(batch)
+            batch, index = [], index + 1
+    if batch and workers.owns(index):
         flush(batch)
+    if workers.parallel:
+        totals = workers.sum([*(sums[L] for L in layers), torch.tensor([counts[L] for L in layers])])
+        sums = dict(zip(layers, totals[:-1]))
+        counts = dict(zip(layers, (int(c) for c in totals[-1])))
     if not any(counts.values()):
         raise PruneCliError("the corpus yielded no tokens")
     return {L: s.cpu() for L, s in sums.items()}, counts
@@ -166,12 +180,13 @@ def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers:
 def collect_key_stats(model: torch.nn.Module, tokenizer, base: Checkpoint, adapter: ModelAdapter,  # noqa: ANN001
                       layers: Sequence[int], chunks: Iterable[list[int]], corpus: str, batch_size: int = 8,
                       dtype: torch.dtype = torch.float64, seq_len: int | None = None,
-                      on_batch: Callable[[int], None] | None = None) -> KeyStats:
-    """Statistics of `layers` over the chunks, tied to the base checkpoint by the edited weights' fingerprints."""
+                      on_batch: Callable[[int], None] | None = None, workers: Workers = SINGLE) -> KeyStats:
+    """Statistics of `layers` over the chunks, tied to the base checkpoint by the edited weights' fingerprints (in a
+    parallel run: over all processes' batches, the same on every process)."""
     layers = sorted(set(layers))
     for L in layers:
         adapter.check_layer(L)
-    sums, counts = accumulate(model, tokenizer, adapter, layers, chunks, batch_size, dtype, on_batch)
+    sums, counts = accumulate(model, tokenizer, adapter, layers, chunks, batch_size, dtype, on_batch, workers)
     described = {L: {"module": adapter.module_name(L), "weight": adapter.weight_name(L),
                      "fingerprint": base.fingerprint(adapter.weight_name(L))} for L in layers}
     return KeyStats(sums, counts, described, corpus, base.model_type, str(base.path),

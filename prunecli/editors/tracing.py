@@ -71,15 +71,17 @@ def shifted_output(module: torch.nn.Module, rows: torch.Tensor, positions: torch
     """Within the block, add `shift` [d] to the module's output hidden state at (rows[i], positions[i]).
 
     The addition is out of place, so gradients flow to `shift`. When `original` is given, the first call stores the
-    unshifted values at those positions under key "value" ([len(rows), d], detached).
+    unshifted values at those positions under key "value" ([len(rows), d], detached, on `shift`'s device: the module
+    may run on another GPU when a device map spreads the model).
     """
 
     def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
         h = _hidden(out)
+        at = (rows.to(h.device), positions.to(h.device))
         if original is not None and "value" not in original:
-            original["value"] = h[rows, positions].detach().float()
-        values = shift.to(h.dtype).expand(len(rows), -1)
-        return _with_hidden(out, h.index_put((rows, positions), values, accumulate=True))
+            original["value"] = h[at].detach().float().to(shift.device)
+        values = shift.to(h.device, h.dtype).expand(len(rows), -1)
+        return _with_hidden(out, h.index_put(at, values, accumulate=True))
 
     handle = module.register_forward_hook(hook)
     try:

@@ -30,6 +30,7 @@ from prunecli.editors.kvcache import cache_argument, returned_cache
 from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
 from prunecli.editors.tracing import shifted_output
 from prunecli.evaluation.scoring import pad_id
+from prunecli.models.placement import input_device
 from prunecli.requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
@@ -105,7 +106,7 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
     `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).
 
     `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
     kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
     prompts: list[SubjectPrompt] = [*rewrites, kl]

@@ -5,7 +5,9 @@ residual stream), its weight name and storage layout, and the decoder layer itse
 its output). Everything is resolved from the model object: `config.model_type` picks the projection's attribute path,
 the layer stack is found by walking the module tree (so nested stacks such as Gemma 3's
 `model.language_model.layers` work), and the layout comes from the projection's class (GPT-2's Conv1D stores
-[in, out]; nn.Linear stores [out, in]), never from a folder name or a tensor shape.
+[in, out]; nn.Linear stores [out, in]), never from a folder name or a tensor shape. Weights are read and updated
+through `prunecli.models.placement`, so a projection that accelerate keeps offloaded (a `meta` placeholder) is edited
+for real; edit arithmetic happens on the model's input device.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from prunecli.core.checkpoint import Layout
 from prunecli.errors import PruneCliError
+from prunecli.models.placement import add_to_tensor, input_device, read_tensor
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ModelAdapter:
     projection_path: str  # inside a layer, e.g. "mlp.down_proj"
     layout: Layout
     layers: torch.nn.ModuleList
+    device: torch.device  # where the model's inputs go; editors compute there
 
     @property
     def num_layers(self) -> int:
@@ -114,8 +118,9 @@ class ModelAdapter:
         return self.projection(layer).weight
 
     def weight_matrix(self, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight in math orientation [out, in] (value = W key), as a detached copy in `dtype`."""
-        w = self.weight(layer).detach().to(dtype, copy=True)
+        """The weight in math orientation [out, in] (value = W key), as a detached copy in `dtype` on `device`
+        (offloaded weights included)."""
+        w = read_tensor(self.layer_module(layer), f"{self.projection_path}.weight").to(self.device, dtype, copy=True)
         return w if self.layout == "out_in" else w.T
 
     def key_size(self, layer: int) -> int:
@@ -128,12 +133,10 @@ class ModelAdapter:
         shape = self.weight(layer).shape
         return int(shape[0] if self.layout == "out_in" else shape[1])
 
-    @torch.no_grad()
     def add_update(self, layer: int, update: torch.Tensor) -> None:
         """Add a math-orientation [out, in] update to the weight (in fp32, cast back to the weight's dtype)."""
-        param = self.weight(layer)
         stored = update if self.layout == "out_in" else update.T
-        param.copy_((param.float() + stored.to(param.device, torch.float32)).to(param.dtype))
+        add_to_tensor(self.layer_module(layer), f"{self.projection_path}.weight", stored)
 
 
 def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
@@ -144,4 +147,4 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
     stack_name, layers = _find_layer_stack(model, family.projection)
     layout = _layout_of(layers[0].get_submodule(family.projection))
     assert model_type is not None
-    return ModelAdapter(family.name, model_type, stack_name, family.projection, layout, layers)
+    return ModelAdapter(family.name, model_type, stack_name, family.projection, layout, layers, input_device(model))
