@@ -117,8 +117,11 @@ def workers(device: str = "auto", device_map: str | None = None) -> Iterator[Wor
     from accelerate import PartialState
 
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    device_name = "cpu" if state.device.type == "cpu" else str(state.device)
     try:
-        device_name = "cpu" if state.device.type == "cpu" else str(state.device)
         yield Workers(state.process_index, state.num_processes, device_name)
+        # Leave together: a process that tears the group down while a peer's last collective is still talking to it
+        # makes gloo abort the peer.
+        state.wait_for_everyone()
     finally:
         state.destroy_process_group()
