@@ -165,6 +165,12 @@ def test_missing_inputs_and_usage_errors(llama_dir: Path, llama_delta: Path, tmp
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    assert_clean_failure(run(llama_delta, "--base", llama_dir, "-o", out, "--device", "cuda"), "CUDA", absent=out)
+
+
 def test_help_has_an_example() -> None:
     result = runner.invoke(app, ["prune", "--help"])
     assert result.exit_code == 0 and "Example:" in result.stdout and "--alpha" in result.stdout

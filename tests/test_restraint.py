@@ -160,13 +160,16 @@ def exact_smax(w: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(w.double())[0])
 
 
-@pytest.fixture
-def krylov_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forbid the float64 Gram fallback, so a test sees the Krylov path's own accuracy."""
+@pytest.fixture(params=["gram32", "blocks"])
+def krylov_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forbid the float64 fallback, so a test sees the Lanczos paths' own accuracy: on the float32 Gram matrix (the
+    default for these sizes) and blockwise on W (used above _GRAM_UP_TO; forced here by lowering it)."""
     def fail(*_args: object, **_kwargs: object) -> torch.Tensor:
-        raise AssertionError("fell back to the Gram eigenvalues")
+        raise AssertionError("fell back to the float64 Gram eigenvalues")
 
     monkeypatch.setattr(restraint, "singular_values", fail)
+    if request.param == "blocks":
+        monkeypatch.setattr(restraint, "_GRAM_UP_TO", 0)
 
 
 def test_sigma_max_of_gaussian_matrix(krylov_only: None) -> None:
@@ -189,13 +192,25 @@ def test_sigma_max_with_nearly_equal_top_values(krylov_only: None) -> None:
     assert base_sigma_max(w) == pytest.approx(exact_smax(w), rel=1e-10)
 
 
-def test_sigma_max_of_low_rank_and_zero_and_small_matrices() -> None:
+def test_sigma_max_of_low_rank_and_zero_matrices(krylov_only: None) -> None:
     gen = torch.Generator().manual_seed(10)
     low = torch.randn(500, 12, generator=gen) @ torch.randn(12, 800, generator=gen)
     assert base_sigma_max(low) == pytest.approx(exact_smax(low), rel=1e-10)
+    assert base_sigma_max(low.T) == pytest.approx(exact_smax(low), rel=1e-10)
     assert base_sigma_max(torch.zeros(300, 400)) == 0.0
-    small = torch.randn(40, 70, generator=gen).to(torch.bfloat16)
+
+
+def test_sigma_max_of_small_matrices_is_exact() -> None:
+    small = torch.randn(40, 70, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     assert base_sigma_max(small) == pytest.approx(exact_smax(small.float()), rel=1e-12)
+    assert base_sigma_max(small.T) == pytest.approx(exact_smax(small.float()), rel=1e-12)
+
+
+def test_sigma_max_falls_back_when_float32_cannot_resolve() -> None:
+    """All singular values equal up to float32 rounding: the exact float64 path answers."""
+    q, _ = torch.linalg.qr(torch.randn(900, 900, generator=torch.Generator().manual_seed(13)))
+    w = 3 * q[:, :400].T.contiguous()
+    assert base_sigma_max(w) == pytest.approx(exact_smax(w), rel=1e-12)
 
 
 def test_sigma_max_of_trained_like_bf16_matrix(krylov_only: None) -> None:
@@ -275,6 +290,16 @@ def test_restrain_delta_uses_and_fills_the_sigma_cache(llama_dir: Path) -> None:
     assert all(r.info.n_restrained == 0 for r in reports)
     for name, e in delta.entries.items():
         assert torch.allclose(same.entries[name].to_dense(), e.to_dense(), atol=1e-5)
+
+
+def test_restrain_delta_rejects_a_non_finite_base(llama_dir: Path, tmp_path: Path) -> None:
+    ckpt = Checkpoint(llama_dir)
+    name = next(iter(EDITS["llama"]))
+    broken = ckpt.get(name).clone()
+    broken[0, 0] = float("nan")
+    ckpt.write_updated(tmp_path / "nan", {name: broken})
+    with pytest.raises(PruneCliError, match="NaN"):
+        restrain_delta(add_edits(ckpt, EDITS["llama"]), Checkpoint(tmp_path / "nan"), "log")
 
 
 def test_restrain_delta_rejects_bad_parameters(llama_dir: Path) -> None:

@@ -8,7 +8,7 @@ smax = sigma_max(W) is replaced by F(s_i) and D' = U diag(s') V^T:
 
 Like the released PRUNE code, D is first truncated to its numerical rank (NumPy `matrix_rank`'s default tolerance).
 Unlike it, nothing is densified: the SVD of a factored delta is computed on its factors (`lowrank.entry_svd`), the
-result is rebuilt as factors (rank never grows), and smax comes from a block Krylov method instead of a full SVD of W.
+result is rebuilt as factors (rank never grows), and smax comes from Lanczos (`base_sigma_max`), not a full SVD of W.
 
 Trap: log F only shrinks s when smax * ln(alpha) >= 1 (d/ds (s - F(s)) = 1 - 1 / (s ln alpha)); below that it
 *enlarges* the singular values just above smax. By default the paper's formula is applied as is (so results match the
@@ -37,15 +37,19 @@ N_TOP = 5
 """How many leading singular values of D and D' the reports show."""
 
 # ------------------------------------------------------------------------------------------ sigma_max of W
-_BLOCK = 16
-"""Block size of the Krylov method: on CPU a float32 GEMM with 16 right-hand sides costs about as much as one with 1
-and far less than 8 or 12 (measured with torch 2.13 on 2 AMD EPYC cores), and blocks cope with close top values."""
 _DENSE_UP_TO = 256
-"""Matrices whose smaller side is at most this use the float64 Gram eigenvalues directly (cheap at that size)."""
+"""Smaller side up to this: float64 Gram eigenvalues directly (cheap at that size)."""
+_GRAM_UP_TO = 2048
+"""Smaller side up to this: Lanczos on the explicit float32 Gram matrix. Forming it is one efficient GEMM (0.1 s for
+1600x6400 on 2 CPU cores) after which a Lanczos step costs a matrix-vector product on a cache-resident m x m matrix;
+block steps on W itself run at half the GEMM speed and need 25-30 of them (0.2 s) when the top values are close (random
+matrices). Above this size the Gram matrix costs more than the block steps: Lanczos works on W."""
+_BLOCK = 16
+"""Block size on W: float32 GEMMs with 16 right-hand sides cost about as much as with 1 and far less than with 4-12
+(MKL on the 2 AMD cores we measured), and blocks find close top values in fewer passes over W."""
 _CLUSTER = 1e-3
-"""Top Gram eigenvalues within this relative distance form one cluster: float32 Lanczos separates values that close
-only slowly, float64 Rayleigh-Ritz on the cluster's Ritz vectors does it exactly. Farther values contaminate the
-float64 step by at most (eps32 * |W|^2)^2 / gap, below 1e-10 relative."""
+"""Top Ritz values within this relative distance form one cluster: float32 Lanczos separates values that close only
+slowly, the float64 Rayleigh-Ritz step on all the cluster's Ritz vectors does it exactly."""
 _MAX_DIM = 1024
 """Largest Krylov basis tried before falling back to the float64 Gram eigenvalues."""
 
@@ -53,96 +57,132 @@ _MAX_DIM = 1024
 def base_sigma_max(w: torch.Tensor, tol: float = 1e-10, device: str | torch.device | None = None) -> float:
     """Largest singular value of a base matrix, to about `tol` relative accuracy, without a full SVD.
 
-    A full SVD of a 1600x6400 matrix takes seconds on CPU and a float64 Gram matrix half a second; PRUNE only needs
-    sigma_max. Block Lanczos (full reorthogonalisation) on the smaller Gram operator W W^T runs in float32, where
-    CPU GEMMs are fast, until a Kato-Temple estimate of the error is below `tol`; the Rayleigh-Ritz step on the top
-    Ritz vectors is then redone in float64, so the float32 subspace error enters only squared. Blocks matter: random
-    (Gaussian) matrices have top singular values within 0.3 % of each other, where a single-vector power or Lanczos
-    iteration converges slowly; top values closer than float32 can separate are resolved by the float64 step on
-    their whole cluster. Small matrices, and clusters too big for one block, use the float64 Gram eigenvalues
-    (accurate for the largest value). Deterministic (fixed seed). Transposing W gives the same value, so callers
-    may pass the tensor in its stored layout.
+    A full SVD of a 1600x6400 matrix takes seconds on CPU, a float64 Gram eigendecomposition half a second; PRUNE
+    only needs sigma_max. Lanczos with full reorthogonalisation finds the top eigenvector of the Gram operator W W^T
+    in float32 (fast), on an explicit float32 Gram matrix or, for big matrices, blockwise on W; it stops when a
+    Kato-Temple estimate of the error is below `tol`. The Rayleigh quotient of the top Ritz vector(s) is then
+    evaluated in float64 with W itself, so the float32 errors of the vector enter only squared, and the float64
+    residual must confirm the estimate. Random (Gaussian) matrices, whose top singular values lie within 0.3 % of each
+    other, are the slow case. Small matrices, and anything float32 cannot resolve, use the float64 Gram eigenvalues.
+    Deterministic (fixed seed). Transposing W gives the same value: callers may pass the tensor in its stored layout.
     """
     x = w.detach().to(device or w.device)
     if x.ndim != 2:
         raise ValueError(f"expected a matrix, got shape {list(x.shape)}")
-    if min(x.shape) > _DENSE_UP_TO:
+    m = min(x.shape)
+    if m > _DENSE_UP_TO:
         x = x.contiguous()
-        row_side = x.shape[0] <= x.shape[1]  # Krylov vectors live on the smaller side
-        top = _krylov_top_subspace(x.float(), row_side, tol)
-        if top is not None:
-            return float(torch.linalg.matrix_norm(_product_fp64(x, top, row_side), 2))
+        row_side = x.shape[0] <= x.shape[1]  # Lanczos vectors live on the smaller side
+        x32 = x.float()
+        if m <= _GRAM_UP_TO:
+            gram = _gram32(x32, row_side)
+            found = _lanczos_top(lambda q: gram @ q, m, 1, tol, x.device)
+        else:
+            apply = (lambda q: x32 @ (x32.T @ q)) if row_side else (lambda q: x32.T @ (x32 @ q))
+            found = _lanczos_top(apply, m, _BLOCK, tol, x.device)
+        if found is not None:
+            sigma = _certified_sigma(x, row_side, *found, tol)
+            if sigma is not None:
+                return sigma
     return float(singular_values(x)[0])
 
 
-def _gram_apply(x32: torch.Tensor, q: torch.Tensor, row_side: bool) -> torch.Tensor:
-    """(X X^T) q when the vectors live on the row side, (X^T X) q otherwise."""
-    return x32 @ (x32.T @ q) if row_side else x32.T @ (x32 @ q)
+def _gram32(x32: torch.Tensor, row_side: bool, blocks: int = 4) -> torch.Tensor:
+    """The smaller Gram matrix in float32, computing only block rows right of the diagonal (5/8 of the flops)."""
+    a = x32 if row_side else x32.T
+    m = a.shape[0]
+    g = torch.empty(m, m, dtype=torch.float32, device=a.device)
+    step = -(-m // blocks)
+    for i in range(0, m, step):
+        g[i:i + step, i:] = a[i:i + step] @ a[i:].T
+    return g.triu() + g.triu(1).T
 
 
-def _krylov_top_subspace(x32: torch.Tensor, row_side: bool, tol: float) -> torch.Tensor | None:
-    """Orthonormal float64 basis [m, c] of the Ritz vectors of the top eigenvalue cluster of the Gram operator
-    (c = 1 unless the top values are within `_CLUSTER` of each other); None when float32 cannot reach `tol`."""
-    m = x32.shape[0] if row_side else x32.shape[1]
-    p, dev = _BLOCK, x32.device
+def _lanczos_top(apply: Callable[[torch.Tensor], torch.Tensor], m: int, p: int, tol: float,
+                 device: torch.device) -> tuple[torch.Tensor, float] | None:
+    """(Orthonormal float64 basis [m, c] of the Ritz vectors of the top eigenvalue cluster, gap from the cluster to
+    the next Ritz value) of the float32 symmetric operator `apply`, by block Lanczos with block size p; None when
+    float32 cannot reach `tol`. The Ritz values come from T = Q^T A Q, filled from the Gram-Schmidt coefficients."""
     max_dim = min(_MAX_DIM, m - p)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    basis = torch.empty(m, max_dim + p, dtype=torch.float32, device=dev)
-    basis[:, :p] = torch.linalg.qr(torch.randn(m, p, generator=gen, device=dev))[0]
-    t = torch.zeros(max_dim, max_dim, dtype=torch.float64, device=dev)
+    gen = torch.Generator(device=device).manual_seed(0)
+    basis = torch.empty(m, max_dim + p, dtype=torch.float32, device=device)
+    basis[:, :p] = torch.linalg.qr(torch.randn(m, p, generator=gen, device=device))[0]
+    t = torch.zeros(max_dim, max_dim, dtype=torch.float64, device=device)
     floor = 4 * torch.finfo(torch.float32).eps
     k, next_check, last = p, 3, None
     while k <= max_dim:
         q = basis[:, :k]
-        y = _gram_apply(x32, basis[:, k - p:k], row_side)
+        y = apply(basis[:, k - p:k])
+        norms = torch.linalg.vector_norm(y, dim=0)
+        # A Q_j lies in span(Q_j-1, Q_j, Q_j+1), so the first Gram-Schmidt pass needs only the last two blocks; the
+        # second, full pass restores the orthogonality to all blocks that float32 loses.
+        near = q[:, max(0, k - 2 * p):k]
+        local = near.T @ y
+        y -= near @ local
         coef = q.T @ y
         y -= q @ coef
-        again = q.T @ y  # second Gram-Schmidt pass: one loses orthogonality in float32
-        y -= q @ again
-        coef = (coef + again).double()
+        coef = coef.double()
+        coef[max(0, k - 2 * p):] += local.double()
         t[:k, k - p:k] = coef
         t[k - p:k, :k] = coef.T
         new_block, r = torch.linalg.qr(y)
-        blocks = k // p
-        if blocks >= next_check or k + p > max_dim:
+        steps = k // p
+        if steps >= next_check or k + p > max_dim:
             theta, vecs = torch.linalg.eigh(t[:k, :k])
             top = float(theta[-1])
             if top <= 0.0:  # W = 0
-                return torch.eye(m, 1, dtype=torch.float64, device=dev)
-            n_cluster = min(p, int((theta >= top * (1 - _CLUSTER)).sum()))
+                return torch.eye(m, 1, dtype=torch.float64, device=device), 1.0
+            n_cluster = int((theta >= top * (1 - _CLUSTER)).sum())
             cluster = vecs[:, k - n_cluster:]
             # Kato-Temple: eigenvalue error ~ residual^2 / gap, the gap taken to the first Ritz value outside the
-            # cluster (float64 Rayleigh-Ritz resolves the cluster itself). The Lanczos residual is r @ last rows.
+            # cluster (float64 Rayleigh-Ritz resolves the cluster itself); with none outside yet, the rest of the
+            # spectrum is unknown and nothing can be certified. The Lanczos residual is r @ last rows.
             resid = float(torch.linalg.matrix_norm(r.double() @ cluster[k - p:]))
-            gap = top - float(theta[k - n_cluster - 1]) if n_cluster < k else top
-            est = 0.5 * resid**2 / (gap * top)
+            gap = top - float(theta[k - n_cluster - 1]) if n_cluster < k else 0.0
+            est = 0.5 * resid**2 / (gap * top) if gap > 0 else math.inf
             if est <= tol:
-                return torch.linalg.qr(q.double() @ cluster)[0]
+                return torch.linalg.qr(q.double() @ cluster)[0], gap
             if resid <= floor * top:
                 return None
-            # An eigendecomposition per block would cost as much as the GEMMs: extrapolate the (accelerating)
-            # geometric decay of the estimate to the next check, at most half the blocks done so far ahead.
+            # An eigendecomposition per step can cost more than the step: extrapolate the (accelerating) geometric
+            # decay of the estimate to the next check, at most half the steps done so far ahead.
             step = 2
-            if last is not None and est < last[1]:
-                rate = (est / last[1]) ** (1 / (blocks - last[0]))
+            if last is not None and est < last[1] < math.inf:
+                rate = (est / last[1]) ** (1 / (steps - last[0]))
                 step = math.ceil(math.log(tol / est) / math.log(rate))
-            next_check = blocks + max(1, min(step, max(2, blocks // 2)))
-            last = (blocks, est)
-        # A third pass, on the normalised block: after cancellation (W of low rank) the QR alone is not orthogonal.
-        new_block -= q @ (q.T @ new_block)
-        basis[:, k:k + p] = torch.linalg.qr(new_block)[0]
+            next_check = steps + max(1, min(step, max(2, steps // 2)))
+            last = (steps, est)
+        if bool((r.diagonal().abs() < 1e-3 * norms).any()):
+            # Cancellation (W of low rank, an invariant subspace found): orthogonality of the normalised block is
+            # lost by the ratio of the norms, so it is orthogonalised once more.
+            new_block -= q @ (q.T @ new_block)
+            new_block = torch.linalg.qr(new_block)[0]
+        basis[:, k:k + p] = new_block
         k += p
     return None
 
 
-def _product_fp64(x: torch.Tensor, v: torch.Tensor, row_side: bool, chunk: int = 64) -> torch.Tensor:
-    """X^T v (row side) or X v in float64, converting X a few rows at a time (cache-sized, no float64 copy)."""
-    if row_side:
-        out = torch.zeros(x.shape[1], v.shape[1], dtype=torch.float64, device=x.device)
-        for i in range(0, x.shape[0], chunk):
-            out.addmm_(x[i:i + chunk].T.double(), v[i:i + chunk])
-        return out
-    return torch.cat([x[i:i + chunk].double() @ v for i in range(0, x.shape[0], chunk)])
+def _certified_sigma(x: torch.Tensor, row_side: bool, basis: torch.Tensor, gap: float, tol: float) -> float | None:
+    """sigma_max from float64 Rayleigh-Ritz of W on `basis`, if the float64 residual confirms the error estimate."""
+    z = _mul64(x, basis, transpose=row_side)  # W^T X (or W X for a tall W): [long side, c]
+    _, s, vh = torch.linalg.svd(z, full_matrices=False)
+    sigma = float(s[0])
+    if sigma == 0.0:
+        return 0.0
+    v = basis @ vh[0]
+    residual = _mul64(x, z @ vh[0], transpose=not row_side) - sigma**2 * v  # (W W^T - sigma^2) v
+    est = 0.5 * float(torch.linalg.vector_norm(residual)) ** 2 / (gap * sigma**2)
+    return sigma if est <= tol else None
+
+
+def _mul64(x: torch.Tensor, v: torch.Tensor, transpose: bool, chunk: int = 64) -> torch.Tensor:
+    """X^T v or X v in float64, converting X a few rows at a time (cache-sized, never a full float64 copy)."""
+    if not transpose:
+        return torch.cat([x[i:i + chunk].double() @ v for i in range(0, x.shape[0], chunk)])
+    out = torch.zeros((x.shape[1], *v.shape[1:]), dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        out += x[i:i + chunk].T.double() @ v[i:i + chunk]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ F and checks
@@ -274,9 +314,9 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
     for name, entry in delta.entries.items():
         stored = base.get(name)
         if name not in cache:
+            if not bool(torch.isfinite(stored).all()):
+                raise PruneCliError(f"base tensor {name} in {base.path} contains NaN or Inf values")
             cache[name] = base_sigma_max(stored, device=device)  # invariant under transposition: stored layout
-        if not math.isfinite(cache[name]):
-            raise PruneCliError(f"base tensor {name} contains NaN or Inf values")
         new_entry, info = restrain_entry(entry, cache[name], fn, alpha, beta, clamp, device)
         entries[name] = new_entry
         kappas: dict[str, float] = {}
