@@ -95,3 +95,20 @@ def test_apply_accepts_a_peft_adapter_as_delta(llama_dir, tmp_path):
     out = Checkpoint(tmp_path / "out")
     for name, entry in delta.entries.items():
         assert torch.allclose(out.get(name), ckpt.get(name) + entry.stored_update(), atol=1e-5)
+
+
+def test_inspect_and_prune_take_a_peft_adapter(llama_dir, tmp_path):
+    """A LoRA fine-tune can be inspected and restrained against its base like any delta."""
+    ckpt = Checkpoint(llama_dir)
+    delta = _delta(ckpt, _targets("llama"), ranks=[2, 2], seed=4)
+    export_lora(delta, ckpt, tmp_path / "adapter")
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", str(llama_dir), "--delta", str(tmp_path / "adapter"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = {t["name"]: t for t in json.loads(res.stdout)["tensors"]}
+    assert set(report) == set(delta.entries) and all(t["delta"]["rank"] == 2 for t in report.values())
+    res = runner.invoke(app, ["prune", str(tmp_path / "adapter"), "--base", str(llama_dir), "-o",
+                              str(tmp_path / "pruned.safetensors"), "--json"])
+    assert res.exit_code == 0, res.output
+    pruned = Delta.load(tmp_path / "pruned.safetensors")
+    assert set(pruned.entries) == set(delta.entries) and pruned.restraints

@@ -87,7 +87,7 @@ def main(
             kind = "delta"
         else:
             ckpt = Checkpoint(target, allow_pickle=allow_pickle)
-            composed = load_deltas(delta_paths)
+            composed = load_deltas(delta_paths, ckpt)
             if select:
                 not_2d = [n for n in ckpt.names() if len(ckpt.info(n).shape) != 2]
                 names = select_names(checkpoint_candidates(ckpt), select, ignored=not_2d)

@@ -63,8 +63,8 @@ def main(
         check_params(fn.value, alpha, beta)
         check_output_path(output, force)
         dev = resolve_device(device)
-        delta = Delta.load(delta_path)
         base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        delta = Delta.load(delta_path, base_ckpt)  # a PEFT adapter folder is read against the base it names
         delta.check_base(base_ckpt, force)
         with progress_bar() as bar:
             task = bar.add_task("prune", total=len(delta.entries))
