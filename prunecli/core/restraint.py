@@ -18,8 +18,9 @@ min(s, F(s)) instead, which never enlarges anything.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -76,15 +77,35 @@ def base_sigma_max(w: torch.Tensor, tol: float = 1e-10, device: str | torch.devi
         x32 = x.float()
         if m <= _GRAM_UP_TO:
             gram = _gram32(x32, row_side)
-            found = _lanczos_top(lambda q: gram @ q, m, 1, tol, x.device)
-        else:
+            with _serial_cpu(x.device):  # matrix-vector products on a cached matrix: one thread is enough
+                found = _lanczos_top(lambda q: gram @ q, m, 1, tol, x.device)
+        else:  # blocks of W: GEMMs that use all threads
             apply = (lambda q: x32 @ (x32.T @ q)) if row_side else (lambda q: x32.T @ (x32 @ q))
             found = _lanczos_top(apply, m, _BLOCK, tol, x.device)
         if found is not None:
-            sigma = _certified_sigma(x, row_side, *found, tol)
+            with _serial_cpu(x.device):
+                sigma = _certified_sigma(x, row_side, *found, tol)
             if sigma is not None:
                 return sigma
     return float(singular_values(x)[0])
+
+
+@contextlib.contextmanager
+def _serial_cpu(device: torch.device | str | None) -> Iterator[None]:
+    """Run small CPU kernels (factorisations of r-column factors, Lanczos steps, float64 matrix-vector products) on
+    one thread. With a thread team per call, a shared CPU stalls each call whenever a team member is descheduled:
+    on 2 busy cores the factor SVD of a rank-200 delta took 1.2 s with 2 threads and 0.09 s with 1; on an idle
+    machine one thread costs little at these sizes. Sets torch's (process-wide) thread count and restores it;
+    CUDA work is not affected."""
+    if device is not None and torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gram32(x32: torch.Tensor, row_side: bool, blocks: int = 4) -> torch.Tensor:
@@ -105,22 +126,22 @@ def _lanczos_top(apply: Callable[[torch.Tensor], torch.Tensor], m: int, p: int, 
     float32 cannot reach `tol`. The Ritz values come from T = Q^T A Q, filled from the Gram-Schmidt coefficients."""
     max_dim = min(_MAX_DIM, m - p)
     gen = torch.Generator(device=device).manual_seed(0)
-    basis = torch.empty(m, max_dim + p, dtype=torch.float32, device=device)
-    basis[:, :p] = torch.linalg.qr(torch.randn(m, p, generator=gen, device=device))[0]
+    basis = torch.empty(max_dim + p, m, dtype=torch.float32, device=device)  # one Lanczos vector per (contiguous) row
+    basis[:p] = torch.linalg.qr(torch.randn(m, p, generator=gen, device=device))[0].T
     t = torch.zeros(max_dim, max_dim, dtype=torch.float64, device=device)
     floor = 4 * torch.finfo(torch.float32).eps
     k, next_check, last = p, 3, None
     while k <= max_dim:
-        q = basis[:, :k]
-        y = apply(basis[:, k - p:k])
+        q = basis[:k]
+        y = apply(basis[k - p:k].T)
         norms = torch.linalg.vector_norm(y, dim=0)
         # A Q_j lies in span(Q_j-1, Q_j, Q_j+1), so the first Gram-Schmidt pass needs only the last two blocks; the
         # second, full pass restores the orthogonality to all blocks that float32 loses.
-        near = q[:, max(0, k - 2 * p):k]
-        local = near.T @ y
-        y -= near @ local
-        coef = q.T @ y
-        y -= q @ coef
+        near = q[max(0, k - 2 * p):]
+        local = near @ y
+        y -= near.T @ local
+        coef = q @ y
+        y -= q.T @ coef
         coef = coef.double()
         coef[max(0, k - 2 * p):] += local.double()
         t[:k, k - p:k] = coef
@@ -141,7 +162,7 @@ def _lanczos_top(apply: Callable[[torch.Tensor], torch.Tensor], m: int, p: int, 
             gap = top - float(theta[k - n_cluster - 1]) if n_cluster < k else 0.0
             est = 0.5 * resid**2 / (gap * top) if gap > 0 else math.inf
             if est <= tol:
-                return torch.linalg.qr(q.double() @ cluster)[0], gap
+                return torch.linalg.qr(q.T.double() @ cluster)[0], gap
             if resid <= floor * top:
                 return None
             # An eigendecomposition per step can cost more than the step: extrapolate the (accelerating) geometric
@@ -155,9 +176,9 @@ def _lanczos_top(apply: Callable[[torch.Tensor], torch.Tensor], m: int, p: int, 
         if bool((r.diagonal().abs() < 1e-3 * norms).any()):
             # Cancellation (W of low rank, an invariant subspace found): orthogonality of the normalised block is
             # lost by the ratio of the norms, so it is orthogonalised once more.
-            new_block -= q @ (q.T @ new_block)
+            new_block -= q.T @ (q @ new_block)
             new_block = torch.linalg.qr(new_block)[0]
-        basis[:, k:k + p] = new_block
+        basis[k:k + p] = new_block.T
         k += p
     return None
 
@@ -175,8 +196,11 @@ def _certified_sigma(x: torch.Tensor, row_side: bool, basis: torch.Tensor, gap: 
     return sigma if est <= tol else None
 
 
-def _mul64(x: torch.Tensor, v: torch.Tensor, transpose: bool, chunk: int = 64) -> torch.Tensor:
-    """X^T v or X v in float64, converting X a few rows at a time (cache-sized, never a full float64 copy)."""
+def _mul64(x: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """X^T v or X v in float64, converting X a few rows at a time: never a full float64 copy, and each chunk stays
+    below torch's parallel grain size (32768 elements), so no thread team is started per chunk (on a shared CPU that
+    stalls: 64-row chunks took 30x longer than 5-row ones under load)."""
+    chunk = max(1, 32768 // max(1, x.shape[1]))
     if not transpose:
         return torch.cat([x[i:i + chunk].double() @ v for i in range(0, x.shape[0], chunk)])
     out = torch.zeros((x.shape[1], *v.shape[1:]), dtype=torch.float64, device=x.device)
@@ -256,18 +280,21 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
     check_params(fn, alpha, beta)
     if not (math.isfinite(sigma_max) and sigma_max > 0):
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
-    svd = entry_svd(entry, device=device or "cpu")
-    rank = numerical_rank(svd.s, entry.shape)  # NumPy matrix_rank's rule with float32 eps, as the reference code
-    u, s, v = svd.u[:, :rank], svd.s[:rank], svd.v[:, :rank]
-    f = restraint_values(s, sigma_max, fn, alpha, beta)
-    above = s > sigma_max
-    enlarged = above & (f > s)
-    new_s = torch.minimum(f, s) if clamp else f
-    a = u * new_s
-    if entry.is_lowrank or rank <= min(entry.shape) // 2:
-        new_entry = DeltaEntry.lowrank(a, v, entry.layout)
-    else:
-        new_entry = DeltaEntry.from_dense(a @ v.T, entry.layout)
+    device = device or "cpu"
+    # A dense SVD is big enough for all threads; the factored one is not.
+    with _serial_cpu(device) if entry.is_lowrank else contextlib.nullcontext():
+        svd = entry_svd(entry, device=device)
+        rank = numerical_rank(svd.s, entry.shape)  # NumPy matrix_rank's rule with float32 eps, as the reference
+        u, s, v = svd.u[:, :rank], svd.s[:rank], svd.v[:, :rank]
+        f = restraint_values(s, sigma_max, fn, alpha, beta)
+        above = s > sigma_max
+        enlarged = above & (f > s)
+        new_s = torch.minimum(f, s) if clamp else f
+        a = u * new_s
+        if entry.is_lowrank or rank <= min(entry.shape) // 2:
+            new_entry = DeltaEntry.lowrank(a, v, entry.layout)
+        else:
+            new_entry = DeltaEntry.from_dense(a @ v.T, entry.layout)
     info = RestraintInfo(sigma_max=sigma_max, rank=rank, n_restrained=int(above.sum()),
                          top_before=s[:N_TOP].tolist(), top_after=new_s[:N_TOP].tolist(),
                          smax_ln_alpha=sigma_max * math.log(alpha) if fn == "log" else None,
