@@ -1,6 +1,6 @@
 """PRUNE on one GPT-2 XL c_proj-sized matrix: prunecli's restraint vs the released reference algorithm.
 
-Ours (what `prunecli prune --no-kappa` does per matrix): `base_sigma_max(W)` (block Krylov, no SVD of W) and
+Ours (what `prunecli prune --no-kappa` does per matrix): `base_sigma_max(W)` (Lanczos, no SVD of W) and
 `restrain_entry` (exact SVD on the rank-r factors, never densified). The reference, measured in the same run, is what
 the released PRUNE code does with dense float32 NumPy arrays on the CPU: full SVDs (`full_matrices=True`) of D, of W
 and of W + D, `np.linalg.matrix_rank(D)`, then D' = U diag(s') V^T. Both results are compared.
