@@ -18,9 +18,8 @@ min(s, F(s)) instead, which never enlarges anything.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -29,7 +28,8 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.lowrank import entry_svd
-from prunecli.core.spectra import FAST_KAPPA_LIMIT, matrix_stats, numerical_rank, singular_values
+from prunecli.core.spectra import (FAST_KAPPA_LIMIT, matrix_stats, numerical_rank, single_cpu_thread,
+                                   singular_values)
 from prunecli.errors import PruneCliError
 
 RestraintFn = Literal["log", "linear"]
@@ -77,35 +77,17 @@ def base_sigma_max(w: torch.Tensor, tol: float = 1e-10, device: str | torch.devi
         x32 = x.float()
         if m <= _GRAM_UP_TO:
             gram = _gram32(x32, row_side)
-            with _serial_cpu(x.device):  # matrix-vector products on a cached matrix: one thread is enough
+            with single_cpu_thread(x.device):  # matrix-vector products on a cached matrix: one thread is enough
                 found = _lanczos_top(lambda q: gram @ q, m, 1, tol, x.device)
         else:  # blocks of W: GEMMs that use all threads
             apply = (lambda q: x32 @ (x32.T @ q)) if row_side else (lambda q: x32.T @ (x32 @ q))
             found = _lanczos_top(apply, m, _BLOCK, tol, x.device)
         if found is not None:
-            with _serial_cpu(x.device):
+            with single_cpu_thread(x.device):
                 sigma = _certified_sigma(x, row_side, *found, tol)
             if sigma is not None:
                 return sigma
     return float(singular_values(x)[0])
-
-
-@contextlib.contextmanager
-def _serial_cpu(device: torch.device | str | None) -> Iterator[None]:
-    """Run small CPU kernels (factorisations of r-column factors, Lanczos steps, float64 matrix-vector products) on
-    one thread. With a thread team per call, a shared CPU stalls each call whenever a team member is descheduled:
-    on 2 busy cores the factor SVD of a rank-200 delta took 1.2 s with 2 threads and 0.09 s with 1; on an idle
-    machine one thread costs little at these sizes. Sets torch's (process-wide) thread count and restores it;
-    CUDA work is not affected."""
-    if device is not None and torch.device(device).type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gram32(x32: torch.Tensor, row_side: bool, blocks: int = 4) -> torch.Tensor:
@@ -284,7 +266,7 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
     device = device or "cpu"
     # A dense SVD is big enough for all threads; the factored one is not.
-    with _serial_cpu(device) if entry.is_lowrank else contextlib.nullcontext():
+    with single_cpu_thread(device, enabled=entry.is_lowrank):
         svd = entry_svd(entry, device=device)
         rank = numerical_rank(svd.s, entry.shape)  # NumPy matrix_rank's rule with float32 eps, as the reference
         u, s, v = svd.u[:, :rank], svd.s[:rank], svd.v[:, :rank]

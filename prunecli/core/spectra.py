@@ -46,9 +46,12 @@ def _gram_upper(w: torch.Tensor, device: torch.device, chunk_elements: int = _CH
 
 
 @contextlib.contextmanager
-def _eig_threads(n: int, device: torch.device) -> Iterator[None]:
-    """One CPU thread for the eigvalsh of a small Gram matrix (see the module docstring); restored afterwards."""
-    if device.type != "cpu" or n > _SINGLE_THREAD_EIG_MAX:
+def single_cpu_thread(device: torch.device | str | None, enabled: bool = True) -> Iterator[None]:
+    """Run small CPU kernels on one thread, restoring torch's (process-wide) thread count afterwards.
+
+    With a thread team per call, a shared CPU stalls each call whenever a team member is descheduled (see the module
+    docstring); at these sizes one thread costs little on an idle machine. CUDA work is not affected."""
+    if not enabled or (device is not None and torch.device(device).type != "cpu"):
         yield
         return
     threads = torch.get_num_threads()
@@ -66,7 +69,7 @@ def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.de
         s = torch.linalg.svdvals(w.to(dev, torch.float64))
     else:
         gram = _gram_upper(w, dev)
-        with _eig_threads(gram.shape[0], dev):
+        with single_cpu_thread(dev, gram.shape[0] <= _SINGLE_THREAD_EIG_MAX):
             eig = torch.linalg.eigvalsh(gram, UPLO="U")
         s = eig.clamp_min(0.0).sqrt().flip(0)
     return s.cpu()
