@@ -1,9 +1,16 @@
-"""Collect the study's reports into results/summary.json and draw the paper-style plots.
+"""Collect the study's reports into results/summary.json, markdown tables and the paper-style plots.
 
-Reads, under WORK: base/base-N.eval.json, and for each variant (rome, multiple, memit) the files
-{edited,pruned-log-A,pruned-linear-B}-N.{eval,inspect}.json plus edited-N.json (the edit summary).
-Writes RESULTS/summary.json (one row per model x method x mode x restraint x N, every metric and the condition
-numbers) and RESULTS/{kappa,editing,general}.png (solid: edited, dashed: restrained, as in the paper's figures).
+Reads, under WORK (as laid out by examples/Makefile):
+  base/base-N.eval.json           editing metrics of the unedited model on records 0..N-1
+  base/base.general.json          its perplexity and general-ability metrics (they do not depend on N)
+  VARIANT/KIND-N.eval.json        editing metrics + perplexity, VARIANT in rome | multiple | memit,
+  VARIANT/KIND-N.general.json     general-ability metrics (only for the N in the Makefile's GENERAL_NS),
+  VARIANT/KIND-N.inspect.json     spectra of W, W + D and D,  KIND in edited | pruned-log-A | pruned-linear-B
+  VARIANT/edited-N.json           the edit command's summary (seconds per edit, losses, restraints)
+  **/*.seconds                    wall time of every make step (examples/timed.sh)
+Writes RESULTS/summary.json ({"rows": [...], "timings": {...}}: one row per model x method x mode x restraint x N
+with every metric and the condition numbers), RESULTS/tables.md, and RESULTS/{kappa,editing,general}.png (solid:
+edited without restraint, dashed: PRUNE once, dash-dot: PRUNE during editing ("multiple"), dotted: base).
 
 Usage: python summarize.py WORK RESULTS [--model NAME]
 """
@@ -19,12 +26,22 @@ from typing import Any
 _NAME = re.compile(r"^(?P<kind>edited|pruned-(?P<fn>log|linear)-(?P<param>[0-9.]+)|base)-(?P<n>\d+)$")
 _VARIANTS = {"rome": ("rome", "once"), "multiple": ("rome", "multiple"), "memit": ("memit", "once"),
              "base": ("none", "none")}
+_ORDER = {name: i for i, name in enumerate(("none", "rome", "memit", "once", "multiple", "log", "linear"))}
 EDIT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
                 "neighborhood_acc")
+TABLE_COLUMNS = ("kappa", "delta_sigma_max", "efficacy_score", "paraphrase_score", "neighborhood_score",
+                 "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "perplexity", "glue_sst2_acc")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _metrics(report: dict[str, Any] | None) -> dict[str, Any]:
+    """A report's metrics, with its count of NaN/Inf cases (never dropped silently) folded in."""
+    if not report:
+        return {}
+    return {**report.get("metrics", {}), "n_nonfinite": sum((report.get("n_nonfinite") or {}).values())}
 
 
 def _spectra(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -41,6 +58,7 @@ def _spectra(report: dict[str, Any] | None) -> dict[str, Any]:
         "sigma_max": float(worst["edited"]["sigma_max"]),
         "sigma_min": float(worst["edited"]["sigma_min"]),
         "sigma_max_base": float(worst["sigma_max"]),
+        "sigma_min_base": float(worst["sigma_min"]),
         "delta_sigma_max": float(worst["delta"]["sigma_max"]),
         "delta_n_above_sigma_max": int(worst["delta"]["n_above_sigma_max"]),
         "tensor": worst["name"],
@@ -49,7 +67,15 @@ def _spectra(report: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _edit_summary(variant_dir: Path, n: int) -> dict[str, Any]:
+    summary = _load(variant_dir / f"edited-{n}.json")
+    if not summary:
+        return {}
+    return {"edit_seconds_per_edit": summary.get("seconds_per_edit"), "edit_restraints": len(summary["restraints"])}
+
+
 def collect(work: Path, model: str) -> list[dict[str, Any]]:
+    base_general = _metrics(_load(work / "base" / "base.general.json"))
     rows = []
     for variant_dir in sorted(p for p in work.iterdir() if p.is_dir() and p.name in _VARIANTS):
         method, mode = _VARIANTS[variant_dir.name]
@@ -59,30 +85,53 @@ def collect(work: Path, model: str) -> list[dict[str, Any]]:
             if not m:
                 continue
             n = int(m["n"])
-            restraint = m["fn"] or ("none" if m["kind"] in ("edited", "base") else m["kind"])
-            evaluation = _load(eval_file) or {}
-            row: dict[str, Any] = {"model": model, "method": method, "mode": mode, "restraint": restraint,
-                                   "param": float(m["param"]) if m["param"] else None, "N": n,
-                                   **evaluation.get("metrics", {}),
-                                   "n_nonfinite": sum((evaluation.get("n_nonfinite") or {}).values())}
+            row: dict[str, Any] = {"model": model, "method": method, "mode": mode, "restraint": m["fn"] or "none",
+                                   "param": float(m["param"]) if m["param"] else None, "N": n}
+            general = base_general if m["kind"] == "base" else _metrics(_load(variant_dir / f"{stem}.general.json"))
+            evaluation = _metrics(_load(eval_file))
+            row.update({**general, **evaluation,
+                        "n_nonfinite": evaluation.get("n_nonfinite", 0) + general.get("n_nonfinite", 0)})
             row.update(_spectra(_load(variant_dir / f"{stem}.inspect.json")))
-            edit_summary = _load(variant_dir / f"edited-{n}.json")
-            if edit_summary and m["kind"] == "edited":
-                row["edit_summary"] = {k: v for k, v in edit_summary.items() if k != "requests"}
+            if m["kind"] == "edited":
+                row.update(_edit_summary(variant_dir, n))
             rows.append(row)
-    return sorted(rows, key=lambda r: (r["method"], r["mode"], r["restraint"], r["param"] or 0, r["N"]))
+    return sorted(rows, key=lambda r: (_ORDER[r["method"]], _ORDER[r["mode"]], _ORDER[r["restraint"]], r["param"] or 0,
+                                       r["N"]))
+
+
+def timings(work: Path) -> dict[str, Any]:
+    """Wall seconds of every make step, and their totals per kind of step (edit, prune, inspect, eval, ...)."""
+    steps = {str(p.relative_to(work))[: -len(".seconds")]: float(p.read_text()) for p in sorted(work.rglob("*.seconds"))}
+    totals: dict[str, float] = {}
+    for name, seconds in steps.items():
+        kind = ("stats" if name.startswith("stats-") else "prune" if "/pruned-" in name and name.endswith(".safetensors")
+                else "edit" if name.endswith(".safetensors") else name.rsplit(".", 2)[-2])
+        totals[kind] = round(totals.get(kind, 0.0) + seconds, 1)
+    return {"steps": steps, "totals": totals, "total": round(sum(steps.values()), 1)}
+
+
+def label(row: dict[str, Any]) -> str:
+    if row["method"] == "none":
+        return "base"
+    text = f"{row['method']} {row['mode']}"
+    if row["restraint"] != "none":
+        text += f" + PRUNE {row['restraint']} ({row['param']:g})"
+    return text
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        label = r["method"] if r["method"] == "none" else f"{r['method']} {r['mode']}"
-        if r["restraint"] != "none":
-            label += f" + PRUNE {r['restraint']} ({r['param']:g})"
-        elif r["method"] == "none":
-            label = "base"
-        out.setdefault(label, []).append(r)
+        out.setdefault(label(r), []).append(r)
     return out
+
+
+def _style(name: str) -> str:
+    if name == "base":
+        return ":"
+    if "multiple" in name:
+        return "-."
+    return "--" if "PRUNE" in name else "-"
 
 
 def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
@@ -95,48 +144,80 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     written = []
 
     def draw(ax: Any, key: str, logy: bool = False) -> None:
-        for label, pts in series.items():
+        for name, pts in series.items():
             pts = [p for p in pts if p.get(key) is not None]
-            if not pts:
-                continue
-            style = "--" if "PRUNE" in label else (":" if label == "base" else "-")
-            ax.plot([p["N"] for p in pts], [p[key] for p in pts], style, marker="o", label=label)
+            if pts:
+                ax.plot([p["N"] for p in pts], [p[key] for p in pts], _style(name), marker="o", markersize=3,
+                        label=name)
         ax.set_xlabel("number of sequential edits N")
         ax.set_ylabel(key)
+        ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    def save(fig: Any, axes: list[Any], name: str) -> None:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        written.append(results / name)
+        fig.savefig(written[-1], dpi=110)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     draw(axes[0], "kappa", logy=True)
-    axes[0].set_title("condition number of the edited matrix (W + D)")
+    axes[0].set_title("condition number of the edited matrix W + D")
     draw(axes[1], "delta_sigma_max", logy=True)
-    axes[1].set_title("largest singular value of the delta")
-    axes[1].legend(fontsize=7)
-    written.append(results / "kappa.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
+    axes[1].set_title("largest singular value of the delta D")
+    sigma_max_w = [r["sigma_max_base"] for r in rows if r.get("sigma_max_base")]
+    if sigma_max_w:
+        axes[1].axhline(max(sigma_max_w), color="grey", lw=0.8)
+        axes[1].annotate("max σ_max(W)", (axes[1].get_xlim()[0], max(sigma_max_w)), fontsize=7, color="grey")
+    save(fig, list(axes), "kappa.png")
 
     metrics = [m for m in EDIT_METRICS if any(m in r for r in rows)]
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5), squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax, metric in zip(flat, metrics):
         draw(ax, metric)
         ax.set_title(metric)
-    axes[0][-1].legend(fontsize=6)
-    written.append(results / "editing.png")
-    fig.tight_layout()
-    fig.savefig(written[-1], dpi=110)
+    save(fig, flat, "editing.png")
 
-    general = [k for k in ("perplexity",) if any(k in r for r in rows)]
+    general = [k for k in ("perplexity", "glue_sst2_acc") if any(r.get(k) is not None for r in rows)]
     if general:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        draw(ax, general[0], logy=True)
-        ax.set_title("perplexity on WikiText-2 (general ability)")
-        ax.legend(fontsize=7)
-        written.append(results / "general.png")
-        fig.tight_layout()
-        fig.savefig(written[-1], dpi=110)
+        fig, axes = plt.subplots(1, len(general), figsize=(6.5 * len(general), 5), squeeze=False)
+        for ax, key in zip(axes[0], general):
+            draw(ax, key, logy=key == "perplexity")
+            ax.set_title({"perplexity": "WikiText-2 perplexity", "glue_sst2_acc": "SST-2 accuracy (label words)"}[key])
+        save(fig, list(axes[0]), "general.png")
     plt.close("all")
     return written
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1000 or abs(value) < 0.01 else f"{value:.3f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    """One markdown table per N: every variant's spectra and metrics side by side."""
+    columns = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    lines = []
+    for n in sorted({r["N"] for r in rows}):
+        lines += [f"### N = {n}", "", "| variant | " + " | ".join(columns) + " | NaN |",
+                  "|---|" + "---|" * (len(columns) + 1)]
+        for r in (r for r in rows if r["N"] == n):
+            lines.append(f"| {label(r)} | " + " | ".join(_cell(r.get(c)) for c in columns)
+                         + f" | {r.get('n_nonfinite', 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -149,12 +230,11 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no reports found under {args.work}")
     args.results.mkdir(parents=True, exist_ok=True)
-    tmp = args.results / ".summary.json.tmp"
-    tmp.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    tmp.replace(args.results / "summary.json")
+    _write(args.results / "summary.json", json.dumps({"rows": rows, "timings": timings(args.work)}, indent=1) + "\n")
+    _write(args.results / "tables.md", tables(rows))
     for p in plot(rows, args.results):
         print(f"wrote {p}")
-    print(f"wrote {args.results / 'summary.json'} ({len(rows)} rows)")
+    print(f"wrote {args.results / 'summary.json'} ({len(rows)} rows) and {args.results / 'tables.md'}")
 
 
 if __name__ == "__main__":

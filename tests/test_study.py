@@ -1,0 +1,58 @@
+"""The study's smoke run: `make -C examples quick` end to end on SmolLM2 (statistics, ROME once/multiple, MEMIT,
+prune log/linear, inspect, evaluate, summarize), then the summary must hold every variant at every N it ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NS = (2, 4)
+# (method, mode, restraint) of every row the quick study must produce at each N.
+VARIANTS = {("none", "none", "none"), ("rome", "once", "none"), ("rome", "once", "log"), ("rome", "once", "linear"),
+            ("rome", "multiple", "none"), ("memit", "once", "none"), ("memit", "once", "log"),
+            ("memit", "once", "linear")}
+
+
+def test_make_quick_summary_has_every_variant(shared_data: Path, tmp_path: Path) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    from prunecli.models.default_model import ensure_default_model
+
+    ensure_default_model()
+    bindir = Path(sys.executable).parent
+    result = subprocess.run(
+        ["make", "-C", str(EXAMPLES), "-j2", "quick", "THREADS=1", f"QUICK_WORK={tmp_path / 'work'}",
+         f"QUICK_RESULTS={tmp_path / 'results'}", f"DATA={shared_data}", f"PRUNECLI={bindir / 'prunecli'}",
+         f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, env={**os.environ, "PRUNECLI_NO_PROGRESS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    rows = summary["rows"]
+    for n in NS:
+        found = {(r["method"], r["mode"], r["restraint"]) for r in rows if r["N"] == n}
+        assert found == VARIANTS, f"N={n}: {sorted(found)}"
+    for r in rows:
+        assert r["n_nonfinite"] == 0
+        assert 0.0 <= r["efficacy_score"] <= 1.0 and r["perplexity"] > 1.0
+        if r["method"] != "none":
+            assert r["kappa"] > 1.0 and r["delta_sigma_max"] > 0.0
+        if r["N"] == NS[-1] or r["method"] == "none":  # general abilities at the last N (and the base's once)
+            assert 0.0 <= r["glue_sst2_acc"] <= 1.0
+    # F(s) < s for every s > sigma_max(W) (log: sigma_max(W) * ln(1.2) >= 1 on SmolLM2; linear: always), so a pruned
+    # delta's top singular value never exceeds the unrestrained one's.
+    by_key = {(r["method"], r["mode"], r["restraint"], r["N"]): r for r in rows}
+    for (method, mode, restraint, n), r in by_key.items():
+        if restraint != "none":
+            assert r["delta_sigma_max"] <= by_key[(method, mode, "none", n)]["delta_sigma_max"] * (1 + 1e-6)
+    assert summary["timings"]["totals"]["edit"] > 0
+    assert all((tmp_path / "results" / f"{name}.png").stat().st_size > 0 for name in ("kappa", "editing", "general"))
+    assert "### N = 4" in (tmp_path / "results" / "tables.md").read_text()
