@@ -10,7 +10,8 @@ Reads, under WORK (as laid out by examples/Makefile):
   **/*.seconds                    wall time of every make step (examples/timed.sh)
 Writes RESULTS/summary.json ({"rows": [...], "timings": {...}}: one row per model x method x mode x restraint x N
 with every metric and the condition numbers), RESULTS/tables.md, and RESULTS/{kappa,editing,general}.png (solid:
-edited without restraint, dashed: PRUNE once, dash-dot: PRUNE during editing ("multiple"), dotted: base).
+edited without restraint, dashed: PRUNE once, dash-dot: PRUNE during editing ("multiple"), dotted: base), one panel
+per editing method.
 
 Usage: python summarize.py WORK RESULTS [--model NAME]
 """
@@ -29,8 +30,9 @@ _VARIANTS = {"rome": ("rome", "once"), "multiple": ("rome", "multiple"), "memit"
 _ORDER = {name: i for i, name in enumerate(("none", "rome", "memit", "once", "multiple", "log", "linear"))}
 EDIT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
                 "neighborhood_acc")
-TABLE_COLUMNS = ("kappa", "delta_sigma_max", "efficacy_score", "paraphrase_score", "neighborhood_score",
-                 "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "perplexity", "glue_sst2_acc")
+SPECTRA_COLUMNS = ("kappa_base", "kappa", "sigma_max", "sigma_min", "delta_sigma_max", "delta_n_above_sigma_max")
+METRIC_COLUMNS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
+                  "neighborhood_acc", "perplexity", "glue_sst2_acc", "n_nonfinite")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -119,75 +121,83 @@ def label(row: dict[str, Any]) -> str:
     return text
 
 
-def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(label(r), []).append(r)
-    return out
+def _variant(row: dict[str, Any]) -> str:
+    """The label without the method: what a line in a per-method panel stands for."""
+    return label(row).split(" ", 1)[1] if row["method"] != "none" else "base"
 
 
-def _style(name: str) -> str:
-    if name == "base":
-        return ":"
-    if "multiple" in name:
-        return "-."
-    return "--" if "PRUNE" in name else "-"
+def _style(variant: str) -> dict[str, Any]:
+    """Paper-like styles: solid = no restraint, dashed = PRUNE once, dash-dot = PRUNE during editing, dotted = base;
+    one colour per restraint so ROME and MEMIT panels read alike."""
+    linestyle = ":" if variant == "base" else "-." if "multiple" in variant else "--" if "PRUNE" in variant else "-"
+    colours = {"base": "grey", "once": "C0", "multiple": "C4", "log (1.2)": "C1", "log (2.71828)": "C2",
+               "linear (2)": "C3"}
+    colour = next((c for key, c in reversed(colours.items()) if variant.endswith(key) or variant == key), None)
+    return {"linestyle": linestyle, "color": colour, "marker": "o", "markersize": 3}
 
 
 def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
+    """kappa.png (condition number and delta's top singular value vs N), editing.png (the six CounterFact metrics)
+    and general.png (perplexity, SST-2): one column (or row) of panels per editing method, base rows in each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = _series(rows)
-    written = []
+    methods = [m for m in ("rome", "memit") if any(r["method"] == m for r in rows)]
+    written: list[Path] = []
 
-    def draw(ax: Any, key: str, logy: bool = False) -> None:
+    def draw(ax: Any, method: str, key: str, logy: bool = False) -> None:
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["method"] in (method, "none") and r.get(key) is not None:
+                series.setdefault(_variant(r), []).append(r)
         for name, pts in series.items():
-            pts = [p for p in pts if p.get(key) is not None]
-            if pts:
-                ax.plot([p["N"] for p in pts], [p[key] for p in pts], _style(name), marker="o", markersize=3,
-                        label=name)
-        ax.set_xlabel("number of sequential edits N")
-        ax.set_ylabel(key)
+            ax.plot([p["N"] for p in pts], [p[key] for p in pts], label=name, **_style(name))
+        ax.set_title(f"{method.upper()}: {key}", fontsize=9)
+        ax.set_xlabel("sequential edits N")
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
 
-    def save(fig: Any, axes: list[Any], name: str) -> None:
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
+    def save(fig: Any, name: str) -> None:
+        handles: dict[str, Any] = {}
+        for ax in fig.axes:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(text, handle)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=6, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         written.append(results / name)
         fig.savefig(written[-1], dpi=110)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    draw(axes[0], "kappa", logy=True)
-    axes[0].set_title("condition number of the edited matrix W + D")
-    draw(axes[1], "delta_sigma_max", logy=True)
-    axes[1].set_title("largest singular value of the delta D")
-    sigma_max_w = [r["sigma_max_base"] for r in rows if r.get("sigma_max_base")]
-    if sigma_max_w:
-        axes[1].axhline(max(sigma_max_w), color="grey", lw=0.8)
-        axes[1].annotate("max σ_max(W)", (axes[1].get_xlim()[0], max(sigma_max_w)), fontsize=7, color="grey")
-    save(fig, list(axes), "kappa.png")
+    fig, axes = plt.subplots(2, len(methods), figsize=(6.5 * len(methods), 8.5), squeeze=False)
+    for col, method in enumerate(methods):
+        draw(axes[0][col], method, "kappa", logy=True)
+        base = [r["kappa_base"] for r in rows if r["method"] == method and r.get("kappa_base")]
+        if base:
+            axes[0][col].axhline(base[0], color="grey", lw=0.8, ls=":", label="κ(W) unedited")
+        draw(axes[1][col], method, "delta_sigma_max", logy=True)
+        top = [r["sigma_max_base"] for r in rows if r["method"] == method and r.get("sigma_max_base")]
+        if top:
+            axes[1][col].axhline(top[0], color="grey", lw=0.8, ls=":", label="σ_max(W): PRUNE's threshold")
+    save(fig, "kappa.png")
 
     metrics = [m for m in EDIT_METRICS if any(m in r for r in rows)]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5), squeeze=False)
-    flat = [ax for line in axes for ax in line]
-    for ax, metric in zip(flat, metrics):
-        draw(ax, metric)
-        ax.set_title(metric)
-    save(fig, flat, "editing.png")
+    fig, axes = plt.subplots(len(methods), len(metrics), figsize=(3.6 * len(metrics), 3.6 * len(methods) + 0.8),
+                             squeeze=False)
+    for row, method in enumerate(methods):
+        for col, metric in enumerate(metrics):
+            draw(axes[row][col], method, metric)
+    save(fig, "editing.png")
 
     general = [k for k in ("perplexity", "glue_sst2_acc") if any(r.get(k) is not None for r in rows)]
     if general:
-        fig, axes = plt.subplots(1, len(general), figsize=(6.5 * len(general), 5), squeeze=False)
-        for ax, key in zip(axes[0], general):
-            draw(ax, key, logy=key == "perplexity")
-            ax.set_title({"perplexity": "WikiText-2 perplexity", "glue_sst2_acc": "SST-2 accuracy (label words)"}[key])
-        save(fig, list(axes[0]), "general.png")
+        fig, axes = plt.subplots(len(general), len(methods), figsize=(6.5 * len(methods), 4.2 * len(general) + 0.8),
+                                 squeeze=False)
+        for row, key in enumerate(general):
+            for col, method in enumerate(methods):
+                draw(axes[row][col], method, key)
+        save(fig, "general.png")
     plt.close("all")
     return written
 
@@ -201,17 +211,17 @@ def _cell(value: Any) -> str:
 
 
 def tables(rows: list[dict[str, Any]]) -> str:
-    """One markdown table per N: every variant's spectra and metrics side by side."""
-    columns = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
-    lines = []
-    for n in sorted({r["N"] for r in rows}):
-        lines += [f"### N = {n}", "", "| variant | " + " | ".join(columns) + " | NaN |",
-                  "|---|" + "---|" * (len(columns) + 1)]
-        for r in (r for r in rows if r["N"] == n):
-            lines.append(f"| {label(r)} | " + " | ".join(_cell(r.get(c)) for c in columns)
-                         + f" | {r.get('n_nonfinite', 0)} |")
-        lines.append("")
-    return "\n".join(lines)
+    """Two markdown tables, rows by variant then N: the spectra of the edited matrix (worst edited tensor), and the
+    editing / general-ability metrics."""
+    out = []
+    for title, wanted in (("Spectra of the edited matrix (the worst of the edited tensors)", SPECTRA_COLUMNS),
+                          ("Editing metrics (records 0..N-1, final model) and general abilities", METRIC_COLUMNS)):
+        columns = [c for c in wanted if any(r.get(c) is not None for r in rows)]
+        shown = [r for r in rows if any(r.get(c) is not None for c in columns)]
+        out += [f"### {title}", "", "| variant | N | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        out += [f"| {label(r)} | {r['N']} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in shown]
+        out.append("")
+    return "\n".join(out)
 
 
 def _write(path: Path, text: str) -> None:

@@ -55,4 +55,4 @@ def test_make_quick_summary_has_every_variant(shared_data: Path, tmp_path: Path)
             assert r["delta_sigma_max"] <= by_key[(method, mode, "none", n)]["delta_sigma_max"] * (1 + 1e-6)
     assert summary["timings"]["totals"]["edit"] > 0
     assert all((tmp_path / "results" / f"{name}.png").stat().st_size > 0 for name in ("kappa", "editing", "general"))
-    assert "### N = 4" in (tmp_path / "results" / "tables.md").read_text()
+    assert "| rome once + PRUNE log (1.2) | 4 |" in (tmp_path / "results" / "tables.md").read_text()
