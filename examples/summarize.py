@@ -4,7 +4,7 @@ Reads, under WORK (as laid out by examples/Makefile):
   base/base-N.eval.json           editing metrics of the unedited model on records 0..N-1
   base/base.general.json          its perplexity and general-ability metrics (they do not depend on N)
   VARIANT/KIND-N.eval.json        editing metrics + perplexity, VARIANT in rome | multiple | memit,
-  VARIANT/KIND-N.general.json     general-ability metrics (only for the N in the Makefile's GENERAL_NS),
+  VARIANT/KIND-N.general.json     general-ability metrics (the last N of each chain, or the Makefile's GENERAL_NS),
   VARIANT/KIND-N.inspect.json     spectra of W, W + D and D,  KIND in edited | pruned-log-A | pruned-linear-B
   VARIANT/edited-N.json           the edit command's summary (seconds per edit, losses, restraints)
   **/*.seconds                    wall time of every make step (examples/timed.sh)
@@ -138,7 +138,7 @@ def _style(variant: str) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     """kappa.png (condition number and delta's top singular value vs N), editing.png (the six CounterFact metrics)
-    and general.png (perplexity, SST-2): one column (or row) of panels per editing method, base rows in each."""
+    and general.png (perplexity, SST-2): one column of panels per editing method, the base rows in each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,33 +170,30 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
         written.append(results / name)
         fig.savefig(written[-1], dpi=110)
 
-    fig, axes = plt.subplots(2, len(methods), figsize=(6.5 * len(methods), 8.5), squeeze=False)
+    def grid(keys: list[str], logy: tuple[str, ...] = ()) -> tuple[Any, Any]:
+        """One row of panels per quantity, one column per editing method."""
+        fig, axes = plt.subplots(len(keys), len(methods), figsize=(6.5 * len(methods), 3.8 * len(keys) + 0.8),
+                                 squeeze=False)
+        for row, key in enumerate(keys):
+            for col, method in enumerate(methods):
+                draw(axes[row][col], method, key, logy=key in logy)
+        return fig, axes
+
+    fig, axes = grid(["kappa", "delta_sigma_max"], logy=("kappa", "delta_sigma_max"))
     for col, method in enumerate(methods):
-        draw(axes[0][col], method, "kappa", logy=True)
-        base = [r["kappa_base"] for r in rows if r["method"] == method and r.get("kappa_base")]
+        base = [r for r in rows if r["method"] == method and r.get("kappa_base")]
         if base:
-            axes[0][col].axhline(base[0], color="grey", lw=0.8, ls=":", label="κ(W) unedited")
-        draw(axes[1][col], method, "delta_sigma_max", logy=True)
-        top = [r["sigma_max_base"] for r in rows if r["method"] == method and r.get("sigma_max_base")]
-        if top:
-            axes[1][col].axhline(top[0], color="grey", lw=0.8, ls=":", label="σ_max(W): PRUNE's threshold")
+            axes[0][col].axhline(base[0]["kappa_base"], color="grey", lw=0.8, ls=":", label="κ(W) unedited")
+            axes[1][col].axhline(base[0]["sigma_max_base"], color="grey", lw=0.8, ls=":",
+                                 label="σ_max(W): PRUNE's threshold")
     save(fig, "kappa.png")
 
-    metrics = [m for m in EDIT_METRICS if any(m in r for r in rows)]
-    fig, axes = plt.subplots(len(methods), len(metrics), figsize=(3.6 * len(metrics), 3.6 * len(methods) + 0.8),
-                             squeeze=False)
-    for row, method in enumerate(methods):
-        for col, metric in enumerate(metrics):
-            draw(axes[row][col], method, metric)
+    fig, _ = grid([m for m in EDIT_METRICS if any(m in r for r in rows)])
     save(fig, "editing.png")
 
     general = [k for k in ("perplexity", "glue_sst2_acc") if any(r.get(k) is not None for r in rows)]
     if general:
-        fig, axes = plt.subplots(len(general), len(methods), figsize=(6.5 * len(methods), 4.2 * len(general) + 0.8),
-                                 squeeze=False)
-        for row, key in enumerate(general):
-            for col, method in enumerate(methods):
-                draw(axes[row][col], method, key)
+        fig, _ = grid(general)
         save(fig, "general.png")
     plt.close("all")
     return written
