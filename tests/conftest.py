@@ -9,9 +9,17 @@ import pytest
 
 from tiny_models import save_tiny_model
 
+# Tiny-model tests drown in thread start-up on a 2-core machine (the fast suite ran 5x faster on one thread), so the
+# suite runs single-threaded; subprocesses inherit the variables. Slow real-model tests may raise it for themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("PRUNECLI_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402 - after the thread variables above
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
