@@ -15,6 +15,8 @@ from prunecli.errors import PruneCliError
 
 HUB_PREFIX = "hub:"
 DEFAULT_DATA_DIR = Path("../shared/data")
+DEFAULT_PPL_TOKENS = 8192
+"""Perplexity's default token budget: about a minute for a 135M model on 2 CPU cores, a few for Gemma-3-270M."""
 """Task data files default to here, relative to the current directory (`--data-dir` overrides)."""
 
 

@@ -19,12 +19,15 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import Advance, MetricGroup, ProgressFactory, TaskOutcome, no_progress
 from prunecli.evaluation.metrics import MetricValue
-from prunecli.evaluation.scoring import max_context
+from prunecli.evaluation.scoring import forward_keywords, max_context
+from prunecli.models.logits import ChunkedHead, capture_last_hidden, chunked_head
 from prunecli.models.placement import input_device
 
 GROUP = "perplexity"
 TOKENS_PER_BATCH = 4096
-"""Windows are batched up to this many tokens: the fp32 logits of a batch are tokens x vocabulary x 4 bytes."""
+"""Windows are batched up to this many tokens (the decoder's activations; logits are chunked separately)."""
+LOGIT_BYTES = 256 * 2**20
+"""Memory for the logits of one chunk of positions: 256 MiB is ~85 positions of a 262k vocabulary, ~450 of 49k."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,14 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
 def window_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: int,
                 on_batch: Advance | None = None) -> list[torch.Tensor]:
     """Per window, the NLLs of the tokens it scores (float64, CPU), windows batched right-padded with attention
-    masks."""
+    masks. The output layer runs on `LOGIT_BYTES`-sized chunks of positions (`prunecli.models.logits`), so peak
+    memory is the model plus one chunk, whatever the vocabulary; models whose forward has no `logits_to_keep`, or
+    whose logits we cannot reproduce, are scored from their full logits instead."""
     device = input_device(model)
     tokens = torch.tensor(ids)
+    head = chunked_head(model) if forward_keywords(model)[1] else None
+    chunked = head is not None
+    checked = False
     out: list[torch.Tensor] = []
     width = max(w.end - w.begin for w in windows)
     rows = max(1, min(batch_size, TOKENS_PER_BATCH // width))
@@ -70,15 +78,37 @@ def window_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: i
         for r, w in enumerate(chunk):
             inp[r, : w.end - w.begin] = tokens[w.begin:w.end]
             mask[r, : w.end - w.begin] = 1
-        logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits
+        inputs = {"input_ids": inp.to(device), "attention_mask": mask.to(device)}
+        if chunked and head is not None:
+            with capture_last_hidden(model) as store:
+                last = model(**inputs, logits_to_keep=1).logits
+            hidden = store["hidden"]
+            if not checked:  # once per call: the output layer is the same for every batch
+                checked = True
+                chunked = head.check(hidden[:, -1], last[:, -1])
+        if not chunked:
+            logits = model(**inputs).logits
         for r, w in enumerate(chunk):
             pos = slice(w.first_scored - 1 - w.begin, w.end - 1 - w.begin)
-            logprobs = torch.log_softmax(logits[r, pos].double(), dim=-1)
-            target = tokens[w.first_scored:w.end].to(logprobs.device)
-            out.append(-logprobs.gather(1, target[:, None])[:, 0].cpu())
+            target = tokens[w.first_scored:w.end]
+            if chunked and head is not None:
+                out.append(_chunked_nll(head, hidden[r, pos], target))
+            else:
+                logprobs = torch.log_softmax(logits[r, pos].double(), dim=-1)
+                out.append(-logprobs.gather(1, target[:, None].to(logprobs.device))[:, 0].cpu())
         if on_batch is not None:
             on_batch(len(chunk))
     return out
+
+
+def _chunked_nll(head: ChunkedHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """NLL of `target` [n] from hidden states [n, d], the output layer applied to a few positions at a time."""
+    step = max(1, LOGIT_BYTES // (12 * head.head.weight.shape[0]))  # fp32 logits + their float64 log-softmax
+    parts = []
+    for i in range(0, len(target), step):
+        logprobs = torch.log_softmax(head(hidden[i:i + step]).double(), dim=-1)
+        parts.append(-logprobs.gather(1, target[i:i + step, None].to(logprobs.device))[:, 0].cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | None = None, stride: int | None = None,
@@ -104,8 +134,9 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
         nll = torch.cat(workers.map(lambda part: window_nlls(model, ids, part, batch_size, advance), windows))
     bad = int((~torch.isfinite(nll)).sum())
     ppl = math.exp(float(nll.sum()) / len(nll)) if not bad else math.nan
-    protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} tokens of {path.name} (tokenised once, special "
-                f"tokens as the tokenizer adds them); sliding window of {window} tokens with stride {stride}: every "
+    budget = f"the first {len(ids)} tokens" if max_tokens is not None else f"all {len(ids)} tokens"
+    protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} scored tokens ({budget} of {path.name}, tokenised "
+                f"once, special tokens as the tokenizer adds them); sliding window of {window} tokens with stride {stride}: every "
                 f"token after the first is scored once, with >= {window - stride} tokens of context after the first "
                 "window. Any NaN/Inf token NLL makes the perplexity NaN (n_nonfinite counts such tokens).")
     return TaskOutcome([MetricGroup(GROUP, protocol, {"perplexity": MetricValue(ppl, len(nll), bad)})], len(nll),
