@@ -5,8 +5,6 @@ Commands import torch/transformers inside their bodies, never at module level, s
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from prunecli.errors import PruneCliError
+from prunecli.jsonio import dumps_json
 
 T = TypeVar("T")
 
@@ -62,21 +61,6 @@ def guarded(debug: bool, body: Callable[[], T]) -> T:
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-def _json_safe(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: non-finite floats are written as the strings "nan", "inf", "-inf"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def dumps_json(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(_json_safe(obj), indent=indent, allow_nan=False)
 
 
 def emit_json(obj: Any) -> None:

@@ -16,8 +16,6 @@ from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 if TYPE_CHECKING:
     from rich.progress import Task
 
-    from prunecli.evaluation.report import Comparison
-
 
 def _rate_column() -> Any:  # noqa: ANN401 - a rich ProgressColumn
     from rich.progress import ProgressColumn
@@ -56,45 +54,6 @@ def _metrics_table(report: dict[str, Any]) -> None:
     console.print(table)
     for group, text in report["protocol"].items():
         console.print(f"[bold]{group}[/]: {text}", highlight=False)
-
-
-def _comparison_table(cmp: Comparison) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from prunecli.evaluation.report import format_value
-
-    table = Table(title="evaluation reports side by side")
-    table.add_column("metric")
-    for label in cmp.labels:
-        table.add_column(label, justify="right")
-    table.add_column("protocol")
-    for m in cmp.metrics:
-        cells = []
-        for value, bad in zip(cmp.values[m], cmp.n_nonfinite[m]):
-            cells.append(format_value(value) + (f" [red]({bad} NaN/Inf)[/]" if bad else ""))
-        table.add_row(m + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells, cmp.group.get(m, ""))
-    Console().print(table)
-
-
-def _compare(paths: list[str], json_out: bool) -> None:
-    from prunecli.evaluation.report import compare_reports, load_report
-
-    reports = [load_report(Path(p)) for p in paths]
-    stems = [Path(p).stem for p in paths]
-    labels = stems if len(set(stems)) == len(stems) else list(paths)
-    cmp = compare_reports(reports, labels)
-    for group in cmp.protocol_mismatch:
-        warn(f"protocol {group!r} differs between the reports: its numbers are not comparable")
-    if cmp.n_mismatch:
-        warn(f"computed over different case counts (*): {', '.join(cmp.n_mismatch)}")
-    if json_out:
-        emit_json({"reports": list(paths), "labels": cmp.labels,
-                   "metrics": {m: {"values": cmp.values[m], "n": cmp.n[m], "n_nonfinite": cmp.n_nonfinite[m],
-                                   "group": cmp.group.get(m)} for m in cmp.metrics},
-                   "protocol_mismatch": cmp.protocol_mismatch, "n_mismatch": cmp.n_mismatch})
-    else:
-        _comparison_table(cmp)
 
 
 def main(
@@ -168,7 +127,9 @@ def main(
 
     def body() -> None:
         if compare:
-            _compare(paths, json_out)
+            from prunecli.commands.compare import compare_files
+
+            compare_files([Path(p) for p in paths], json_out)
             return
         from prunecli.core.atomic import check_output_path
         from prunecli.distributed import workers

@@ -12,12 +12,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prunecli.commands._common import dumps_json  # NaN-safe JSON, the same as --json prints
 from prunecli.core.atomic import atomic_file
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import TaskOutcome
+from prunecli.jsonio import dumps_json  # NaN-safe JSON, the same as --json prints
+
+if TYPE_CHECKING:
+    from prunecli.evaluation.base import TaskOutcome
 
 FORMAT = "prunecli-eval-report"
 VERSION = 1

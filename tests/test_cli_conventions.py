@@ -1,0 +1,68 @@
+"""CLI conventions: --version, shell completion, unwrapped examples in --help, `compare` without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from prunecli.cli import app, command_help
+
+runner = CliRunner()
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("prunecli ")
+
+
+def test_shell_completion_is_offered() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert "--install-completion" in result.output
+
+
+def test_examples_are_one_unwrapped_line() -> None:
+    doc = """Prose.
+
+    Example: prunecli stats smollm2 --method memit --text wiki.raw
+    --tokens 50000 -o s.safetensors
+    """
+    assert command_help(doc) == ("Prose.\n\n\b\nExample: prunecli stats smollm2 --method memit --text wiki.raw "
+                                 "--tokens 50000 -o s.safetensors")
+    from prunecli.commands import edit, evaluate, stats, train_mend
+
+    for name, module in [("stats", stats), ("edit", edit), ("evaluate", evaluate), ("train-mend", train_mend)]:
+        wanted = [p.removeprefix("\b\n") for p in command_help(module.main.__doc__).split("\n\n")
+                  if p.startswith("\b\n")]
+        out = runner.invoke(app, [name, "--help"], terminal_width=60).output
+        lines = [line.strip() for line in out.splitlines()]
+        assert wanted and all(example in lines for example in wanted), name  # printed whole, on one line
+
+
+def _report(path: Path, value: float) -> Path:
+    from prunecli.evaluation.report import build_report, write_report
+    from prunecli.evaluation.base import MetricGroup, TaskOutcome
+    from prunecli.evaluation.metrics import MetricValue
+
+    outcome = TaskOutcome([MetricGroup("perplexity", "protocol text", {"perplexity": MetricValue(value, 10, 0)})], 10,
+                          "tokens")
+    write_report(build_report("m", [], {}, [("perplexity", outcome, 1.0)]), path, False)
+    return path
+
+
+def test_compare_command_reads_reports_without_torch(tmp_path: Path) -> None:
+    a, b = _report(tmp_path / "a.json", 20.0), _report(tmp_path / "b.json", 25.0)
+    code = ("import sys; from prunecli.cli import app; "
+            "sys.argv = ['prunecli', 'compare', sys.argv[1], sys.argv[2], '--json']\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "NO-TORCH" in out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["labels"] == ["a", "b"] and doc["metrics"]["perplexity"]["values"] == [20.0, 25.0]
+    alias = runner.invoke(app, ["evaluate", "--compare", str(a), str(b), "--json"])
+    assert alias.exit_code == 0 and json.loads(alias.stdout)["metrics"] == doc["metrics"]
