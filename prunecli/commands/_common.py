@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from prunecli.commands._progress import LineProgress
 from prunecli.errors import PruneCliError
 from prunecli.jsonio import dumps_json
 
@@ -77,8 +78,11 @@ def note(message: str) -> None:
     err_console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
 
-def progress_bar(extra_columns: Iterable[Any] = ()) -> Progress:
-    """A rich progress bar on stderr (silent when PRUNECLI_NO_PROGRESS is set)."""
+def progress_bar(extra_columns: Iterable[Any] = ()) -> Progress | LineProgress:
+    """Progress on stderr: a rich bar on a terminal, plain lines in a log file (`_progress.LineProgress`), nothing
+    when PRUNECLI_NO_PROGRESS is set."""
+    if not err_console.is_terminal and not os.environ.get("PRUNECLI_NO_PROGRESS"):
+        return LineProgress(err_console)
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), *extra_columns, console=err_console,
                     transient=False, disable=bool(os.environ.get("PRUNECLI_NO_PROGRESS")))

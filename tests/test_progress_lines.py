@@ -1,0 +1,57 @@
+"""Progress in log files: plain lines with rate and ETA when stderr is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from prunecli.cli import app
+from prunecli.commands._progress import LineProgress
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_at_start_first_item_interval_and_end() -> None:
+    out, clock = io.StringIO(), Clock()
+    with LineProgress(Console(file=out, width=200), every=7.0, clock=clock) as progress:
+        task = progress.add_task("editing", total=4, loss="")
+        for i in range(4):
+            clock.now += 4.0
+            progress.update(task, completed=i + 1, loss=f"loss {i}")
+    lines = out.getvalue().splitlines()
+    # start, first item (4 s), once 7 s passed since the last line (8 s later, at 12 s), the last item (16 s)
+    assert [line.split(",")[0] for line in lines] == ["editing 0/4 (0%)", "editing 1/4 (25%)", "editing 3/4 (75%)",
+                                                     "editing 4/4 (100%)"]
+    assert lines[1] == "editing 1/4 (25%), 4.0 s/item, elapsed 4 s, eta 12 s, loss 0"
+    assert lines[-1].endswith("elapsed 16 s, loss 3")
+
+
+def test_heartbeat_during_one_long_item() -> None:
+    out = io.StringIO()
+    with LineProgress(Console(file=out, width=200), every=0.05) as progress:
+        progress.add_task("editing", total=2)
+        time.sleep(0.3)  # one item that takes long: the log still shows the command is alive
+    assert out.getvalue().count("editing 0/2") >= 2
+
+
+def test_stats_writes_progress_lines_to_a_log(gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PRUNECLI_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRUNECLI_PROGRESS_INTERVAL", "0")
+    text = tmp_path / "corpus.txt"
+    text.write_text("The Eiffel Tower is located in Paris. " * 50)
+    result = CliRunner().invoke(app, ["stats", str(gpt2_dir), "--layers", "1", "--text", str(text), "--tokens", "300",
+                                      "--batch-size", "1", "-o", str(tmp_path / "s.safetensors")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("key statistics")]
+    assert len(lines) >= 3 and "/s" in lines[-1] and "100%" in lines[-1], result.stderr
