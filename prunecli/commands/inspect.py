@@ -12,7 +12,7 @@ from prunecli.commands._common import AllowPickleOpt, DebugOpt, JsonOpt, emit_js
 
 if TYPE_CHECKING:
     from prunecli.core.inspection import DeltaEntryReport, MatrixReport
-    from prunecli.plotting import SpectrumLine
+    from prunecli.plotting import Spectra
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -35,8 +35,9 @@ def main(
     exact: Annotated[bool, typer.Option("--exact", help="Float64 SVD instead of the fast Gram + eigvalsh path "
                                         "(needed when kappa approaches 1e7).")] = False,
     json_out: JsonOpt = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the singular spectra (log scale; "
-                                              "solid W, dashed W + D). Needs matplotlib.", dir_okay=False)] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a PNG of the singular spectra (log-log; one panel per edited matrix with W, W + D and "
+        "D, sigma_max(W) marked). Needs matplotlib.", dir_okay=False)] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many top singular values of each delta to report.")]
     = 5,
     device: Annotated[str, typer.Option("--device", callback=_device, help="cpu, cuda or cuda:N.")] = "cpu",
@@ -105,7 +106,7 @@ def main(
         if plot is not None:
             from prunecli.plotting import plot_spectra
 
-            plot_spectra(_plot_lines(reports), plot, f"singular spectra of {target.name}", force)
+            plot_spectra(_plot_items(reports), plot, f"singular spectra of {target.name}", force)
         if json_out:
             emit_json({"path": str(target), "kind": kind, "deltas": delta_paths, "exact": exact, "device": str(dev),
                        "tensors": tensors_json})
@@ -128,15 +129,12 @@ def _warn_ill_conditioned(reports: list[MatrixReport]) -> None:
              f"{bad[0]}); the fast path's sigma_min is not accurate there: rerun with --exact")
 
 
-def _plot_lines(reports: list[Any]) -> list[SpectrumLine]:
-    from prunecli.plotting import SpectrumLine
+def _plot_items(reports: list[Any]) -> list[Spectra]:
+    from prunecli.plotting import Spectra
 
-    lines = []
-    for r in reports:
-        lines.append(SpectrumLine(r.name, r.spectrum))
-        if getattr(r, "edited_spectrum", None) is not None:
-            lines.append(SpectrumLine(r.name, r.edited_spectrum, edited=True))
-    return lines
+    if reports and not hasattr(reports[0], "edited_spectrum"):  # a delta file alone: D's spectra
+        return [Spectra(r.name, None, delta=r.spectrum) for r in reports]
+    return [Spectra(r.name, r.spectrum, r.edited_spectrum, r.delta_spectrum) for r in reports]
 
 
 def _stdout_console() -> Any:

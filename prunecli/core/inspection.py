@@ -63,6 +63,7 @@ class MatrixReport:
     edited: SpectrumStats | None = None
     edited_spectrum: torch.Tensor | None = None
     delta: DeltaSpectrum | None = None
+    delta_spectrum: torch.Tensor | None = None  # all singular values of D (kept only on request)
 
     def to_json(self, with_delta: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
@@ -187,15 +188,16 @@ def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | No
             s = singular_values(w, exact, dev)
             stats = SpectrumStats.from_singular_values(s)
             entry = delta.entries.get(canonical) if delta is not None else None
-            edited = edited_s = dspec = None
+            edited = edited_s = dspec = delta_s = None
             if entry is not None:
                 edited_s = singular_values(_add_update(w.to(dev, torch.float64, copy=True), entry), exact, dev)
                 edited = SpectrumStats.from_singular_values(edited_s)
-                dspec = DeltaSpectrum.from_singular_values(delta_singular_values(entry, exact, dev), entry.shape,
-                                                           top_k, stats.sigma_max)
+                delta_s = delta_singular_values(entry, exact, dev)
+                dspec = DeltaSpectrum.from_singular_values(delta_s, entry.shape, top_k, stats.sigma_max)
             del w
+            kept = (s, edited_s, delta_s) if keep_spectra else (None, None, None)
             yield MatrixReport(canonical, (info.shape[0], info.shape[1]), info.dtype, ckpt.layout(name),
-                               stats, s if keep_spectra else None, edited, edited_s if keep_spectra else None, dspec)
+                               stats, kept[0], edited, kept[1], dspec, kept[2])
 
     return generate()
 
