@@ -11,6 +11,7 @@ import typer
 
 from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, emit_json,
                                        guarded, note, progress_bar, warn)
+from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
 if TYPE_CHECKING:
@@ -160,5 +161,9 @@ def main(
             emit_json(report)
         else:
             _metrics_table(report)
+        if report["failed_tasks"]:
+            failures = "; ".join(f"{name}: {why}" for name, why in report["failed_tasks"].items())
+            raise PruneCliError(f"{len(report['failed_tasks'])} of {len(report['tasks'])} tasks failed (the others' "
+                                f"results are {'in ' + str(output) if output else 'above'}): {failures}")
 
     guarded(debug, body)

@@ -14,6 +14,7 @@ from pathlib import Path
 from prunecli.errors import PruneCliError
 from prunecli.evaluation import choice, counterfact, generative, zsre
 from prunecli.evaluation.base import EvalContext, TaskOutcome
+from prunecli.evaluation.data import resolve_source
 from prunecli.evaluation.perplexity import evaluate_perplexity
 from prunecli.requests import EditRequest
 
@@ -23,6 +24,8 @@ class TaskDef:
     name: str
     needs: str  # "edits" (requests), "text" (a text file) or "data" (a task data set)
     run: Callable[[EvalContext, str | None], TaskOutcome]
+    locate: Callable[[Path, Path | None, str | None], str | None] = lambda data_dir, text, source: None
+    """The file (or hub spec) the task will read, from (data dir, --text, =SOURCE); None when it reads none."""
 
 
 def _requests(ctx: EvalContext, task: str) -> list[EditRequest]:
@@ -49,24 +52,34 @@ def _run_zsre(ctx: EvalContext, source: str | None) -> TaskOutcome:
     return TaskOutcome(groups, len(requests))
 
 
+def _perplexity_text(data_dir: Path, text: Path | None, source: str | None) -> str:
+    return source or str(text or data_dir / "wikitext" / "wiki.test.raw")
+
+
 def _run_perplexity(ctx: EvalContext, source: str | None) -> TaskOutcome:
-    path = Path(source) if source else ctx.text_path or ctx.data_dir / "wikitext" / "wiki.test.raw"
+    path = Path(_perplexity_text(ctx.data_dir, ctx.text_path, source))
     return evaluate_perplexity(ctx.model, ctx.tokenizer, path, ctx.window, ctx.stride, ctx.max_tokens,
                                ctx.batch_size, ctx.progress, ctx.workers)
 
 
+def _data_file(name: str, default: str | None) -> Callable[[Path, Path | None, str | None], str]:
+    return lambda data_dir, text, source: resolve_source(source, default, data_dir, name)
+
+
 def _generative(task: generative.GenerativeTask) -> TaskDef:
-    return TaskDef(task.name, "data", lambda ctx, src: generative.run_generative(task, ctx, src))
+    return TaskDef(task.name, "data", lambda ctx, src: generative.run_generative(task, ctx, src),
+                   _data_file(task.name, task.default_file))
 
 
 def _choice(task: choice.ChoiceTask) -> TaskDef:
-    return TaskDef(task.name, "data", lambda ctx, src: choice.run_choice(task, ctx, src))
+    return TaskDef(task.name, "data", lambda ctx, src: choice.run_choice(task, ctx, src),
+                   _data_file(task.name, task.default_file))
 
 
 REGISTRY: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("counterfact", "edits", _run_counterfact),
     TaskDef("zsre", "edits", _run_zsre),
-    TaskDef("perplexity", "text", _run_perplexity),
+    TaskDef("perplexity", "text", _run_perplexity, _perplexity_text),
     *(_generative(t) for t in generative.TASKS.values()),
     *(_choice(t) for t in choice.TASKS.values()),
 ]}
@@ -94,3 +107,19 @@ def parse_tasks(spec: str) -> list[tuple[TaskDef, str | None]]:
     if not out:
         raise PruneCliError("no task given in --tasks")
     return list(out.values())
+
+
+def check_inputs(tasks: list[tuple[TaskDef, str | None]], data_dir: Path, text: Path | None) -> None:
+    """Fail before any model is loaded when a task's input file is missing, saying which option points to it."""
+    for task, source in tasks:
+        where = task.locate(data_dir, text, source)
+        if where is None or where.startswith("hub:") or Path(where).exists():
+            continue
+        if source:
+            hint = f"check {task.name}={source}"
+        elif task.name == "perplexity" and text is not None:
+            hint = "check --text"
+        else:
+            hint = (f"it is looked up in the data folder {data_dir} (relative to the current directory unless "
+                    f"absolute): set --data-dir or PRUNECLI_DATA_DIR, or give {task.name}=PATH")
+        raise PruneCliError(f"task {task.name}: {where} does not exist; {hint}")

@@ -24,7 +24,7 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, ProgressFactory, TaskOutcome, no_progress
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
-from prunecli.evaluation.registry import TaskDef, parse_tasks
+from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.evaluation.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
@@ -97,6 +97,7 @@ def plan(options: EvalOptions, requests: list[EditRequest] | None) -> list[tuple
     for task, _ in tasks:
         if task.needs == "edits" and not requests:
             raise PruneCliError(f"task {task.name} needs edit requests: give --edits FILE")
+    check_inputs(tasks, options.data_dir, options.text)
     return tasks
 
 
@@ -134,7 +135,8 @@ def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[
 def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFactory = no_progress,
                    workers: Workers = SINGLE) -> dict[str, Any]:
     """Evaluate `model_ref` plus `options.deltas` on the planned tasks; returns the report object (the same one on
-    every process of a parallel run)."""
+    every process of a parallel run). Every input file is checked before the model is loaded; when one of several
+    tasks fails, the others still report and `failed_tasks` names the failure."""
     from prunecli.models.loading import add_delta_to_model
     from prunecli.models.placement import input_device
 
@@ -158,15 +160,23 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
                       reference_name=reference_name, text_path=options.text, window=options.window,
                       stride=options.stride, max_tokens=options.max_tokens, progress=progress, workers=workers)
     outcomes: list[tuple[str, TaskOutcome, float]] = []
+    failed: dict[str, str] = {}
     for task, source in tasks:
         t0 = time.perf_counter()
-        outcome = task.run(ctx, source)
+        try:
+            outcome = task.run(ctx, source)
+        except Exception as exc:  # noqa: BLE001 - one failing task must not lose the others' results
+            if len(tasks) == 1:
+                raise
+            failed[task.name] = str(exc) if isinstance(exc, PruneCliError) else f"{type(exc).__name__}: {exc}"
+            continue
         outcomes.append((task.name, outcome, time.perf_counter() - t0))
     info = {
         "edits": None if requests is None else {
             "file": str(options.edits) if options.edits is not None else "recorded in the deltas",
             "start": options.start, "n": len(requests)},
         "tasks": [t.name for t, _ in tasks],
+        "failed_tasks": failed,
         "locality_reference": reference_name,
         "settings": {"batch_size": options.batch_size, "device": str(input_device(model)),
                      "device_map": getattr(model, "hf_device_map", None) if options.device_map else None,
