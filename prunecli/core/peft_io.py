@@ -1,4 +1,4 @@
-"""Deltas as PEFT LoRA adapters, both ways (DESIGN.md section 8).
+"""Deltas as PEFT LoRA adapters, both ways (docs/DESIGN.md section 8).
 
 A delta entry D = U diag(s) V^T ([out, in], math orientation) becomes lora_B = U sqrt(s) [out, r] and
 lora_A = sqrt(s) V^T [r, in] with lora_alpha = r (scale 1). PEFT builds B @ A as [out, in] for every layer type and

@@ -1,6 +1,6 @@
 """Singular spectra of weight matrices: the fast path (Gram + eigvalsh in float64) and the exact one (SVD).
 
-Full SVDs are slow (DESIGN.md section 4). The singular values of W are the square roots of the eigenvalues of the
+Full SVDs are slow (docs/DESIGN.md section 4). The singular values of W are the square roots of the eigenvalues of the
 smaller Gram matrix W W^T (or W^T W); formed and diagonalised in float64 they are accurate while kappa stays far below
 1e7 (relative error of sigma_min about eps64 * kappa^2). `exact=True` uses an SVD in float64 instead.
 
