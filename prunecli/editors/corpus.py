@@ -65,10 +65,14 @@ def dataset(name: str, split: str = "train", column: str | None = None, subset: 
         raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types for a bad source
         raise PruneCliError(f"cannot load dataset {name!r} (split {split!r}): {exc}") from exc
-    features = getattr(ds, "features", None) or {}
+    features = getattr(ds, "features", None) or {}  # unknown before the first row for some streamed formats
     if column is None:
-        strings = [k for k, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        column = "text" if "text" in features or not strings else strings[0]
+        if features:
+            column = _text_column(features, {k: getattr(f, "dtype", None) in ("string", "large_string")
+                                             for k, f in features.items()})
+        else:
+            first = next(iter(ds), {})
+            column = _text_column(first, {k: isinstance(v, str) for k, v in first.items()})
     elif features and column not in features:
         raise PruneCliError(f"dataset {name!r} has no column {column!r}; columns: {', '.join(features)}")
 
@@ -82,6 +86,12 @@ def dataset(name: str, split: str = "train", column: str | None = None, subset: 
 
     where = f"dataset:{path.resolve() if path.exists() else name}"
     return Corpus(f"{where}{'/' + subset if subset else ''}:{split}:{column}", texts())
+
+
+def _text_column(columns: Iterable[str], is_string: dict[str, bool]) -> str:
+    """`text` when there is one, else the first string column (else `text`, so the error names it)."""
+    strings = [k for k in columns if is_string.get(k)]
+    return "text" if "text" in is_string or not strings else strings[0]
 
 
 def token_chunks(tokenizer, texts: Iterable[str], seq_len: int, budget: int) -> Iterator[list[int]]:  # noqa: ANN001
