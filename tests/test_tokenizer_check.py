@@ -174,3 +174,20 @@ def test_apply_with_tokenizer_writes_a_complete_folder(folders: dict[str, Path],
     single = one_error_line(["apply", str(base / "model.safetensors"), str(delta), "--tokenizer",
                              str(folders["good"]), "-o", str(tmp_path / "x.safetensors")])
     assert "needs a model folder base" in single
+
+
+def test_a_tokenizer_that_cannot_encode_ordinary_text(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Tokenizer files that load but know none of the words: named as such, not as missing files."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    words = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    model = tmp_path / "model"
+    shutil.copytree(folders["no_tok"], model)
+    words.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}')
+    line = one_error_line(commands(model, folders, tmp_path / "out")["evaluate --edits"])
+    assert line.startswith(f"error: the tokenizer of {model} cannot encode ordinary text (")
+    assert "gives only unknown tokens): pass a working one with --tokenizer" in line
