@@ -88,8 +88,7 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_one_line_with_both_sizes(n
 
 
 @pytest.mark.parametrize("name", ["evaluate --edits", "evaluate perplexity", "edit", "stats"])
-@pytest.mark.parametrize("broken", ["no_tok", "other"])
-@pytest.mark.parametrize("given", ["folder", "file"])
+@pytest.mark.parametrize(("broken", "given"), [("no_tok", "file"), ("other", "folder")])
 def test_tokenizer_option_fixes_both_folders(name: str, broken: str, given: str, folders: dict[str, Path],
                                              tmp_path: Path) -> None:
     tokenizer = folders["good"] if given == "folder" else folders["good"] / "tokenizer.json"
@@ -100,6 +99,22 @@ def test_tokenizer_option_fixes_both_folders(name: str, broken: str, given: str,
     if name.startswith("evaluate"):
         reference = runner.invoke(app, [args[0], str(folders["good"]), *args[2:], "--json"])
         assert json.loads(fixed.stdout)["metrics"] == json.loads(reference.stdout)["metrics"]
+
+
+def test_tokenizer_option_takes_a_built_in_model_name(folders: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--tokenizer smollm2` is the built-in model's cache folder (here a complete entry holding the tiny tokenizer,
+    so nothing is converted)."""
+    from prunecli.models.default_model import COMPLETE_MARKER, builtin_dir
+
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    entry = builtin_dir("smollm2")
+    tiny_tokenizer().save_pretrained(entry)
+    (entry / COMPLETE_MARKER).write_text("smollm2\n")
+    monkeypatch.chdir(tmp_path)  # no folder named smollm2 here to shadow the name
+    result = runner.invoke(app, [*commands(folders["no_tok"], folders, tmp_path)["evaluate --edits"], "--tokenizer",
+                                 "smollm2", "--json"])
+    assert result.exit_code == 0, result.output
 
 
 def test_the_check_covers_architectures_whose_loader_raises(tmp_path: Path, folders: dict[str, Path]) -> None:
