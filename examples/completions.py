@@ -1,6 +1,6 @@
 """Print greedy completions of the edit prompts before and after applying deltas (used by the demo).
 
-Usage: python examples/completions.py MODEL REQUESTS [--delta D]... [--tokens N]
+Usage: python examples/completions.py MODEL REQUESTS [--delta D]... [--tokens N] [--tokenizer T]
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("requests")
     parser.add_argument("--delta", action="append", default=[])
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--tokenizer", help="as prunecli's --tokenizer: for a model folder saved without one")
     args = parser.parse_args()
     requests = load_requests(args.requests)
-    model, tokenizer, _ = load_model(args.model)
+    model, tokenizer, _ = load_model(args.model, tokenizer=args.tokenizer)
     before = [complete(model, tokenizer, r.text, args.tokens) for r in requests]
     delta = load_deltas(args.delta)
     if delta is not None:

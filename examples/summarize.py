@@ -11,7 +11,9 @@ Reads, under WORK (as laid out by examples/Makefile):
 Writes RESULTS/summary.json ({"rows": [...], "timings": {...}}: one row per model x method x mode x restraint x N
 with every metric and the condition numbers), RESULTS/tables.md, and RESULTS/{kappa,editing,general}.png (solid:
 edited without restraint, dashed: PRUNE once, dash-dot: PRUNE during editing ("multiple"), dotted: base), one panel
-per editing method.
+per editing method. The plots need matplotlib (`pip install 'prunecli[plot]'`); without it they are skipped with one
+line on stderr and the summary and tables are still written, exit status 0 (hours of study should not end in a
+traceback over a missing extra).
 
 Usage: python summarize.py WORK RESULTS [--model NAME]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,17 @@ def _style(variant: str) -> dict[str, Any]:
     return {"linestyle": linestyle, "color": colour, "marker": "o", "markersize": 3}
 
 
+PLOT_HINT = "pip install 'prunecli[plot]'"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     """kappa.png (condition number and delta's top singular value vs N), editing.png (the six CounterFact metrics)
     and general.png (perplexity, SST-2): one column of panels per editing method, the base rows in each."""
@@ -239,8 +253,12 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     _write(args.results / "summary.json", json.dumps({"rows": rows, "timings": timings(args.work)}, indent=1) + "\n")
     _write(args.results / "tables.md", tables(rows))
-    for p in plot(rows, args.results):
-        print(f"wrote {p}")
+    if have_matplotlib():
+        for p in plot(rows, args.results):
+            print(f"wrote {p}")
+    else:
+        print(f"matplotlib is not installed: plots skipped ({PLOT_HINT} draws kappa.png, editing.png and general.png)",
+              file=sys.stderr)
     print(f"wrote {args.results / 'summary.json'} ({len(rows)} rows) and {args.results / 'tables.md'}")
 
 

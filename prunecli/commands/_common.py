@@ -40,6 +40,9 @@ MaxMemoryOpt = Annotated[str | None, typer.Option(
 OffloadFolderOpt = Annotated[Path | None, typer.Option(
     "--offload-folder", help="With --device-map: folder accelerate may use for weights offloaded to disk "
     "(safetensors checkpoints are read in place; edits never write to disk-offloaded files).")]
+TokenizerOpt = Annotated[str | None, typer.Option(
+    "--tokenizer", metavar="PATH_OR_ALIAS", help="Tokenizer to use instead of the model folder's own (for folders "
+    "saved without one): a folder, a tokenizer.json file, or a built-in model name (smollm2, gemma3-270m).")]
 
 
 def guarded(debug: bool, body: Callable[[], T]) -> T:

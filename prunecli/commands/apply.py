@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, guarded, note
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
+                                       note, warn)
+from prunecli.errors import PruneCliError
 
 
 def main(
@@ -17,6 +19,7 @@ def main(
                                          "base, a .safetensors file for a file base).")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output, and apply even when the "
                                         "delta was computed on different base weights.")] = False,
+    tokenizer_ref: TokenizerOpt = None,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     debug: DebugOpt = False,
@@ -26,9 +29,12 @@ def main(
     Each delta must have been computed on these exact base weights (checked by fingerprint; --force skips the
     check). Only shards holding changed tensors are rewritten; the others are hard-linked, and config, tokenizer and
     index are copied, so the output costs little extra disk. Rewritten shards record the delta files under the
-    `prunecli.applied` metadata key.
+    `prunecli.applied` metadata key. With --tokenizer the given tokenizer replaces the base's tokenizer files, so a
+    base saved without one still gives a complete checkpoint.
 
     Example: prunecli apply gpt2-base/ edits.safetensors pruned.safetensors -o gpt2-edited/
+
+    Example: prunecli apply checkpoint-500/ edits.safetensors --tokenizer smollm2 -o edited/
     """
 
     def body() -> None:
@@ -37,15 +43,26 @@ def main(
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
         from prunecli.models.default_model import resolve_model_path
+        from prunecli.models.tokenizer import has_vocabulary_files, replacement_files
 
         base_path = resolve_model_path(base)
         check_output_path(output, force, is_dir=base_path.is_dir())
+        if tokenizer_ref is not None and not base_path.is_dir():
+            raise PruneCliError(f"--tokenizer needs a model folder base: {base_path} is a single file, and so is the "
+                                "output, with no room for a tokenizer")
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         delta = load_deltas(deltas, base_ckpt)
         assert delta is not None  # typer requires at least one DELTA
-        rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas])
+        provenance = [str(p.resolve()) for p in deltas]
+        if tokenizer_ref is None:
+            if base_path.is_dir() and not has_vocabulary_files(base_path):
+                warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")
+            rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance)
+        else:
+            with replacement_files(base_path, base_ckpt.config, tokenizer_ref) as files:
+                rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files)
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
-                   "tensors": list(delta.entries), "rewritten_files": rewritten}
+                   "tensors": list(delta.entries), "rewritten_files": rewritten, "tokenizer": tokenizer_ref}
         if json_out:
             emit_json(summary)
         else:

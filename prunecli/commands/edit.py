@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
-                                       emit_json, err_console, guarded, note, progress_bar, warn)
+                                       TokenizerOpt, emit_json, err_console, guarded, note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -41,6 +41,7 @@ def main(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
+    tokenizer_ref: TokenizerOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32 or bf16 (edits are computed in fp32).")]
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
@@ -94,7 +95,7 @@ def main(
             editor.archive.check_base(Checkpoint(resolve_model_path(model)), archive)  # type: ignore[attr-defined]
 
         lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,
-                                         offload_folder=offload_folder)
+                                         offload_folder=offload_folder, tokenizer=tokenizer_ref)
         if prior is not None:
             prior.check_base(base, force)
         adapter = resolve_adapter(lm)
@@ -106,6 +107,8 @@ def main(
         if method == "rome" and not hp.mom2_adjustment and moments is not None:
             note("mom2_adjustment is false: the statistics are not used")
         provenance = {"stats": {"path": str(stats), "corpus": KeyStats.load(stats).corpus}} if stats else {}
+        if tokenizer_ref is not None:
+            provenance["tokenizer"] = tokenizer_ref  # the edits were computed with this tokenizer
         schedule = PruneSchedule(prune_every, fn, alpha, beta) if prune_every is not None else None
 
         run = _with_progress(len(edit_requests), lambda on_step: run_edits(

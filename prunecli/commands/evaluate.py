@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, emit_json,
-                                       guarded, note, progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt,
+                                       emit_json, guarded, note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
@@ -91,6 +91,7 @@ def main(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
+    tokenizer_ref: TokenizerOpt = None,
     locality_reference: Annotated[str | None, typer.Option(
         "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
         "(default: MODEL without the deltas).")] = None,
@@ -143,7 +144,8 @@ def main(
                               text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
                               batch_size=batch_size, device=device, dtype=dtype,
                               locality_reference=locality_reference, data_dir=data_dir, force=force,
-                              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+                              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                              tokenizer=tokenizer_ref)
         with workers(device, device_map) as group:
             report = run_evaluation(paths[0], options, _bar, group)
             if not group.is_main:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
-                                       emit_json, err_console, guarded, note, progress_bar)
+                                       TokenizerOpt, emit_json, err_console, guarded, note, progress_bar)
 from prunecli.errors import PruneCliError
 
 
@@ -59,6 +59,7 @@ def main(
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
+    tokenizer_ref: TokenizerOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     debug: DebugOpt = False,
@@ -97,7 +98,8 @@ def main(
         with workers(device, device_map) as group:
             say = note if group.is_main else (lambda message: None)  # rank 0 speaks for every process
             lm, tokenizer, base = load_model(model, group.resolve_device(device), model_dtype, device_map=device_map,
-                                             max_memory=max_memory, offload_folder=offload_folder)
+                                             max_memory=max_memory, offload_folder=offload_folder,
+                                             tokenizer=tokenizer_ref)
             adapter = resolve_adapter(lm)
             if wanted is None:
                 assert method is not None

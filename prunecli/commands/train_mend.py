@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded, progress_bar,
-                                       warn)
+from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, err_console, guarded,
+                                       progress_bar, warn)
 
 
 def main(
@@ -47,6 +47,7 @@ def main(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from ARCHIVE.ckpt (same model, data and "
                                          "settings; --steps and --early-stop-patience may change).")] = False,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    tokenizer_ref: TokenizerOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the record order and the networks' "
                                       "initialisation.")] = 0,
     json_out: JsonOpt = False,
@@ -86,7 +87,7 @@ def main(
         data_info = {"path": str(data), "start": start, "records": len(records), "skipped": skipped,
                      "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
 
-        lm, tokenizer, base = load_model(model, device, "fp32")
+        lm, tokenizer, base = load_model(model, device, "fp32", tokenizer=tokenizer_ref)
         adapter = resolve_adapter(lm)
         chosen = coerce("layers", layers) if layers is not None else tuple(default_layers(adapter.num_layers))
         for layer in chosen:

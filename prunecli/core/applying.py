@@ -44,13 +44,14 @@ class MergedTensors(Mapping[str, torch.Tensor]):
 
 
 def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
-                 provenance: Sequence[str] = ()) -> list[str]:
+                 provenance: Sequence[str] = (), files: Mapping[str, Path | None] | None = None) -> list[str]:
     """Write `base` + `delta` to `out`; returns the rewritten weight files (the others are hard-linked).
 
     The delta must fit the base: every target present with its shape, and (unless `force`) the very bytes the delta
     was computed on. `force` also allows overwriting `out`. `provenance` (delta file paths) is recorded under
-    `prunecli.applied` in the rewritten files.
+    `prunecli.applied` in the rewritten files. `files` replaces non-weight files of a folder base (name -> file to
+    copy instead, or None to leave it out), e.g. to ship another tokenizer with the output.
     """
     delta.check_base(base, force)
     metadata = {APPLIED_KEY: json.dumps([str(p) for p in provenance])}
-    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata)
+    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata, files=files)

@@ -232,14 +232,16 @@ class Checkpoint:
 
     # ------------------------------------------------------------------------------------------------ writing
     def write_updated(self, out: Path, updates: Mapping[str, torch.Tensor], force: bool = False,
-                      metadata: Mapping[str, str] | None = None) -> list[str]:
+                      metadata: Mapping[str, str] | None = None,
+                      files: Mapping[str, Path | None] | None = None) -> list[str]:
         """Write a copy of this checkpoint with `updates` (stored name or alias -> new tensor, stored layout).
 
         New tensors are cast to each tensor's stored dtype. For folders, non-weight files are copied, shards that hold
         no updated tensor are hard-linked (copied across filesystems) and the index is kept, so the output loads with
         `from_pretrained` exactly like the input. `metadata` goes into the header of every rewritten file. Values of
         `updates` are read only when their tensor is written, one at a time, so a lazy mapping keeps memory at one
-        tensor. Returns the names of the rewritten files.
+        tensor. `files` replaces non-weight files of a folder (name -> file to copy instead, or None to leave the
+        base's file out), e.g. another tokenizer. Returns the names of the rewritten files.
         """
         out = Path(out)
         base = self.path.resolve()
@@ -260,9 +262,12 @@ class Checkpoint:
             with atomic_file(out, force) as tmp:
                 self._write_file(self.path.name, tmp, updates, by_stored, extra)
             return [out.name]
+        replaced = dict(files or {})
+        if set(replaced) & set(self._files):
+            raise ValueError(f"weight files cannot be replaced: {sorted(set(replaced) & set(self._files))}")
         with atomic_directory(out, force) as tmp:
             for item in self.path.iterdir():
-                if item.is_dir() or item.name.startswith("."):
+                if item.is_dir() or item.name.startswith(".") or item.name in replaced:
                     continue
                 if self.pickled and (item.name in self._files or item.name == PICKLE_INDEX):
                     continue  # replaced below by one safetensors file: our outputs never contain pickles
@@ -275,6 +280,9 @@ class Checkpoint:
             if self.pickled:
                 self._write_file(None, tmp / SAFE_SINGLE, updates, by_stored, extra)
                 touched = [SAFE_SINGLE]
+            for name, source in replaced.items():
+                if source is not None:
+                    shutil.copy2(source, tmp / name)
         return touched
 
     def _write_file(self, fname: str | None, dest: Path, updates: Mapping[str, torch.Tensor],

@@ -54,6 +54,7 @@ class EvalOptions:
     device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
     max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
     offload_folder: Path | None = None
+    tokenizer: str | None = None  # --tokenizer: for the evaluated model and the locality reference
 
 
 def requests_from_history(delta: Delta) -> list[EditRequest]:
@@ -105,7 +106,8 @@ def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, A
     from prunecli.models.loading import load_model
 
     return load_model(ref, workers.resolve_device(options.device), options.dtype, device_map=options.device_map,
-                      max_memory=options.max_memory, offload_folder=options.offload_folder)
+                      max_memory=options.max_memory, offload_folder=options.offload_folder,
+                      tokenizer=options.tokenizer)
 
 
 def _shared_progress(progress: ProgressFactory, workers: Workers) -> ProgressFactory:

@@ -20,6 +20,7 @@ from prunecli.core.delta import Delta
 from prunecli.errors import PruneCliError
 from prunecli.models.default_model import resolve_model_path
 from prunecli.models.placement import add_to_tensor
+from prunecli.models.tokenizer import check_fits, embedding_rows, load_tokenizer, tokenizer_source
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -103,13 +104,19 @@ def placement_kwargs(device_map: str | None, max_memory: str | dict[int | str, i
 def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta: Delta | None = None,
                force: bool = False, *, device_map: str | None = None,
                max_memory: str | dict[int | str, int | str] | None = None,
-               offload_folder: str | Path | None = None) -> tuple[Any, Any, Checkpoint]:
-    """(model in eval mode, tokenizer, base checkpoint) for a model folder or the `smollm2` alias, deltas applied.
+               offload_folder: str | Path | None = None,
+               tokenizer: str | Path | None = None) -> tuple[Any, Any, Checkpoint]:
+    """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name, deltas applied.
+
+    The tokenizer is the model folder's own, or `tokenizer` (a folder, a tokenizer.json file or a built-in name);
+    it is checked before the weights load (it must encode text) and after (its ids must fit the embedding), so a
+    folder without a usable tokenizer fails with one line that says so, never later with a message about
+    something else.
 
     With `device_map` (e.g. "auto", optionally bounded by `max_memory` such as "0=20GiB,cpu=60GiB", spilling to
     `offload_folder`) accelerate places the model across GPUs, CPU and disk and `device` is not used.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
@@ -121,17 +128,19 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
     if delta is not None:
         delta.check_base(base, force)
     target = None if placement else resolve_device(device)
+    source = tokenizer_source(path, tokenizer)
+    tok = load_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise PruneCliError(f"cannot load model from {path}: {exc}") from exc
+    check_fits(tok, source, embedding_rows(model), str(path))
     if target is not None:
         model.to(target)
     model.eval()
     if delta is not None:
         add_delta_to_model(model, delta)
-    return model, tokenizer, base
+    return model, tok, base
 
 
 def add_delta_to_model(model: torch.nn.Module, delta: Delta, scale: float = 1.0) -> None:
