@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, guarded, note
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, emit_json,
+                                       guarded, note)
 
 
 def main(
@@ -15,16 +16,18 @@ def main(
     deltas: Annotated[list[Path], typer.Argument(help="Delta file(s), composed in the order given.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (a folder for a folder "
                                          "base, a .safetensors file for a file base).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output, and apply even when the "
-                                        "delta was computed on different base weights.")] = False,
+    force: ForceOpt = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write BASE + DELTA... as a new checkpoint, in the base's dtype, loadable with `from_pretrained`.
 
-    Each delta must have been computed on these exact base weights (checked by fingerprint; --force skips the
-    check). Only shards holding changed tensors are rewritten; the others are hard-linked, and config, tokenizer and
+    Each delta must have been computed on these exact base weights (checked by fingerprint;
+    --ignore-base-mismatch accepts a mismatch with a warning). --force only replaces an earlier output; OUT may never
+    be, hold or sit inside BASE or a DELTA. No weight with NaN/Inf is written. Only shards holding changed tensors
+    are rewritten; the others are hard-linked, and config, tokenizer and
     index are copied, so the output costs little extra disk. Rewritten shards record the delta files under the
     `prunecli.applied` metadata key.
 
@@ -33,17 +36,19 @@ def main(
 
     def body() -> None:
         from prunecli.core.applying import apply_deltas
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
         from prunecli.models.default_model import resolve_model_path
 
         base_path = resolve_model_path(base)
-        check_output_path(output, force, is_dir=base_path.is_dir())
+        inputs = [("base checkpoint", base_path), *labelled("delta", deltas)]
+        check_output_path(output, force, is_dir=base_path.is_dir(), inputs=inputs)
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         delta = load_deltas(deltas, base_ckpt)
         assert delta is not None  # typer requires at least one DELTA
-        rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas])
+        rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=[str(p.resolve()) for p in deltas],
+                                 ignore_base_mismatch=ignore_base_mismatch)
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
                    "tensors": list(delta.entries), "rewritten_files": rewritten}
         if json_out:

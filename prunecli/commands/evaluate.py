@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, emit_json,
-                                       guarded, note, progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
+                                       OffloadFolderOpt, cell, emit_json, guarded, note, progress_bar, warn)
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def _metrics_table(report: dict[str, Any]) -> None:
 
     from prunecli.evaluation.report import format_value
 
-    table = Table(title=f"{report['model']}" + (f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""))
+    deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
+    table = Table(title=cell(f"{report['model']}{deltas}"))
     for col in ("metric", "value", "n", "NaN/Inf", "protocol"):
         table.add_column(col, justify="right" if col in ("value", "n", "NaN/Inf") else "left")
     for name, value in report["metrics"].items():
@@ -55,7 +57,7 @@ def _metrics_table(report: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     for group, text in report["protocol"].items():
-        console.print(f"[bold]{group}[/]: {text}", highlight=False)
+        console.print(f"[bold]{escape(group)}[/]: {escape(text)}", highlight=False)
 
 
 def _comparison_table(cmp: Comparison) -> None:
@@ -67,13 +69,13 @@ def _comparison_table(cmp: Comparison) -> None:
     table = Table(title="evaluation reports side by side")
     table.add_column("metric")
     for label in cmp.labels:
-        table.add_column(label, justify="right")
+        table.add_column(cell(label), justify="right")
     table.add_column("protocol")
     for m in cmp.metrics:
         cells = []
         for value, bad in zip(cmp.values[m], cmp.n_nonfinite[m]):
             cells.append(format_value(value) + (f" [red]({bad} NaN/Inf)[/]" if bad else ""))
-        table.add_row(m + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells, cmp.group.get(m, ""))
+        table.add_row(escape(m) + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells, cell(cmp.group.get(m, "")))
     Console().print(table)
 
 
@@ -136,8 +138,8 @@ def main(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the report (JSON) here.")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Compare report files (from -o) side by side instead of evaluating.")] = False,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Overwrite an existing report, and evaluate deltas made for different base weights.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report (never an input).")] = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -169,17 +171,21 @@ def main(
         if compare:
             _compare(paths, json_out)
             return
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
+        from prunecli.models.default_model import resolve_model_path
         from prunecli.distributed import workers
         from prunecli.evaluation.report import write_report
         from prunecli.evaluation.runner import EvalOptions, run_evaluation
 
         if output is not None:
-            check_output_path(output, force)
+            inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("edits file", edits),
+                      ("text file", text), ("locality reference", locality_reference)]
+            check_output_path(output, force, is_dir=False, inputs=inputs)
         options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,
                               text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
                               batch_size=batch_size, device=device, dtype=dtype,
-                              locality_reference=locality_reference, data_dir=data_dir, force=force,
+                              locality_reference=locality_reference, data_dir=data_dir,
+                              ignore_base_mismatch=ignore_base_mismatch,
                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
         with workers(device, device_map) as group:
             report = run_evaluation(paths[0], options, _bar, group)

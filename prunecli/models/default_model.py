@@ -47,7 +47,7 @@ def ensure_default_model() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunecli.core.atomic import atomic_directory
+    from prunecli.core.atomic import atomic_directory, output_mode
 
     gguf = _gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +62,9 @@ def ensure_default_model() -> Path:
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():  # safetensors' save_file creates 0600 files; the cache follows the umask
+            if item.is_file():
+                item.chmod(output_mode())
     return target
 
 
