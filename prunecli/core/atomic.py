@@ -289,9 +289,8 @@ def atomic_file(path: Path, force: bool = False,
     check_output_path(path, force, is_dir=False, inputs=inputs)
     clean_leftovers(_parent(path))
     tmp_path = _temp_name(path, "tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, output_mode())
-    os.close(fd)
-    try:
+    try:  # created inside the try: an interrupt right after the creation still removes it
+        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, output_mode()))
         try:
             yield tmp_path
         except OSError as exc:
@@ -318,10 +317,9 @@ def atomic_directory(path: Path, force: bool = False,
     check_output_path(path, force, is_dir=True, inputs=inputs)
     clean_leftovers(_parent(path))
     tmp_path = _temp_name(path, "tmp")
-    os.mkdir(tmp_path, output_mode(is_dir=True))
-    os.chmod(tmp_path, output_mode(is_dir=True))  # mkdir's mode is masked once more by the umask; be exact
     old: Path | None = None
-    try:
+    try:  # created inside the try: an interrupt right after the creation still removes it
+        os.mkdir(tmp_path, output_mode(is_dir=True))
         (tmp_path / MARKER).write_text(json.dumps({"written_by": "prunecli"}) + "\n", encoding="utf-8")
         try:
             yield tmp_path
