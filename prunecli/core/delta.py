@@ -278,7 +278,7 @@ class Delta:
             kind, layout, shape = spec.get("kind"), spec.get("layout"), spec.get("shape")
             if layout not in _LAYOUTS:
                 raise bad(f"entry {name}: layout {layout!r} is not one of {_LAYOUTS}")
-            if name not in fingerprints:
+            if not isinstance(fingerprints.get(name), str):
                 raise bad(f"entry {name} has no base fingerprint")
             keys = [f"{name}::A", f"{name}::B"] if kind == "lowrank" else [f"{name}::D"] if kind == "dense" else None
             if keys is None:
