@@ -112,6 +112,7 @@ def test_kill_9_during_folder_replacement_never_loses_the_output(big: dict[str, 
     print(f"kill -9 outcomes over 20 trials: {outcomes}")
 
 
+@pytest.mark.slow
 def test_sigterm_and_ctrl_c_clean_up_and_say_nothing_was_written(big: dict[str, Path], tmp_path: Path) -> None:
     for sig, code, words in ((signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")):
         out = tmp_path / f"out-{code}"

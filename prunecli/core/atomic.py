@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import signal
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prunecli.errors import PruneCliError
 
@@ -153,9 +155,14 @@ def output_mode(is_dir: bool = False) -> int:
 
 
 # ------------------------------------------------------------------------------------- renames and signals
+@functools.cache
+def _libc_renameat2() -> Any:
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # Linux (glibc >= 2.28, musl)
+
+
 def _renameat2(src: Path, dest: Path, flags: int) -> bool:
     """renameat2(2); False where the platform or filesystem does not support `flags`, an OSError on failure."""
-    func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    func = _libc_renameat2()
     if func is None:
         return False
     at_fdcwd = -100
@@ -173,10 +180,14 @@ def _rename_noreplace(src: Path, dest: Path, is_dir: bool) -> None:
         if _renameat2(src, dest, _RENAME_NOREPLACE):
             return
         if not is_dir:
-            os.link(src, dest)  # fails with EEXIST if dest exists: a no-clobber commit on any POSIX filesystem
-            os.unlink(src)
-            return
-        if os.path.lexists(dest):
+            try:
+                os.link(src, dest)  # fails with EEXIST if dest exists: a no-clobber commit on POSIX filesystems
+                os.unlink(src)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+        if os.path.lexists(dest):  # last resort (no renameat2, no hard links): check, then rename
             raise FileExistsError(errno.EEXIST, "exists", str(dest))
         os.rename(src, dest)  # a non-empty folder or a file at dest makes this fail
     except OSError as exc:
