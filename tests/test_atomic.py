@@ -35,6 +35,11 @@ def leftovers(folder: Path, name: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))
 
 
+def temp(folder: Path, pid: int, token: str, kind: str) -> Path:
+    """A temporary name as the writer with process id `pid` on this host would make it."""
+    return folder / f".out.prunecli-{atomic._host()}-{pid}-{token}.{kind}"
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -201,11 +206,11 @@ def test_swap_without_rename_exchange_and_its_recovery(tmp_path: Path, monkeypat
     # A run killed between the two renames: the journal says where both versions are; the next writer restores.
     pid = dead_pid()
     for present, expect in (("new", "new"), ("old", "old")):
-        new, old = tmp_path / f".out.prunecli-{pid}-aa.tmp", tmp_path / f".out.prunecli-{pid}-bb.old"
+        new, old = temp(tmp_path, pid, "aa", "tmp"), temp(tmp_path, pid, "bb", "old")
         (old if present == "old" else new).mkdir()
         ((old if present == "old" else new) / "v").write_text(expect)
         os.rename(out, tmp_path / "elsewhere")
-        (tmp_path / f".out.prunecli-{pid}-cc.swap").write_text(json.dumps({"target": "out", "new": new.name,
+        temp(tmp_path, pid, "cc", "swap").write_text(json.dumps({"target": "out", "new": new.name,
                                                                            "old": old.name}))
         with atomic.atomic_file(tmp_path / "neighbour") as tmp:
             tmp.write_text("x")
@@ -215,16 +220,18 @@ def test_swap_without_rename_exchange_and_its_recovery(tmp_path: Path, monkeypat
 
 
 def test_leftovers_of_dead_processes_only_are_removed(tmp_path: Path) -> None:
-    dead = tmp_path / f".out.prunecli-{dead_pid()}-ab.tmp"
+    dead = temp(tmp_path, dead_pid(), "ab", "tmp")
     dead.mkdir()
     (dead / "big").write_bytes(b"x" * 1000)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        live = tmp_path / f".out.prunecli-{sleeper.pid}-cd.tmp"
+        live = temp(tmp_path, sleeper.pid, "cd", "tmp")
+        elsewhere = tmp_path / f".out.prunecli-otherhost-{dead_pid()}-ef.tmp"  # another machine's: never judged
+        elsewhere.write_bytes(b"theirs")
         live.write_bytes(b"in progress")
         with atomic.atomic_file(tmp_path / "other") as tmp:
             tmp.write_text("x")
-        assert not dead.exists() and live.exists()
+        assert not dead.exists() and live.exists() and elsewhere.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -11,8 +11,8 @@ place only once complete:
   the old version then sits at the temporary name and is deleted. Where the filesystem cannot exchange, the swap is
   two renames recorded first in a journal beside the target; a run killed between them leaves the journal, and the
   next run that writes beside the target finishes the swap before doing anything else.
-- Temporary names carry the writer's process id (`.NAME.prunecli-PID-TOKEN.tmp`): the next run that writes in the same
-  folder removes those of processes that no longer exist (a kill -9 leaves them behind).
+- Temporary names carry the writer's host and process id (`.NAME.prunecli-HOST-PID-TOKEN.tmp`): the next run that
+  writes in the same folder removes those of processes of this host that no longer exist (a kill -9 leaves them).
 - `--force` replaces only a regular file, or a folder that prunecli wrote (it holds the `.prunecli-output` marker that
   every folder output gets); never a device node, a FIFO, or a folder of someone else's files.
 - An output may never be, contain, or sit inside one of the command's inputs (real paths and inode numbers are
@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,7 +43,7 @@ from prunecli.errors import PruneCliError
 MARKER = ".prunecli-output"
 """File in every folder prunecli writes: only such folders may be replaced with --force."""
 
-_TEMP_RE = re.compile(r"^\..+\.prunecli-(\d+)-[0-9a-f]+\.(tmp|old|swap)$")
+_TEMP_RE = re.compile(r"^\..+\.prunecli-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[0-9a-f]+\.(?P<kind>tmp|old|swap)$")
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _COMMITTED: list[Path] = []
@@ -209,7 +210,13 @@ def _signals_held() -> Iterator[None]:
 
 
 def _temp_name(path: Path, kind: str) -> Path:
-    return _parent(path) / f".{path.name}.prunecli-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+    return _parent(path) / f".{path.name}.prunecli-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+
+
+@functools.cache
+def _host() -> str:
+    """This machine's name as it appears in temporary names: a process id means something only on its own host."""
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname() or "host")
 
 
 def _alive(pid: int) -> bool:
@@ -238,8 +245,11 @@ def clean_leftovers(folder: Path) -> None:
     dead = []
     for name in names:
         match = _TEMP_RE.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
-            dead.append((match.group(2), Path(folder) / name))
+        if match is None or match["host"] != _host():  # another machine's (over a network filesystem): not ours to judge
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and not _alive(pid):
+            dead.append((match["kind"], Path(folder) / name))
     for kind, journal in dead:  # journals first: they may still point at the only complete copy of an output
         if kind == "swap":
             _recover_swap(journal)
