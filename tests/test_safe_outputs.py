@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from tiny_models import save_tiny_model
 
 runner = CliRunner()
 WEIGHT = "model.layers.1.mlp.down_proj.weight"
