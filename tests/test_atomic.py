@@ -89,19 +89,20 @@ def fork_writer(big: dict[str, Path], version: str, out: Path) -> int:
 def test_kill_9_during_folder_replacement_never_loses_the_output(big: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     expected, durations = {}, []
-    for version in "AB":  # the two complete outputs, and how long one replacement takes
+    for version in "AB":  # the two complete outputs, and how long one forked replacement takes from start to exit
         ref = tmp_path / f"ref-{version}"
-        started = time.perf_counter()
         apply_deltas(Checkpoint(big["base"]), Delta.load(big[version]), ref, provenance=[str(big[version])])
-        durations.append(time.perf_counter() - started)
         expected[file_hash(ref / "model.safetensors")] = version
-    duration = min(durations)
+        started = time.perf_counter()
+        assert os.waitpid(fork_writer(big, version, ref), 0)[1] == 0
+        durations.append(time.perf_counter() - started)
+    duration = max(durations)
     os.rename(tmp_path / "ref-A", out)
     current, rng, outcomes = "A", random.Random(11), {"old": 0, "new": 0}
     for _ in range(20):
         target = "B" if current == "A" else "A"
         pid = fork_writer(big, target, out)
-        time.sleep(rng.uniform(0.0, duration * 1.1))
+        time.sleep(rng.uniform(0.0, duration * 1.2))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         # At every instant the path holds one complete version: every file there, the shard byte-identical.
