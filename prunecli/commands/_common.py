@@ -84,7 +84,8 @@ def guarded(debug: bool, body: Callable[[], T]) -> T:
     SIGTERM behaves like Ctrl-C (temporary files are removed, the message says what is on disk), and library
     warnings (`PruneCliWarning`) are printed as one yellow line each.
     """
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with warnings.catch_warnings():
@@ -107,6 +108,9 @@ def guarded(debug: bool, body: Callable[[], T]) -> T:
         err_console.print(f"[bold red]error:[/] {_one_line(f'{type(exc).__name__}: {exc}')} (run with --debug for "
                           "the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _json_safe(obj: Any) -> Any:
