@@ -8,3 +8,10 @@ the CLI layer turns it into one line on stderr. Everything else is a bug and sho
 class PruneCliError(Exception):
     """A user-facing runtime error: the message is shown as is, exit code 1."""
 
+
+
+class PruneCliWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. a delta accepted for another base).
+
+    Library code raises it with `warnings.warn`; the CLI layer prints it as one yellow line on stderr.
+    """

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunecli.core.textio import read_text
 from prunecli.errors import PruneCliError
 
 
@@ -116,7 +117,7 @@ def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | Non
     path = Path(path)
     if not path.is_file():
         raise PruneCliError(f"requests file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "requests file")
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
@@ -125,6 +126,8 @@ def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | Non
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise PruneCliError(f"{path} is neither a JSON list nor JSONL: {exc}") from exc
+    except RecursionError:
+        raise PruneCliError(f"{path}: its JSON is nested too deeply to be edit requests") from None
     if isinstance(records, dict):
         records = [records]
     end = len(records) if limit is None else min(len(records), start + limit)

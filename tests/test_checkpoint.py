@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from prunecli.core.atomic import MARKER
 from prunecli.core.applying import APPLIED_KEY, apply_deltas
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
@@ -134,7 +135,7 @@ def test_pickle_refused_unless_allowed(tmp_path: Path, llama_dir: Path) -> None:
     # Writing from a pickle gives safetensors only.
     new = state[name] + 1.0
     assert ck.write_updated(tmp_path / "out", {name: new}) == ["model.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "config.json", "model.safetensors"]
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[name], new)
 
 
@@ -190,7 +191,7 @@ def test_write_updated_sharded_bf16(tmp_path: Path, llama_sharded_bf16_dir: Path
     rewritten = ck.write_updated(out, {name: new}, metadata={"prunecli.test": "yes"})
     touched = ck.info(name).file
     assert rewritten == [touched]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *(p.name for p in base_dir.iterdir())])
     for f in base_dir.iterdir():
         if f.name.endswith(".safetensors") and f.name != touched:
             assert os.stat(f).st_ino == os.stat(out / f.name).st_ino  # hard-linked, not rewritten

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry, load_deltas
-from prunecli.errors import PruneCliError
+from prunecli.errors import PruneCliError, PruneCliWarning
 
 C_FC = "transformer.h.0.mlp.c_fc.weight"  # Conv1D, stored [32, 128]: math [out 128, in 32]
 C_PROJ = "transformer.h.1.attn.c_proj.weight"  # Conv1D, stored [32, 32]
@@ -121,15 +121,17 @@ def test_check_base(tmp_path: Path, gpt2: Checkpoint, llama_dir: Path) -> None:
     delta.fingerprints[C_FC] = "sha256:" + "0" * 64
     with pytest.raises(PruneCliError) as e:
         delta.check_base(gpt2)
-    one_line_error(e, "another base", C_FC, "--force")
-    delta.check_base(gpt2, force=True)
+    one_line_error(e, "another base", C_FC, "--ignore-base-mismatch")
+    with pytest.warns(PruneCliWarning, match=C_FC.replace(".", r"\.")):
+        assert delta.check_base(gpt2, ignore_mismatch=True) == [C_FC]
+    assert sample_delta(gpt2).check_base(gpt2) == []
     with pytest.raises(PruneCliError) as e:
-        sample_delta(gpt2).check_base(Checkpoint(llama_dir), force=True)
+        sample_delta(gpt2).check_base(Checkpoint(llama_dir), ignore_mismatch=True)
     one_line_error(e, "does not have")
     wrong_shape = Delta(entries={C_PROJ: DeltaEntry.from_dense(torch.zeros(32, 16), "in_out")},
                         fingerprints={C_PROJ: gpt2.fingerprint(C_PROJ)})
     with pytest.raises(PruneCliError) as e:
-        wrong_shape.check_base(gpt2, force=True)
+        wrong_shape.check_base(gpt2, ignore_mismatch=True)
     one_line_error(e, "shape mismatch", C_PROJ)
 
 

@@ -286,8 +286,13 @@ def test_cli_apply_to_another_base(tmp_path: Path, gpt2_edit: tuple[Path, Path, 
     delta = tmp_path / "d.safetensors"
     assert run("diff", base_dir, edited_dir, "-o", delta).exit_code == 0
     out = tmp_path / "out"
-    assert_clean_failure(run("apply", edited_dir, delta, "-o", out), "another base", "--force", absent=out)
-    assert run("apply", edited_dir, delta, "-o", out, "--force").exit_code == 0
+    assert_clean_failure(run("apply", edited_dir, delta, "-o", out), "another base", "--ignore-base-mismatch",
+                         absent=out)
+    # --force only overwrites outputs: it no longer silences the base check (a re-run must not apply edits twice).
+    assert_clean_failure(run("apply", edited_dir, delta, "-o", out, "--force"), "another base", absent=out)
+    result = run("apply", edited_dir, delta, "-o", out, "--ignore-base-mismatch")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "transformer.h.1.mlp.c_proj.weight" in result.stderr
 
 
 def test_cli_shape_mismatch(tmp_path: Path) -> None:
@@ -340,8 +345,13 @@ def test_cli_existing_output(tmp_path: Path, gpt2_edit: tuple[Path, Path, dict[s
     assert [p.name for p in out_dir.iterdir()] == ["mine.txt"]
     assert run("diff", base_dir, edited_dir, "-o", existing, "--force").exit_code == 0
     assert isinstance(Delta.load(existing), Delta)
-    assert run("apply", base_dir, existing, "-o", out_dir, "--force").exit_code == 0
-    assert not (out_dir / "mine.txt").exists() and (out_dir / "model.safetensors").exists()
+    # A folder prunecli did not write is never replaced, even with --force; one it wrote is.
+    assert_clean_failure(run("apply", base_dir, existing, "-o", out_dir, "--force"), "did not write")
+    assert [p.name for p in out_dir.iterdir()] == ["mine.txt"]
+    ours = tmp_path / "ours"
+    assert run("apply", base_dir, existing, "-o", ours).exit_code == 0
+    assert run("apply", base_dir, existing, "-o", ours, "--force").exit_code == 0
+    assert (ours / "model.safetensors").exists()
 
 
 def test_cli_unwritable_output(tmp_path: Path, gpt2_edit: tuple[Path, Path, dict[str, torch.Tensor]]) -> None:

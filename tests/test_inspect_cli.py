@@ -102,12 +102,14 @@ def test_delta_on_the_wrong_base_fails(llama_dir: Path, gpt2_delta: Path) -> Non
     assert "does not have" in _one_line_error(_invoke(llama_dir, "--delta", gpt2_delta))
 
 
-def test_delta_on_a_changed_base_needs_force(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path) -> None:
+def test_delta_on_a_changed_base_needs_ignore_base_mismatch(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path) -> None:
     from tiny_models import save_tiny_model
 
     other = save_tiny_model("gpt2", tmp_path / "other", seed=1)
     assert "another base" in _one_line_error(_invoke(other, "--delta", gpt2_delta))
-    assert _invoke(other, "--delta", gpt2_delta, "--force", "--json").exit_code == 0
+    assert "another base" in _one_line_error(_invoke(other, "--delta", gpt2_delta, "--force"))
+    result = _invoke(other, "--delta", gpt2_delta, "--ignore-base-mismatch", "--json")
+    assert result.exit_code == 0 and "warning:" in result.stderr
 
 
 def test_inspecting_a_delta_file(gpt2_delta: Path) -> None:

@@ -138,8 +138,10 @@ def test_delta_for_another_base(llama_dir: Path, llama_delta: Path, tmp_path: Pa
     ckpt.write_updated(other, {name: ckpt.get(name) * 1.5})
     out = tmp_path / "p.safetensors"
     assert_clean_failure(run(llama_delta, "--base", other, "-o", out), "another base", absent=out)
-    result = run(llama_delta, "--base", other, "-o", out, "--force", "--json")
+    assert_clean_failure(run(llama_delta, "--base", other, "-o", out, "--force"), "another base", absent=out)
+    result = run(llama_delta, "--base", other, "-o", out, "--ignore-base-mismatch", "--json")
     assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and name in result.stderr
     smax = json.loads(result.stdout)["tensors"][0]["sigma_max_base"]
     assert smax == pytest.approx(float(torch.linalg.svdvals(ckpt.get(name).double() * 1.5)[0]), rel=1e-9)
 

@@ -13,7 +13,7 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.inspection import (checkpoint_candidates, checkpoint_reports, delta_reports, delta_singular_values,
                                       is_delta_file, select_names)
 from prunecli.core.spectra import SpectrumStats, _gram_upper, matrix_stats, numerical_rank, singular_values
-from prunecli.errors import PruneCliError
+from prunecli.errors import PruneCliError, PruneCliWarning
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -131,14 +131,15 @@ def test_edited_stats_match_dense_reference(family: str, names: list[str], exact
     assert untouched.edited is None and untouched.delta is None
 
 
-def test_delta_for_another_base_is_refused_unless_forced(gpt2_dir: Path) -> None:
+def test_delta_for_another_base_is_refused_unless_mismatch_ignored(gpt2_dir: Path) -> None:
     ckpt = Checkpoint(gpt2_dir)
     name = "transformer.h.0.mlp.c_proj.weight"
     delta = _rank2_delta(ckpt, [name])
     delta.fingerprints[name] = "sha256:" + "0" * 64
     with pytest.raises(PruneCliError, match="another base"):
         checkpoint_reports(ckpt, [name], delta)
-    assert next(checkpoint_reports(ckpt, [name], delta, force=True)).edited is not None
+    with pytest.warns(PruneCliWarning, match="ignore-base-mismatch"):
+        assert next(checkpoint_reports(ckpt, [name], delta, ignore_base_mismatch=True)).edited is not None
 
 
 def test_select_names(gpt2_dir: Path) -> None:

@@ -6,7 +6,9 @@ Commands import torch/transformers inside their bodies, never at module level, s
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,10 +16,12 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from prunecli.commands._progress import LineProgress
-from prunecli.errors import PruneCliError
+from prunecli.errors import PruneCliError, PruneCliWarning
 from prunecli.jsonio import dumps_json
 
 T = TypeVar("T")
@@ -28,7 +32,11 @@ err_console = Console(stderr=True)
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.",
                                         envvar="PRUNECLI_DEBUG")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (a regular file or a folder "
+                                        "prunecli wrote; never an input).")]
+IgnoreBaseMismatchOpt = Annotated[bool, typer.Option(
+    "--ignore-base-mismatch", help="Accept deltas whose base fingerprints differ from these base weights (warns, "
+    "naming the tensors that differ). Without it such a delta is an error.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin/.pt) weights; they can run "
                                               "code when loaded, and are read with weights_only=True.")]
 DeviceMapOpt = Annotated[str | None, typer.Option(
@@ -45,26 +53,67 @@ TokenizerOpt = Annotated[str | None, typer.Option(
     "saved without one): a folder, a tokenizer.json file, or a built-in model name (smollm2, gemma3-270m).")]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so it cleans up exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _one_line(text: str) -> str:
+    """Error text for one terminal line: newlines folded, rich markup escaped (paths may hold `[`, `]`, `[/]`)."""
+    return escape(" ".join(str(text).split()))
+
+
+def _interrupt_message(exc: KeyboardInterrupt) -> str:
+    from prunecli.core.atomic import committed_outputs
+
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    done = committed_outputs()
+    if not done:
+        return f"{what}: no output was written"
+    return f"{what}: {', '.join(map(str, done))} had been written completely; nothing else was written"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    warn(str(message))
+
+
 def guarded(debug: bool, body: Callable[[], T]) -> T:
-    """Run a command body: user errors become one red line and exit 1; bugs too unless --debug."""
+    """Run a command body: user errors become one red line and exit 1; bugs too unless --debug.
+
+    SIGTERM behaves like Ctrl-C (temporary files are removed, the message says what is on disk), and library
+    warnings (`PruneCliWarning`) are printed as one yellow line each.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return body()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", PruneCliWarning)
+            warnings.showwarning = _show_warning
+            return body()
     except (typer.Exit, typer.Abort, typer.BadParameter, click.exceptions.ClickException, click.exceptions.Abort):
         raise  # usage errors keep Typer's exit code 2 (Typer >= 0.26 raises its own vendored Click classes)
     except PruneCliError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {_one_line(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/] (no output was written)")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        err_console.print(f"[bold red]{_one_line(_interrupt_message(exc))}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except Exception as exc:  # noqa: BLE001 - the point is to catch everything at the boundary
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {_one_line(f'{type(exc).__name__}: {exc}')} (run with --debug for "
+                          "the traceback)", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def emit_json(obj: Any) -> None:
@@ -74,11 +123,23 @@ def emit_json(obj: Any) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    """One yellow line on stderr; `message` is printed literally (no rich markup)."""
+    err_console.print(f"[yellow]warning:[/] {_one_line(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:
-    err_console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+    """A dim log line on stderr; `message` is printed literally (no rich markup)."""
+    err_console.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """A plain log line on stderr; `message` is printed literally (no rich markup)."""
+    err_console.print(escape(message), highlight=False, soft_wrap=True)
+
+
+def cell(value: object) -> Text:
+    """A table cell shown literally: tensor names, paths and prompts may contain `[...]`."""
+    return Text(str(value))
 
 
 def progress_bar(extra_columns: Iterable[Any] = ()) -> Progress | LineProgress:

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
-                                       note, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
+                                       TokenizerOpt, emit_json, guarded, note, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -17,8 +17,8 @@ def main(
     deltas: Annotated[list[Path], typer.Argument(help="Delta file(s), composed in the order given.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (a folder for a folder "
                                          "base, a .safetensors file for a file base).")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output, and apply even when the "
-                                        "delta was computed on different base weights.")] = False,
+    force: ForceOpt = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     tokenizer_ref: TokenizerOpt = None,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -26,8 +26,10 @@ def main(
 ) -> None:
     """Write BASE + DELTA... as a new checkpoint, in the base's dtype, loadable with `from_pretrained`.
 
-    Each delta must have been computed on these exact base weights (checked by fingerprint; --force skips the
-    check). Only shards holding changed tensors are rewritten; the others are hard-linked, and config, tokenizer and
+    Each delta must have been computed on these exact base weights (checked by fingerprint;
+    --ignore-base-mismatch accepts a mismatch with a warning). --force only replaces an earlier output; OUT may never
+    be, hold or sit inside BASE or a DELTA. No weight with NaN/Inf is written. Only shards holding changed tensors
+    are rewritten; the others are hard-linked, and config, tokenizer and
     index are copied, so the output costs little extra disk. Rewritten shards record the delta files under the
     `prunecli.applied` metadata key. With --tokenizer the given tokenizer replaces the base's tokenizer files, so a
     base saved without one still gives a complete checkpoint.
@@ -39,14 +41,17 @@ def main(
 
     def body() -> None:
         from prunecli.core.applying import apply_deltas
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.tokenizer import has_vocabulary_files, replacement_files
 
         base_path = resolve_model_path(base)
-        check_output_path(output, force, is_dir=base_path.is_dir())
+        inputs = [("base checkpoint", base_path), *labelled("delta", deltas)]
+        if tokenizer_ref is not None and Path(tokenizer_ref).exists():
+            inputs.append(("tokenizer", Path(tokenizer_ref)))
+        check_output_path(output, force, is_dir=base_path.is_dir(), inputs=inputs)
         if tokenizer_ref is not None and not base_path.is_dir():
             raise PruneCliError(f"--tokenizer needs a model folder base: {base_path} is a single file, and so is the "
                                 "output, with no room for a tokenizer")
@@ -57,10 +62,12 @@ def main(
         if tokenizer_ref is None:
             if base_path.is_dir() and not has_vocabulary_files(base_path):
                 warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")
-            rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance)
+            rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance,
+                                     ignore_base_mismatch=ignore_base_mismatch)
         else:
             with replacement_files(base_path, base_ckpt.config, tokenizer_ref) as files:
-                rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files)
+                rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files,
+                                         ignore_base_mismatch=ignore_base_mismatch)
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
                    "tensors": list(delta.entries), "rewritten_files": rewritten, "tokenizer": tokenizer_ref}
         if json_out:

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from prunecli.commands._common import DebugOpt, JsonOpt, emit_json, guarded, warn
+from rich.markup import escape
+
+from prunecli.commands._common import DebugOpt, JsonOpt, cell, emit_json, guarded, warn
 
 if TYPE_CHECKING:
     from prunecli.evaluation.report import Comparison
@@ -22,13 +24,14 @@ def _comparison_table(cmp: Comparison) -> None:
     table = Table(title="evaluation reports side by side")
     table.add_column("metric")
     for label in cmp.labels:
-        table.add_column(label, justify="right")
+        table.add_column(cell(label), justify="right")
     table.add_column("protocol")
     for m in cmp.metrics:
         cells = []
         for value, bad in zip(cmp.values[m], cmp.n_nonfinite[m]):
             cells.append(format_value(value) + (f" [red]({bad} NaN/Inf)[/]" if bad else ""))
-        table.add_row(m + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells, cmp.group.get(m, ""))
+        table.add_row(escape(m) + (" [yellow]*[/]" if m in cmp.n_mismatch else ""), *cells,
+                      cell(cmp.group.get(m, "")))
     Console().print(table)
 
 

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, guarded, note, track, warn
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, cell, emit_json, guarded, note,
+                                       track, warn)
 
 
 def main(
@@ -46,9 +47,11 @@ def main(
         from prunecli.core.diffing import diff_checkpoints
         from prunecli.models.default_model import resolve_model_path
 
-        check_output_path(output, force, is_dir=False)
-        base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
-        edited_ckpt = Checkpoint(resolve_model_path(edited), allow_pickle=allow_pickle)
+        base_path, edited_path = resolve_model_path(base), resolve_model_path(edited)
+        check_output_path(output, force, is_dir=False,
+                          inputs=[("base checkpoint", base_path), ("edited checkpoint", edited_path)])
+        base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
+        edited_ckpt = Checkpoint(edited_path, allow_pickle=allow_pickle)
         delta = diff_checkpoints(base_ckpt, edited_ckpt, select or (), rank, tol,
                                  progress=lambda names, n: track(names, n, "diff"))
         op = delta.history[-1]
@@ -73,5 +76,5 @@ def _print_table(per_tensor: dict[str, dict[str, Any]]) -> None:
 
     table = Table("tensor", "shape", "kind", "rank", "rel. error")
     for name, t in per_tensor.items():
-        table.add_row(name, "x".join(map(str, t["shape"])), t["kind"], str(t["rank"]), f"{t['rel_error']:.2e}")
+        table.add_row(cell(name), "x".join(map(str, t["shape"])), t["kind"], str(t["rank"]), f"{t['rel_error']:.2e}")
     Console().print(table)

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
-                                       TokenizerOpt, emit_json, err_console, guarded, note, progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
+                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
+                                       progress_bar, say, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -47,6 +48,7 @@ def main(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Edit facts into a model, one after another (MEMIT: batch after batch), and write the accumulated edits as a
@@ -62,7 +64,7 @@ def main(
     """
 
     def body() -> None:
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
         from prunecli.core.restraint import check_params
@@ -77,7 +79,10 @@ def main(
 
         # Everything that can be checked without the model is checked before loading it.
         editor = editor_for(method, archive)
-        check_output_path(output, force)
+        model_path = resolve_model_path(model)
+        check_output_path(output, force, is_dir=False, inputs=[
+            ("model", model_path), ("requests file", requests), ("statistics file", stats), ("archive", archive),
+            ("hyper-parameter file", hparams), *labelled("delta", delta)])
         if editor.needs_stats and stats is None:
             raise PruneCliError(f"{method} needs key statistics: compute them with `prunecli stats {model} "
                                 f"--method {method} --text FILE -o STATS` and pass --stats STATS")
@@ -86,18 +91,18 @@ def main(
         if dtype.lower() not in ("fp32", "float32", "bf16", "bfloat16"):
             raise PruneCliError(f"--dtype must be fp32 or bf16, got {dtype!r}")
         edit_requests = load_requests(requests, start, limit)
-        prior = load_deltas(delta or [])
+        prior = load_deltas(delta or [], Checkpoint(model_path) if delta else None)  # adapters need the base
         if stats is not None:
             KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
         if method == "mend":
             if hparams is not None or set_:
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
-            editor.archive.check_base(Checkpoint(resolve_model_path(model)), archive)  # type: ignore[attr-defined]
+            editor.archive.check_base(Checkpoint(model_path), archive)  # type: ignore[attr-defined]
 
         lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,
                                          offload_folder=offload_folder, tokenizer=tokenizer_ref)
         if prior is not None:
-            prior.check_base(base, force)
+            prior.check_base(base, ignore_base_mismatch)
         adapter = resolve_adapter(lm)
         hp = (editor.hparams(str(archive)) if method == "mend"  # type: ignore[attr-defined]
               else resolve_hparams(method, adapter.family, adapter.num_layers, hparams, set_ or [], note))
@@ -128,8 +133,8 @@ def main(
             emit_json(summary)
         else:
             _print_table(run.reports)
-            err_console.print(f"wrote {output}: {n} new edit(s), {len(run.delta.requests)} in total, layers "
-                              f"{list(hp.layers)}, {run.seconds / n:.1f} s per edit", highlight=False)
+            say(f"wrote {output}: {n} new edit(s), {len(run.delta.requests)} in total, layers {list(hp.layers)}, "
+                f"{run.seconds / n:.1f} s per edit")
 
     guarded(debug, body)
 
@@ -156,6 +161,6 @@ def _print_table(reports) -> None:  # noqa: ANN001
     for col in ("#", "prompt", "target", "P before", "P after", "loss", "s"):
         table.add_column(col, justify="right" if col in ("#", "P before", "P after", "loss", "s") else "left")
     for r in reports:
-        table.add_row(str(r.index), r.prompt, r.target_new, f"{r.prob_before:.3g}", f"{r.prob_after:.3g}",
+        table.add_row(str(r.index), cell(r.prompt), cell(r.target_new), f"{r.prob_before:.3g}", f"{r.prob_after:.3g}",
                       f"{r.loss:.3f}", f"{r.seconds:.1f}")
     Console().print(table)

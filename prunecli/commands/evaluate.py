@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt,
-                                       emit_json, guarded, note, progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
+                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note, progress_bar,
+                                       warn)
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
@@ -44,7 +46,8 @@ def _metrics_table(report: dict[str, Any]) -> None:
 
     from prunecli.evaluation.report import format_value
 
-    table = Table(title=f"{report['model']}" + (f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""))
+    deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
+    table = Table(title=cell(f"{report['model']}{deltas}"))
     for col in ("metric", "value", "n", "NaN/Inf", "protocol"):
         table.add_column(col, justify="right" if col in ("value", "n", "NaN/Inf") else "left")
     for name, value in report["metrics"].items():
@@ -54,7 +57,7 @@ def _metrics_table(report: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     for group, text in report["protocol"].items():
-        console.print(f"[bold]{group}[/]: {text}", highlight=False)
+        console.print(f"[bold]{escape(group)}[/]: {escape(text)}", highlight=False)
 
 
 def main(
@@ -98,8 +101,8 @@ def main(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the report (JSON) here.")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Compare report files (from -o) side by side instead of evaluating.")] = False,
-    force: Annotated[bool, typer.Option(
-        "--force", help="Overwrite an existing report, and evaluate deltas made for different base weights.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report (never an input).")] = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -133,17 +136,21 @@ def main(
 
             compare_files([Path(p) for p in paths], json_out)
             return
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
+        from prunecli.models.default_model import resolve_model_path
         from prunecli.distributed import workers
         from prunecli.evaluation.report import write_report
         from prunecli.evaluation.runner import EvalOptions, run_evaluation
 
         if output is not None:
-            check_output_path(output, force)
+            inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("edits file", edits),
+                      ("text file", text), ("locality reference", locality_reference)]
+            check_output_path(output, force, is_dir=False, inputs=inputs)
         options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,
                               text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
                               batch_size=batch_size, device=device, dtype=dtype,
-                              locality_reference=locality_reference, data_dir=data_dir, force=force,
+                              locality_reference=locality_reference, data_dir=data_dir,
+                              ignore_base_mismatch=ignore_base_mismatch,
                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                               tokenizer=tokenizer_ref)
         with workers(device, device_map) as group:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, err_console, guarded
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, emit_json,
+                                       guarded, say)
 
 
 def main(
@@ -15,6 +16,7 @@ def main(
     base: Annotated[str, typer.Option("--base", help="Base checkpoint the delta was made for (or `smollm2`).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
     force: ForceOpt = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     json_out: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     debug: DebugOpt = False,
@@ -33,15 +35,17 @@ def main(
         from prunecli.core.peft_io import export_lora
         from prunecli.models.default_model import resolve_model_path
 
-        check_output_path(output, force)
-        ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        base_path = resolve_model_path(base)
+        inputs = [("delta", delta), ("base checkpoint", base_path)]
+        check_output_path(output, force, is_dir=True, inputs=inputs)
+        ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         d = Delta.load(delta, ckpt)
-        d.check_base(ckpt)
-        summary = export_lora(d, ckpt, output, force)
+        d.check_base(ckpt, ignore_base_mismatch)
+        summary = export_lora(d, ckpt, output, force, inputs=inputs)
         if json_out:
             emit_json(summary)
         else:
-            err_console.print(f"wrote LoRA adapter {output}: {len(summary['ranks'])} module(s), r={summary['r']}, "
+            say(f"wrote LoRA adapter {output}: {len(summary['ranks'])} module(s), r={summary['r']}, "
                               f"fan_in_fan_out={summary['fan_in_fan_out']}")
 
     guarded(debug, body)

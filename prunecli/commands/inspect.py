@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import AllowPickleOpt, DebugOpt, JsonOpt, emit_json, guarded, track, warn
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, IgnoreBaseMismatchOpt, JsonOpt, cell, emit_json,
+                                       guarded, track, warn)
 
 if TYPE_CHECKING:
     from prunecli.core.inspection import DeltaEntryReport, MatrixReport
@@ -41,8 +42,9 @@ def main(
     top: Annotated[int, typer.Option("--top", min=1, help="How many top singular values of each delta to report.")]
     = 5,
     device: Annotated[str, typer.Option("--device", callback=_device, help="cpu, cuda or cuda:N.")] = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Inspect deltas on a base whose tensors differ from the one "
-                                        "they were made on, and overwrite an existing --plot file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file (never an input).")]
+    = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     allow_pickle: AllowPickleOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -58,7 +60,7 @@ def main(
     """
 
     def body() -> None:
-        from prunecli.core.atomic import check_output_path
+        from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import Delta, load_deltas
         from prunecli.core.inspection import (checkpoint_candidates, checkpoint_reports, default_checkpoint_selection,
@@ -67,14 +69,15 @@ def main(
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.loading import resolve_device
 
+        target = resolve_model_path(path)
+        delta_paths = list(delta or [])
         if plot is not None:
             from prunecli.plotting import require_matplotlib
 
-            check_output_path(plot, force)
+            check_output_path(plot, force, is_dir=False,
+                              inputs=[("inspected file", target), *labelled("delta", delta_paths)])
             require_matplotlib()
         dev = resolve_device(device)
-        target = resolve_model_path(path)
-        delta_paths = list(delta or [])
         reports: list[Any]
         tensors_json: list[dict[str, Any]]
         if is_delta_file(target):
@@ -97,7 +100,8 @@ def main(
             if not names:
                 raise PruneCliError(f"{target} holds no 2-D matrix to inspect")
             reports = list(track(checkpoint_reports(ckpt, names, composed, exact=exact, device=dev, top_k=top,
-                                                    keep_spectra=plot is not None, force=force),
+                                                    keep_spectra=plot is not None,
+                                                    ignore_base_mismatch=ignore_base_mismatch),
                                  len(names), "spectra"))
             tensors_json = [r.to_json(with_delta=composed is not None) for r in reports]
             kind = "checkpoint"
@@ -163,7 +167,7 @@ def _print_checkpoint_table(reports: list[MatrixReport], with_delta: bool) -> No
             table.add_column(col, justify="right")
     for r in reports:
         s = r.stats
-        row = [r.name, "x".join(map(str, r.shape)), r.dtype, _num(s.sigma_max), _num(s.sigma_min), _num(s.kappa),
+        row = [cell(r.name), "x".join(map(str, r.shape)), r.dtype, _num(s.sigma_max), _num(s.sigma_min), _num(s.kappa),
                _num(s.fro), _num(s.stable_rank)]
         if with_delta:
             e, d = r.edited, r.delta
@@ -182,6 +186,6 @@ def _print_delta_table(reports: list[DeltaEntryReport]) -> None:
         table.add_column(col, justify="right")
     for r in reports:
         d = r.spectrum_stats
-        table.add_row(r.name, "x".join(map(str, r.shape)), r.kind, str(d.rank), _num(d.sigma_max), _num(d.fro),
+        table.add_row(cell(r.name), "x".join(map(str, r.shape)), r.kind, str(d.rank), _num(d.sigma_max), _num(d.fro),
                       ", ".join(_num(v) for v in d.top_singular_values))
     _stdout_console().print(table)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, emit_json, guarded, note,
-                                       progress_bar, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, cell,
+                                       emit_json, guarded, note, progress_bar, warn)
 
 if TYPE_CHECKING:
     from prunecli.core.restraint import TensorReport
@@ -38,6 +38,7 @@ def main(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     allow_pickle: AllowPickleOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -46,8 +47,8 @@ def main(
     For each edited matrix W of BASE (never edited) and its update D = U diag(s) V^T, every singular value s above
     sigma_max(W) becomes F(s): log: log_alpha(s) - log_alpha(sigma_max) + sigma_max; linear: s/beta +
     (beta-1)/beta * sigma_max. The delta stays low rank and is never densified. Reports, per matrix, how many values
-    were restrained and the condition numbers kappa of W, W + D and W + D'. --force also overrides the check that
-    DELTA was made for BASE.
+    were restrained and the condition numbers kappa of W, W + D and W + D'. DELTA must have been made for BASE
+    (--ignore-base-mismatch accepts it anyway, with a warning); --force only replaces an earlier output.
 
     Example: prunecli prune edits.safetensors --base gpt2-xl/ --fn log --alpha 1.2 -o edits-pruned.safetensors
     """
@@ -61,11 +62,15 @@ def main(
         from prunecli.models.loading import resolve_device
 
         check_params(fn.value, alpha, beta)
-        check_output_path(output, force)
+        base_path = resolve_model_path(base)
+        check_output_path(output, force, is_dir=False, inputs=[("delta", delta_path), ("base checkpoint", base_path)])
         dev = resolve_device(device)
-        base_ckpt = Checkpoint(resolve_model_path(base), allow_pickle=allow_pickle)
+        base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         delta = Delta.load(delta_path, base_ckpt)  # a PEFT adapter folder is read against the base it names
-        delta.check_base(base_ckpt, force)
+        delta.check_base(base_ckpt, ignore_base_mismatch)
+        if delta.restraints:
+            warn(f"{delta_path} was already restrained {len(delta.restraints)} time(s) (its history records "
+                 f"prune with fn={delta.restraints[-1].get('fn')}); restraining it again")
         with progress_bar() as bar:
             task = bar.add_task("prune", total=len(delta.entries))
             pruned, reports = restrain_delta(delta, base_ckpt, fn.value, alpha, beta, kappa=not no_kappa,
@@ -98,7 +103,7 @@ def _print_table(reports: list[TensorReport], fn: str) -> None:
     for r in reports:
         i = r.info
         top = f"{i.top_before[0]:.4g} -> {i.top_after[0]:.4g}" if i.top_before else "-"
-        table.add_row(r.name, f"{i.sigma_max:.4g}", f"{i.n_restrained}/{i.rank}", _fmt(r.kappa_base),
+        table.add_row(cell(r.name), f"{i.sigma_max:.4g}", f"{i.n_restrained}/{i.rank}", _fmt(r.kappa_base),
                       _fmt(r.kappa_edited), _fmt(r.kappa_pruned), top)
     console = Console()
     if not console.is_terminal:  # piped: no need to squeeze the table into 80 columns

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
-                                       TokenizerOpt, emit_json, err_console, guarded, note, progress_bar)
+                                       TokenizerOpt, cell, emit_json, guarded, note, progress_bar)
 from prunecli.errors import PruneCliError
 
 
@@ -79,6 +79,7 @@ def main(
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path
+        from prunecli.models.default_model import resolve_model_path
         from prunecli.distributed import workers
         from prunecli.editors import corpus as corpora
         from prunecli.editors.hparams import default_values
@@ -93,7 +94,9 @@ def main(
         if dtype not in STATS_DTYPES:
             raise PruneCliError(f"--dtype must be one of {', '.join(STATS_DTYPES)}, got {dtype!r}")
         wanted = _parse_layers(layers) if layers is not None else None
-        check_output_path(output, force)
+        local_dataset = dataset if dataset is not None and Path(dataset).exists() else None
+        check_output_path(output, force, is_dir=False, inputs=[
+            ("model", resolve_model_path(model)), ("text file", text), ("dataset", local_dataset)])
         source = corpora.text_file(text) if text is not None else corpora.dataset(dataset, split, column, subset)
         with workers(device, device_map) as group:
             say = note if group.is_main else (lambda message: None)  # rank 0 speaks for every process
@@ -131,12 +134,12 @@ def main(
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=f"key statistics: {stats.corpus}")
+            table = Table(title=cell(f"key statistics: {stats.corpus}"))
             for col in ("layer", "module", "tokens", "dtype"):
                 table.add_column(col)
             for layer, info in sorted(stats.layers.items()):
-                table.add_row(str(layer), info["module"], f"{stats.counts[layer]:,}", stats.dtype)
+                table.add_row(str(layer), cell(info["module"]), f"{stats.counts[layer]:,}", stats.dtype)
             Console().print(table)
-            err_console.print(f"wrote {output} ({summary['tokens_per_second']:,.0f} tokens/s)", highlight=False)
+            say(f"wrote {output} ({summary['tokens_per_second']:,.0f} tokens/s)")
 
     guarded(debug, body)

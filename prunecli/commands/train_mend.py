@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, err_console, guarded,
-                                       progress_bar, warn)
+from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
+                                       progress_bar, say, warn)
 
 
 def main(
@@ -66,6 +66,7 @@ def main(
         import torch
 
         from prunecli.core.atomic import check_output_path
+        from prunecli.models.default_model import resolve_model_path
         from prunecli.editors.hparams import coerce
         from prunecli.editors.mend import MendConfig, default_layers, mlp_targets
         from prunecli.editors.mend_train import TrainConfig, train_mend
@@ -74,11 +75,12 @@ def main(
         from prunecli.requests import load_requests
 
         checkpoint = Path(str(output) + ".ckpt")
+        inputs = [("model", resolve_model_path(model)), ("training data", data)]
         if not resume:
-            check_output_path(output, force)
-            check_output_path(checkpoint, force)
+            check_output_path(output, force, is_dir=False, inputs=inputs)
+            check_output_path(checkpoint, force, is_dir=False, inputs=inputs)
         else:
-            check_output_path(output, force=True)
+            check_output_path(output, force=True, is_dir=False, inputs=inputs)
         skipped: list[int] = []
         records = load_requests(data, start, limit, lambda i, reason: skipped.append(i))
         if skipped:
@@ -111,9 +113,8 @@ def main(
             emit_json(summary)
         else:
             _print_validation(result.state.history)
-            err_console.print(f"wrote {output}: {len(targets)} weights, {result.state.step} steps "
-                              f"({result.state.stopped}), best validation loss "
-                              f"{_fmt(result.state.best_val)} at step {result.state.best_step}", highlight=False)
+            say(f"wrote {output}: {len(targets)} weights, {result.state.step} steps ({result.state.stopped}), best "
+                f"validation loss {_fmt(result.state.best_val)} at step {result.state.best_step}")
 
     guarded(debug, body)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from prunecli.core.atomic import labelled
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta
-from prunecli.errors import PruneCliError
+from prunecli.core.delta import Delta, add_update
 
 APPLIED_KEY = "prunecli.applied"
 """Shard metadata key of rewritten files: JSON list of the delta files merged into them, in order."""
@@ -31,10 +31,8 @@ class MergedTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.delta.entries[name]
         w = self.base.get(name)
-        if not w.is_floating_point():
-            raise PruneCliError(f"cannot add a delta to {name}: it is stored as {w.dtype}, not floating point")
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        return (w.to(compute) + entry.stored_update(compute)).to(w.dtype)
+        return add_update(name, w, entry.stored_update(compute))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.delta.entries)
@@ -44,14 +42,17 @@ class MergedTensors(Mapping[str, torch.Tensor]):
 
 
 def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
-                 provenance: Sequence[str] = (), files: Mapping[str, Path | None] | None = None) -> list[str]:
+                 provenance: Sequence[str] = (), files: Mapping[str, Path | None] | None = None,
+                 ignore_base_mismatch: bool = False) -> list[str]:
     """Write `base` + `delta` to `out`; returns the rewritten weight files (the others are hard-linked).
 
-    The delta must fit the base: every target present with its shape, and (unless `force`) the very bytes the delta
-    was computed on. `force` also allows overwriting `out`. `provenance` (delta file paths) is recorded under
-    `prunecli.applied` in the rewritten files. `files` replaces non-weight files of a folder base (name -> file to
-    copy instead, or None to leave it out), e.g. to ship another tokenizer with the output.
+    The delta must fit the base: every target present with its shape, and (unless `ignore_base_mismatch`) the very
+    bytes the delta was computed on. `force` only allows replacing an earlier output at `out`; `out` may never be,
+    hold or sit inside the base or a delta file of `provenance`, which is recorded under `prunecli.applied` in the
+    rewritten files. No tensor with NaN/Inf is written (checked in the stored dtype). `files` replaces non-weight
+    files of a folder base (name -> file to copy instead, or None to leave it out), e.g. to ship another tokenizer.
     """
-    delta.check_base(base, force)
+    delta.check_base(base, ignore_base_mismatch)
     metadata = {APPLIED_KEY: json.dumps([str(p) for p in provenance])}
-    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata, files=files)
+    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata, files=files,
+                              inputs=labelled("delta", provenance))

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
-from prunecli.core.atomic import atomic_directory, atomic_file
+from prunecli.core.atomic import Inputs, atomic_directory, atomic_file, check_disjoint
 from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, read_header,
                                                read_tensor, tensor_bytes, write_safetensors)
 from prunecli.errors import PruneCliError
@@ -62,8 +62,12 @@ def _read_error(path: Path, exc: Exception) -> PruneCliError:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise PruneCliError(f"cannot read {path}: it is not UTF-8 text") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise PruneCliError(f"cannot read {path}: {exc}") from exc
+    except RecursionError:
+        raise PruneCliError(f"cannot read {path}: its JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise PruneCliError(f"cannot read {path}: expected a JSON object")
     return doc
@@ -105,17 +109,27 @@ class Checkpoint:
             raise PruneCliError(f"checkpoint {self.path} holds no tensors")
 
     # ----------------------------------------------------------------------------------------------- discovery
+    def _shards(self, index: str) -> dict[str, Path]:
+        """The weight files an index lists; a name that leaves the model folder (absolute, `..`) is refused."""
+        weight_map = _read_json(self.path / index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PruneCliError(f"checkpoint {self.path}: {index} has no weight_map")
+        bad = [n for n in weight_map.values()
+               if not isinstance(n, str) or not n or Path(n).is_absolute() or ".." in Path(n).parts]
+        if bad:
+            raise PruneCliError(f"checkpoint {self.path}: {index} lists the weight file {bad[0]!r}, which is not a "
+                                "file inside the model folder")
+        names = sorted(set(weight_map.values()))
+        return {n: self.path / n for n in names}
+
     def _folder_files(self, allow_pickle: bool) -> dict[str, Path]:
         p = self.path
         if (p / SAFE_INDEX).exists():
-            weight_map = _read_json(p / SAFE_INDEX).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise PruneCliError(f"checkpoint {p}: {SAFE_INDEX} has no weight_map")
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (p / n).exists()]
+            shards = self._shards(SAFE_INDEX)
+            missing = [n for n, f in shards.items() if not f.is_file()]
             if missing:
                 raise PruneCliError(f"checkpoint {p}: shard(s) listed in {SAFE_INDEX} are missing: {', '.join(missing)}")
-            return {n: p / n for n in names}
+            return shards
         if (p / SAFE_SINGLE).exists():
             return {SAFE_SINGLE: p / SAFE_SINGLE}
         singles = sorted(p.glob("*.safetensors"))
@@ -127,10 +141,7 @@ class Checkpoint:
                                     "when loaded; convert it to safetensors or pass --allow-pickle")
             self.pickled = True
             if (p / PICKLE_INDEX).exists():
-                weight_map = _read_json(p / PICKLE_INDEX).get("weight_map")
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise PruneCliError(f"checkpoint {p}: {PICKLE_INDEX} has no weight_map")
-                return {n: p / n for n in sorted(set(weight_map.values()))}
+                return self._shards(PICKLE_INDEX)
             return {PICKLE_SINGLE: p / PICKLE_SINGLE}
         raise PruneCliError(f"{p} holds no weights ({SAFE_SINGLE}, {SAFE_INDEX} or a single *.safetensors file)")
 
@@ -161,8 +172,9 @@ class Checkpoint:
             fpath = self._files[fname]
             try:
                 state = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises many types for bad pickles
-                raise PruneCliError(f"cannot read pickle checkpoint {fpath}: {exc}") from exc
+            except Exception as exc:  # torch raises many types for bad pickles, with messages of many lines
+                first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                raise PruneCliError(f"cannot read pickle checkpoint {fpath}: {first[:300]}") from exc
             if not isinstance(state, dict):
                 raise PruneCliError(f"cannot read pickle checkpoint {fpath}: it holds a {type(state).__name__}, "
                                     "not a state dict of tensors")
@@ -218,7 +230,7 @@ class Checkpoint:
                 self._headers[info.file] = read_header(self._files[info.file])
             start, header = self._headers[info.file]
             return read_tensor(self._files[info.file], start, header[info.name])
-        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise _read_error(self._files[info.file], exc) from exc
 
     def fingerprint(self, name: str) -> str:
@@ -233,7 +245,7 @@ class Checkpoint:
     # ------------------------------------------------------------------------------------------------ writing
     def write_updated(self, out: Path, updates: Mapping[str, torch.Tensor], force: bool = False,
                       metadata: Mapping[str, str] | None = None,
-                      files: Mapping[str, Path | None] | None = None) -> list[str]:
+                      files: Mapping[str, Path | None] | None = None, inputs: Inputs = ()) -> list[str]:
         """Write a copy of this checkpoint with `updates` (stored name or alias -> new tensor, stored layout).
 
         New tensors are cast to each tensor's stored dtype. For folders, non-weight files are copied, shards that hold
@@ -241,15 +253,12 @@ class Checkpoint:
         `from_pretrained` exactly like the input. `metadata` goes into the header of every rewritten file. Values of
         `updates` are read only when their tensor is written, one at a time, so a lazy mapping keeps memory at one
         tensor. `files` replaces non-weight files of a folder (name -> file to copy instead, or None to leave the
-        base's file out), e.g. another tokenizer. Returns the names of the rewritten files.
+        base's file out), e.g. another tokenizer. `out` may never be, hold or sit inside this checkpoint or one of
+        `inputs`. Returns the names of the rewritten files.
         """
         out = Path(out)
-        base = self.path.resolve()
-        if out.resolve() == base:
-            raise PruneCliError(f"refusing to overwrite the base checkpoint {self.path} in place; choose another output")
-        if out.resolve() in base.parents:
-            # --force replaces the output folder wholesale, which would delete the base inside it.
-            raise PruneCliError(f"refusing to write {out}: it contains the base checkpoint {self.path}")
+        inputs = [("base checkpoint", self.path), *inputs]
+        check_disjoint(out, inputs)
         by_stored: dict[str, str] = {}  # stored name -> key in `updates`
         for name in updates:
             stored = self.resolve(name)
@@ -259,13 +268,13 @@ class Checkpoint:
         touched = sorted({self._infos[n].file for n in by_stored})
         extra = {"format": "pt", **(metadata or {})}
         if not self.is_folder:
-            with atomic_file(out, force) as tmp:
+            with atomic_file(out, force, inputs) as tmp:
                 self._write_file(self.path.name, tmp, updates, by_stored, extra)
             return [out.name]
         replaced = dict(files or {})
         if set(replaced) & set(self._files):
             raise ValueError(f"weight files cannot be replaced: {sorted(set(replaced) & set(self._files))}")
-        with atomic_directory(out, force) as tmp:
+        with atomic_directory(out, force, inputs) as tmp:
             for item in self.path.iterdir():
                 if item.is_dir() or item.name.startswith(".") or item.name in replaced:
                     continue

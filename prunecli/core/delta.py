@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint, Layout
 from prunecli.core.safetensors_stream import TensorSource, write_safetensors
-from prunecli.errors import PruneCliError
+from prunecli.errors import PruneCliError, PruneCliWarning
 
 FORMAT = "prunecli-delta"
 VERSION = 1
@@ -52,7 +53,7 @@ class DeltaEntry:
     @classmethod
     def lowrank(cls, a: torch.Tensor, b: torch.Tensor, layout: Layout) -> DeltaEntry:
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-            raise ValueError(f"factors must be [out, r] and [in, r], got {list(a.shape)} and {list(b.shape)}")
+            raise PruneCliError(f"factors must be [out, r] and [in, r], got {list(a.shape)} and {list(b.shape)}")
         return cls(layout=layout, a=a.detach().float().cpu(), b=b.detach().float().cpu())
 
     @classmethod
@@ -162,8 +163,10 @@ class Delta:
         return replace(self, entries=entries, history=[*self.history, op])
 
     # ------------------------------------------------------------------------------------------- base checks
-    def check_base(self, base: Checkpoint, force: bool = False) -> None:
-        """Fail unless every target exists in `base` with the right shape and (unless forced) the same bytes."""
+    def check_base(self, base: Checkpoint, ignore_mismatch: bool = False) -> list[str]:
+        """Fail unless every target exists in `base` with the right shape and the same bytes the delta was computed
+        on; returns the tensors whose bytes differ (only ever non-empty with `ignore_mismatch`, which then warns)."""
+        differ: list[str] = []
         for name, entry in self.entries.items():
             try:
                 info = base.info(name)
@@ -172,9 +175,17 @@ class Delta:
             if tuple(info.shape) != entry.stored_shape:
                 raise PruneCliError(f"shape mismatch for {name}: delta {list(entry.stored_shape)}, "
                                     f"base {list(info.shape)} in {base.path}")
-            if not force and base.fingerprint(name) != self.fingerprints[name]:
-                raise PruneCliError(f"delta was made for another base: tensor {name} in {base.path} differs from the "
-                                    "one the delta was computed on (use --force to apply anyway)")
+            if base.fingerprint(name) != self.fingerprints[name]:
+                differ.append(name)
+        if not differ:
+            return differ
+        names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        if not ignore_mismatch:
+            raise PruneCliError(f"delta was made for another base: tensor(s) {names} in {base.path} differ from the "
+                                "ones the delta was computed on (use --ignore-base-mismatch to accept it anyway)")
+        warnings.warn(PruneCliWarning(f"--ignore-base-mismatch: the delta was computed on other weights than "
+                                      f"{base.path} for {len(differ)} tensor(s): {names}"), stacklevel=2)
+        return differ
 
     # ------------------------------------------------------------------------------------------------- files
     def metadata(self) -> dict[str, Any]:
@@ -238,6 +249,8 @@ class Delta:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError as exc:
             raise bad(f"metadata is not JSON ({exc})") from exc
+        except RecursionError:
+            raise bad("metadata is nested too deeply to be a delta description") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
         version = meta.get("version")
@@ -251,6 +264,10 @@ class Delta:
             raise bad("base fingerprints are missing")
         if not isinstance(history, list):
             raise bad("history is not a list")
+        for i, op in enumerate(history):
+            problem = history_entry_problem(op)
+            if problem:
+                raise bad(f"history entry {i}: {problem}")
         if not isinstance(specs, dict) or not specs:
             raise bad("it lists no entries")
         entries: dict[str, DeltaEntry] = {}
@@ -261,7 +278,7 @@ class Delta:
             kind, layout, shape = spec.get("kind"), spec.get("layout"), spec.get("shape")
             if layout not in _LAYOUTS:
                 raise bad(f"entry {name}: layout {layout!r} is not one of {_LAYOUTS}")
-            if name not in fingerprints:
+            if not isinstance(fingerprints.get(name), str):
                 raise bad(f"entry {name} has no base fingerprint")
             keys = [f"{name}::A", f"{name}::B"] if kind == "lowrank" else [f"{name}::D"] if kind == "dense" else None
             if keys is None:
@@ -284,6 +301,39 @@ class Delta:
         if extra:
             raise bad(f"tensor(s) not described by the metadata: {', '.join(extra[:3])}")
         return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"), history)
+
+
+def history_entry_problem(op: Any) -> str | None:
+    """What is wrong with one history entry, or None: a JSON object with a string `op`; `edit` entries list their
+    requests as objects; `prune` entries carry their settings as an object (read back by `evaluate` and `prune`)."""
+    if not isinstance(op, dict):
+        return f"is a {type(op).__name__}, not a JSON object"
+    if not isinstance(op.get("op"), str):
+        return "has no string 'op'"
+    requests = op.get("requests", [])
+    if op["op"] == "edit" and (not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests)):
+        return "'requests' is not a list of JSON objects"
+    return None
+
+
+def add_update(name: str, weight: torch.Tensor, update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """weight + scale * update, summed in float32 (float64 for float64 weights) and rounded once to the weight's
+    dtype, which is where bf16/fp16 overflow; a result with NaN/Inf is refused, naming the tensor."""
+    if not weight.is_floating_point():
+        raise PruneCliError(f"cannot add a delta to {name}: it is stored as {weight.dtype}, not floating point")
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    result = (weight.to(compute) + scale * update.to(weight.device, compute)).to(weight.dtype)
+    check_finite_weight(name, result, weight)
+    return result
+
+
+def check_finite_weight(name: str, result: torch.Tensor, weight: torch.Tensor) -> None:
+    """Refuse W + D (in W's dtype) with NaN/Inf: such a weight is never written or used."""
+    if bool(torch.isfinite(result).all()):
+        return
+    why = ("the base weight itself holds NaN/Inf" if not bool(torch.isfinite(weight).all())
+           else f"the update overflows {str(weight.dtype).removeprefix('torch.')} or holds NaN/Inf")
+    raise PruneCliError(f"refusing to use {name}: W + D has NaN/Inf values ({why})")
 
 
 def _check_finite(name: str, entry: DeltaEntry, prefix: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import META_KEY, Delta, DeltaEntry
+from prunecli.core.delta import META_KEY, Delta, DeltaEntry, check_finite_weight
 from prunecli.core.lowrank import entry_svd
 from prunecli.core.spectra import SpectrumStats, numerical_rank, singular_values
 from prunecli.errors import PruneCliError
@@ -167,14 +167,15 @@ def _add_update(w: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
 
 def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | None = None, *, exact: bool = False,
                        device: str | torch.device = "cpu", top_k: int = 5, keep_spectra: bool = False,
-                       force: bool = False) -> Iterator[MatrixReport]:
+                       ignore_base_mismatch: bool = False) -> Iterator[MatrixReport]:
     """Spectra of the named matrices of `ckpt`, one tensor in memory at a time.
 
     With `delta`, matrices it touches also get the spectrum of W + D and of D. The delta is checked against the base
-    first (same tensors, shapes and, unless `force`, bytes), before any spectrum is computed.
+    first (same tensors, shapes and, unless `ignore_base_mismatch`, bytes), before any spectrum is computed; W + D
+    must be finite in the base's dtype.
     """
     if delta is not None:
-        delta.check_base(ckpt, force)
+        delta.check_base(ckpt, ignore_base_mismatch)
     dev = torch.device(device)
 
     def generate() -> Iterator[MatrixReport]:
@@ -190,7 +191,10 @@ def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | No
             entry = delta.entries.get(canonical) if delta is not None else None
             edited = edited_s = dspec = delta_s = None
             if entry is not None:
-                edited_s = singular_values(_add_update(w.to(dev, torch.float64, copy=True), entry), exact, dev)
+                edited_w = _add_update(w.to(dev, torch.float64, copy=True), entry)
+                check_finite_weight(canonical, edited_w.to(w.dtype), w)
+                edited_s = singular_values(edited_w, exact, dev)
+                del edited_w
                 edited = SpectrumStats.from_singular_values(edited_s)
                 delta_s = delta_singular_values(entry, exact, dev)
                 dspec = DeltaSpectrum.from_singular_values(delta_s, entry.shape, top_k, stats.sigma_max)

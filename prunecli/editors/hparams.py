@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from prunecli.core.textio import read_text
 from prunecli.errors import PruneCliError
 
 METHODS = ("rome", "memit")
@@ -157,9 +158,11 @@ def read_hparams_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PruneCliError(f"hyper-parameter file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "hyper-parameter file")
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise PruneCliError(f"cannot parse hyper-parameter file {path}: it is nested too deeply") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PruneCliError(f"cannot parse hyper-parameter file {path}: {exc}") from None
     if not isinstance(data, dict):

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint
+from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, write_safetensors
 from prunecli.distributed import SINGLE, Workers
 from prunecli.editors.prompts import right_pad
 from prunecli.editors.tracing import Kind, record
@@ -80,8 +80,9 @@ class KeyStats:
         for layer in sorted(self.sums):
             tensors[f"layer.{layer}.sum"] = self.sums[layer].contiguous()
             tensors[f"layer.{layer}.count"] = torch.tensor([self.counts[layer]], dtype=torch.int64)
-        with atomic_file(Path(path), force) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", META_KEY: json.dumps(self.metadata())})
+        sources = [TensorSource(k, DTYPE_NAMES[t.dtype], tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
+        with atomic_file(Path(path), force) as tmp:  # our writer follows the umask; save_file makes 0600 files
+            write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyStats:

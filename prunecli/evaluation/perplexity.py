@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from prunecli.core.textio import read_text
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import Advance, MetricGroup, ProgressFactory, TaskOutcome, no_progress
@@ -118,7 +119,7 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
     window // 2, the whole file. In a parallel run each process scores its share of the windows."""
     if not path.is_file():
         raise PruneCliError(f"perplexity: text file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "perplexity text file")
     ids = list(tokenizer(text)["input_ids"])
     if max_tokens is not None:
         ids = ids[:max_tokens]

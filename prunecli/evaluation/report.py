@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunecli.core.atomic import atomic_file
+from prunecli.core.textio import read_text
 from prunecli.errors import PruneCliError
 from prunecli.jsonio import dumps_json  # NaN-safe JSON, the same as --json prints
 
@@ -56,8 +57,10 @@ def load_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PruneCliError(f"report {path} does not exist")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report = json.loads(read_text(path, "report"))
+    except RecursionError:
+        raise PruneCliError(f"report {path} is nested too deeply to be a report") from None
+    except json.JSONDecodeError as exc:
         raise PruneCliError(f"report {path} is not JSON: {exc}") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT or not isinstance(report.get("metrics"), dict):
         raise PruneCliError(f"{path} is not a prunecli evaluation report (write one with `prunecli evaluate -o`)")

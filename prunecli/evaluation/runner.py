@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, load_deltas
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
@@ -28,6 +29,7 @@ from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.evaluation.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
+from prunecli.models.default_model import resolve_model_path
 from prunecli.requests import EditRequest, load_requests, parse_record
 
 
@@ -50,7 +52,7 @@ class EvalOptions:
     dtype: str = "fp32"
     locality_reference: str | None = None
     data_dir: Path = field(default=DEFAULT_DATA_DIR)
-    force: bool = False  # evaluate deltas made for a base whose tensors differ
+    ignore_base_mismatch: bool = False  # evaluate deltas made for a base whose tensors differ (with a warning)
     device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
     max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
     offload_folder: Path | None = None
@@ -145,12 +147,13 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
     if options.batch_size < 1:
         raise PruneCliError("--batch-size must be at least 1")
     progress = _shared_progress(progress, workers)
-    delta = load_deltas(options.deltas)
+    # The checkpoint is opened (lazily) first: PEFT adapter folders among the deltas are read against it.
+    delta = load_deltas(options.deltas, Checkpoint(resolve_model_path(model_ref)) if options.deltas else None)
     requests = select_requests(options, delta)
     tasks = plan(options, requests)
     model, tokenizer, base = _load(model_ref, options, workers)
     if delta is not None:
-        delta.check_base(base, options.force)
+        delta.check_base(base, options.ignore_base_mismatch)
     reference, reference_name = None, None
     if requests and any(t.name == "zsre" for t, _ in tasks):
         reference, reference_name = _reference(options, model, tokenizer, requests, model_ref, delta is not None,

@@ -117,10 +117,11 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 def _follow_umask(folder: Path) -> None:
     """safetensors' writer creates 0600 files; a cache others may share gets the usual permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
+    from prunecli.core.atomic import output_mode
+
     for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~mask)
+        if path.is_file():
+            path.chmod(output_mode())
 
 
 @contextmanager

@@ -102,7 +102,7 @@ def placement_kwargs(device_map: str | None, max_memory: str | dict[int | str, i
 
 
 def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta: Delta | None = None,
-               force: bool = False, *, device_map: str | None = None,
+               ignore_base_mismatch: bool = False, *, device_map: str | None = None,
                max_memory: str | dict[int | str, int | str] | None = None,
                offload_folder: str | Path | None = None,
                tokenizer: str | Path | None = None) -> tuple[Any, Any, Checkpoint]:
@@ -126,7 +126,7 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
     if not base.is_folder or not base.config:
         raise PruneCliError(f"{path} is not a model folder with config.json (needed to build the model)")
     if delta is not None:
-        delta.check_base(base, force)
+        delta.check_base(base, ignore_base_mismatch)
     target = None if placement else resolve_device(device)
     source = tokenizer_source(path, tokenizer)
     tok = load_tokenizer(source)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from prunecli.core.delta import add_update
+
 from prunecli.errors import PruneCliError
 
 
@@ -107,8 +109,9 @@ def write_tensor(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def add_to_tensor(root: torch.nn.Module, name: str, update: torch.Tensor, scale: float = 1.0) -> None:
-    """tensor += scale * update, computed in float32 on the touched tensor only, stored in its own dtype."""
+    """tensor += scale * update, computed in float32 on the touched tensor only, stored in its own dtype; a result
+    with NaN/Inf in that dtype is refused (the tensor is left as it was)."""
     current = read_tensor(root, name)
     if tuple(update.shape) != tuple(current.shape):
         raise PruneCliError(f"update of {name} has shape {list(update.shape)}, the tensor is {list(current.shape)}")
-    write_tensor(root, name, current.float() + scale * update.to(current.device, torch.float32))
+    write_tensor(root, name, add_update(name, current, update, scale))
