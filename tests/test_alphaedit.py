@@ -199,11 +199,19 @@ def test_chains_without_the_key_cache_are_refused_and_pruned_deltas_chain(tmp_pa
 
     # prune keeps the keys, so a pruned AlphaEdit delta still chains; inspect/apply/export-lora ignore them.
     _cli(*common, "--method", "alphaedit", "--limit", 2, "-o", tmp_path / "a.safetensors")
-    _cli("prune", tmp_path / "a.safetensors", "--base", model, "--fn", "linear", "-o", tmp_path / "p.safetensors")
+    report = _cli("prune", tmp_path / "a.safetensors", "--base", model, "--fn", "linear", "-o",
+                  tmp_path / "p.safetensors", "--json")
+    assert sum(t["n_restrained"] for t in report["tensors"]) > 0  # the restraint did change the update
     a, pruned = Delta.load(tmp_path / "a.safetensors"), Delta.load(tmp_path / "p.safetensors")
     assert set(pruned.extras) == set(a.extras)
     for name in a.extras:
         assert torch.equal(pruned.extras[name], a.extras[name])
+    # PRUNE rescales singular values and keeps the right singular vectors, which lie in the null space: the
+    # restrained update still leaves the preserved eigenspace alone.
+    threshold = float(sets[sets.index("--set", len(sets) - 4) + 1].split("=")[1])
+    values, vectors = torch.linalg.eigh(KeyStats.load(stats).moment(1))
+    d = pruned.entries["model.layers.1.mlp.down_proj.weight"].to_dense().double()
+    assert float(torch.linalg.matrix_norm(d @ vectors[:, values >= threshold], 2) / torch.linalg.matrix_norm(d, 2)) < 1e-5
     _cli(*common, "--method", "alphaedit", "--start", 2, "--delta", tmp_path / "p.safetensors", "-o", out)
     assert all(t.shape[0] == 3 for t in Delta.load(out).extras.values())
     _cli("inspect", out, "--json")
