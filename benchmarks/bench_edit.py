@@ -15,7 +15,7 @@ Statistics: `--stats-tokens` tokens of WikiText for the default MEMIT layers, wi
   one pass: all layers collected in one forward pass that stops after the deepest one (what `prunecli stats` does);
   naive:    one full forward pass per layer (what the published code does, layer after layer).
 
-MEMIT vs AlphaEdit: one batch of the same `--n` facts from the same weights with each method's default
+MEMIT vs AlphaEdit: one batch of the same `--batch` facts (records 0..batch-1) from the same weights with each method's default
 hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition per layer and the
 extra pass that reads the edited keys for its cache; the context prefixes are generated once and not counted).
 
@@ -23,7 +23,7 @@ Prints one summary line with the ratios. `--random-shape gpt2-xl` times a random
 (48 layers, width 1600; SmolLM2's tokenizer) instead of `--model`, for GPU timings without downloading GPT-2 XL.
 
 Usage: python benchmarks/bench_edit.py [--model smollm2 | --random-shape gpt2-xl] [--device cpu|cuda] [--n 3]
-       [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
+       [--batch 10] [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--random-shape", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--n", type=int, default=3, help="ROME edits per variant (CounterFact records 0..n-1)")
+    parser.add_argument("--batch", type=int, default=10, help="MEMIT/AlphaEdit facts in the timed batch")
     parser.add_argument("--stats-tokens", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8, help="statistics sequences per forward pass")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -140,7 +141,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.n > RESERVED_START:
+    if max(args.n, args.batch) > RESERVED_START:
         parser.error(f"records {RESERVED_START}-9999 are reserved")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +160,7 @@ def main() -> None:
     memit_layers = list(memit.layers)
     stat_layers = sorted(set(memit.layers) | set(alphaedit.layers))
     requests = load_requests(args.data / "counterfact" / "counterfact-edit.json", 0, args.n)
+    batch = load_requests(args.data / "counterfact" / "counterfact-edit.json", 0, args.batch)
     texts = corpus.text_file(args.data / "wikitext" / "wiki.test.raw").texts
     chunks = list(corpus.token_chunks(tok, texts, args.seq_len, args.stats_tokens))
 
@@ -182,8 +184,8 @@ def main() -> None:
 
     # MEMIT and AlphaEdit: the same batch from the same weights.
     batch_prefixes = generate_prefixes(model, tok, memit.context_template_length_params, 0)
-    memit_s = batch_seconds_per_fact(model, tok, adapter, requests, MemitEditor(), memit, batch_prefixes, moments)
-    alpha_s = batch_seconds_per_fact(model, tok, adapter, requests, AlphaEditEditor(), alphaedit,
+    memit_s = batch_seconds_per_fact(model, tok, adapter, batch, MemitEditor(), memit, batch_prefixes, moments)
+    alpha_s = batch_seconds_per_fact(model, tok, adapter, batch, AlphaEditEditor(), alphaedit,
                                      generate_prefixes(model, tok, alphaedit.context_template_length_params, 0),
                                      moments)
 
@@ -201,7 +203,7 @@ def main() -> None:
     print(f"bench_edit model={name} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}: "
           f"ROME layer {layer}: {per_edit:.2f} s/edit (naive {naive_edit:.2f}, speedup {naive_edit / per_edit:.1f}x, "
           f"same losses: {same}); stats layers {memit_layers}: {tokens / one_pass:,.0f} tokens/s "
-          f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x); batch of {len(requests)}: "
+          f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x); batch of {len(batch)}: "
           f"MEMIT layers {memit_layers} {memit_s:.2f} s/fact, AlphaEdit layers {list(alphaedit.layers)} "
           f"{alpha_s:.2f} s/fact ({alpha_s / memit_s:.2f}x MEMIT's)")
 
