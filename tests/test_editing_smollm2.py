@@ -1,6 +1,6 @@
 """Acceptance on the real SmolLM2-135M (CPU): 10 sequential ROME edits and one MEMIT / AlphaEdit batch of CounterFact
-records 0-9 reach efficacy >= 0.9 with the packaged default hyper-parameters (ROME protocol: P(target_new) > P(ground_truth)
-by mean token NLL on the edit prompt, evaluated on the final model after all edits)."""
+records 0-9 reach efficacy >= 0.9 with the packaged default hyper-parameters (ROME protocol: P(target_new) >
+P(ground_truth) by mean token NLL on the edit prompt, evaluated on the final model after all edits)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def counterfact(shared_data):
 
 @pytest.fixture(scope="module")
 def stats(smollm2, shared_data, tmp_path_factory):
-    """Key statistics of the default ROME and MEMIT layers (AlphaEdit's are MEMIT's) from a 20k-token WikiText slice, in one pass."""
+    """Key statistics of the default ROME and MEMIT layers (AlphaEdit's are MEMIT's) from a 20k-token WikiText slice,
+    in one pass."""
     from prunecli.editors.hparams import default_values
 
     layers = sorted(set(default_values("rome", "llama", 30)["layers"]) | set(default_values("memit", "llama", 30)

@@ -24,8 +24,8 @@ eigenspace (orthogonal to U).
 
 Sequential memory across files: K_p is carried in the delta as extra tensors `alphaedit.keys::<weight name>`
 ([edits, d_in], float32; see `core/delta.py`), so `edit --delta a -o b` preserves the same keys as one run over all
-requests; a previous delta without them (another method, a PEFT adapter, `diff`, `export-lora` round trips) is
-refused, since AlphaEdit could not protect its edits.
+requests; a previous delta without them (made by another method or by `diff`) is refused, since AlphaEdit could
+not protect its edits.
 
 Deviations from the official code: float64 solves (it uses float32); keys averaged uniformly over the context
 prefixes, as prunecli's MEMIT does (the official compute_ks averages per prefix length group first, giving the bare
@@ -102,7 +102,7 @@ class AlphaEditEditor(Editor):
         missing = [name for name in names.values() if name not in ctx.carried]
         if ctx.continues and missing:
             raise PruneCliError(f"the previous delta carries no AlphaEdit key cache ({missing[0]}): it was not made "
-                                "by alphaedit on these layers (or lost its extra tensors, e.g. through export-lora), "
+                                "by alphaedit on these layers (or lost its extra tensors), "
                                 "so the keys of its edits cannot be preserved; start a new chain without --delta")
         for layer in layers:
             ctx.carried.setdefault(names[layer], torch.zeros(0, adapter.key_size(layer)))
