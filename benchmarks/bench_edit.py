@@ -16,8 +16,9 @@ Statistics: `--stats-tokens` tokens of WikiText for the default MEMIT layers, wi
   naive:    one full forward pass per layer (what the published code does, layer after layer).
 
 MEMIT vs AlphaEdit: one batch of the same `--batch` facts (records 0..batch-1) from the same weights with each
-method's default hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition per layer and the
-extra pass that reads the edited keys for its cache; the context prefixes are generated once and not counted).
+method's default hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition per
+layer and the extra pass that reads the edited keys for its cache; the context prefixes are generated once and not
+counted).
 
 Prints one summary line with the ratios. `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
 (48 layers, width 1600; SmolLM2's tokenizer) instead of `--model`, for GPU timings without downloading GPT-2 XL.
