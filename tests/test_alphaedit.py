@@ -186,7 +186,7 @@ def test_chained_runs_equal_one_run(tmp_path, stats_and_sets):
 
 
 @pytest.mark.parametrize("stats_and_sets", ["llama_dir"], indirect=True)
-def test_chains_without_the_key_cache_are_refused_and_pruned_deltas_chain(tmp_path, stats_and_sets):
+def test_chains_without_the_key_cache_are_refused_and_alphaedit_deltas_compose(tmp_path, stats_and_sets):
     model, stats, sets = stats_and_sets
     requests = write_requests(tmp_path / "r.jsonl")
     common = ["edit", model, "--requests", requests, "--stats", stats, *sets]
@@ -218,6 +218,15 @@ def test_chains_without_the_key_cache_are_refused_and_pruned_deltas_chain(tmp_pa
     _cli("inspect", out, "--json")
     _cli("apply", model, out, "-o", tmp_path / "applied")
     _cli("export-lora", out, "--base", model, "-o", tmp_path / "lora")
+    report = _cli("evaluate", model, "--delta", out, "--edits", requests, "--json")
+    assert report["metrics"]["efficacy_acc"] == 1.0  # every target is the top-1 prediction on the final model
+
+    # --prune-every: restraints during the run, the keys still one row per edit.
+    every = tmp_path / "every.safetensors"
+    _cli(*common, "--method", "alphaedit", "--batch-size", 1, "--prune-every", 2, "--fn", "linear", "-o", every)
+    pruned_run = Delta.load(every)
+    assert [op["op"] for op in pruned_run.history] == ["edit", "prune", "edit"]
+    assert all(t.shape[0] == 3 for t in pruned_run.extras.values())
 
 
 def test_hparams_official_files_and_method_specific_keys(tmp_path):
