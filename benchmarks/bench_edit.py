@@ -1,4 +1,5 @@
-"""Benchmark: seconds per ROME edit and key-statistics tokens/s, each against its naive baseline in the same run.
+"""Benchmark: seconds per ROME edit and key-statistics tokens/s, each against its naive baseline in the same run, and
+seconds per fact of MEMIT and AlphaEdit on the same batch.
 
 ROME: `--n` sequential edits of CounterFact records 0..n-1 (never the reserved 5000-9999) with the model's default
 ROME hyper-parameters, timed per edit (context prefixes are generated once beforehand and not counted), with
@@ -14,11 +15,16 @@ Statistics: `--stats-tokens` tokens of WikiText for the default MEMIT layers, wi
   one pass: all layers collected in one forward pass that stops after the deepest one (what `prunecli stats` does);
   naive:    one full forward pass per layer (what the published code does, layer after layer).
 
-Prints one summary line with both ratios. `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
+MEMIT vs AlphaEdit: one batch of the same `--batch` facts (records 0..batch-1) from the same weights with each
+method's default hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition per
+layer and the extra pass that reads the edited keys for its cache; the context prefixes are generated once and not
+counted).
+
+Prints one summary line with the ratios. `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
 (48 layers, width 1600; SmolLM2's tokenizer) instead of `--model`, for GPU timings without downloading GPT-2 XL.
 
 Usage: python benchmarks/bench_edit.py [--model smollm2 | --random-shape gpt2-xl] [--device cpu|cuda] [--n 3]
-       [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
+       [--batch 10] [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from typing import Any
 import torch
 
 from prunecli.editors import corpus
-from prunecli.editors.base import EditContext
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.alphaedit import AlphaEditEditor
+from prunecli.editors.base import EditContext, Editor
+from prunecli.editors.hparams import EditHParams, resolve_hparams
 from prunecli.editors.keys import subject_keys
+from prunecli.editors.memit import MemitEditor
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.rome import rank_one_update
 from prunecli.editors.stats import accumulate
@@ -83,6 +91,21 @@ def rome_edits(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditR
     return seconds, losses
 
 
+def batch_seconds_per_fact(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], editor: Editor,
+                           hp: EditHParams, prefixes: list[str], moments: dict[int, torch.Tensor]) -> float:
+    """One batch of `requests` by `editor` from the model's current weights (restored afterwards); s per fact."""
+    saved = {L: adapter.weight(L).detach().clone() for L in hp.layers}
+    sync(model)
+    t0 = time.perf_counter()
+    editor.apply(model, tok, adapter, requests, EditContext(hp, prefixes, moments))
+    sync(model)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for L, w in saved.items():
+            adapter.weight(L).copy_(w)
+    return seconds / len(requests)
+
+
 @torch.no_grad()
 def naive_stats(model: Any, tok: Any, adapter: ModelAdapter, layers: list[int], chunks: list[list[int]],
                 batch_size: int) -> None:
@@ -111,6 +134,7 @@ def main() -> None:
     parser.add_argument("--random-shape", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--n", type=int, default=3, help="ROME edits per variant (CounterFact records 0..n-1)")
+    parser.add_argument("--batch", type=int, default=10, help="MEMIT/AlphaEdit facts in the timed batch")
     parser.add_argument("--stats-tokens", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8, help="statistics sequences per forward pass")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -118,7 +142,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    if args.n > RESERVED_START:
+    if max(args.n, args.batch) > RESERVED_START:
         parser.error(f"records {RESERVED_START}-9999 are reserved")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,8 +156,12 @@ def main() -> None:
     model.requires_grad_(False)
     adapter = resolve_adapter(model)
     rome = resolve_hparams("rome", adapter.family, adapter.num_layers)
-    memit_layers = list(resolve_hparams("memit", adapter.family, adapter.num_layers).layers)
+    memit = resolve_hparams("memit", adapter.family, adapter.num_layers)
+    alphaedit = resolve_hparams("alphaedit", adapter.family, adapter.num_layers)
+    memit_layers = list(memit.layers)
+    stat_layers = sorted(set(memit.layers) | set(alphaedit.layers))
     requests = load_requests(args.data / "counterfact" / "counterfact-edit.json", 0, args.n)
+    batch = load_requests(args.data / "counterfact" / "counterfact-edit.json", 0, args.batch)
     texts = corpus.text_file(args.data / "wikitext" / "wiki.test.raw").texts
     chunks = list(corpus.token_chunks(tok, texts, args.seq_len, args.stats_tokens))
 
@@ -141,7 +169,7 @@ def main() -> None:
     accumulate(model, tok, adapter, memit_layers, chunks[:1], args.batch_size)
     sync(model)
     t0 = time.perf_counter()
-    _, counts = accumulate(model, tok, adapter, memit_layers, chunks, args.batch_size)
+    sums, counts = accumulate(model, tok, adapter, memit_layers, chunks, args.batch_size)
     sync(model)
     one_pass = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -149,6 +177,18 @@ def main() -> None:
     sync(model)
     naive_pass = time.perf_counter() - t0
     tokens = counts[memit_layers[0]]
+    if set(stat_layers) != set(memit_layers):
+        more, more_counts = accumulate(model, tok, adapter, sorted(set(stat_layers) - set(memit_layers)), chunks,
+                                       args.batch_size)
+        sums, counts = {**sums, **more}, {**counts, **more_counts}
+    moments = {L: (sums[L].double() / counts[L]).to(sums[L].device) for L in stat_layers}
+
+    # MEMIT and AlphaEdit: the same batch from the same weights.
+    batch_prefixes = generate_prefixes(model, tok, memit.context_template_length_params, 0)
+    memit_s = batch_seconds_per_fact(model, tok, adapter, batch, MemitEditor(), memit, batch_prefixes, moments)
+    alpha_s = batch_seconds_per_fact(model, tok, adapter, batch, AlphaEditEditor(), alphaedit,
+                                     generate_prefixes(model, tok, alphaedit.context_template_length_params, 0),
+                                     moments)
 
     # ROME: the same edits from the same weights, cached then naive.
     (layer,) = rome.layers
@@ -164,7 +204,9 @@ def main() -> None:
     print(f"bench_edit model={name} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}: "
           f"ROME layer {layer}: {per_edit:.2f} s/edit (naive {naive_edit:.2f}, speedup {naive_edit / per_edit:.1f}x, "
           f"same losses: {same}); stats layers {memit_layers}: {tokens / one_pass:,.0f} tokens/s "
-          f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x)")
+          f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x); batch of {len(batch)}: "
+          f"MEMIT layers {memit_layers} {memit_s:.2f} s/fact, AlphaEdit layers {list(alphaedit.layers)} "
+          f"{alpha_s:.2f} s/fact ({alpha_s / memit_s:.2f}x MEMIT's)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Reads, under WORK (as laid out by examples/Makefile):
   base/base-N.eval.json           editing metrics of the unedited model on records 0..N-1
   base/base.general.json          its perplexity and general-ability metrics (they do not depend on N)
-  VARIANT/KIND-N.eval.json        editing metrics + perplexity, VARIANT in rome | multiple | memit,
+  VARIANT/KIND-N.eval.json        editing metrics + perplexity, VARIANT in rome | multiple | memit | alphaedit,
   VARIANT/KIND-N.general.json     general-ability metrics (the last N of each chain, or the Makefile's GENERAL_NS),
   VARIANT/KIND-N.inspect.json     spectra of W, W + D and D,  KIND in edited | pruned-log-A | pruned-linear-B
   VARIANT/edited-N.json           the edit command's summary (seconds per edit, losses, restraints)
@@ -29,8 +29,9 @@ from typing import Any
 
 _NAME = re.compile(r"^(?P<kind>edited|pruned-(?P<fn>log|linear)-(?P<param>[0-9.]+)|base)-(?P<n>\d+)$")
 _VARIANTS = {"rome": ("rome", "once"), "multiple": ("rome", "multiple"), "memit": ("memit", "once"),
-             "base": ("none", "none")}
-_ORDER = {name: i for i, name in enumerate(("none", "rome", "memit", "once", "multiple", "log", "linear"))}
+             "alphaedit": ("alphaedit", "once"), "base": ("none", "none")}
+_ORDER = {name: i for i, name in enumerate(("none", "rome", "memit", "alphaedit", "once", "multiple", "log",
+                                            "linear"))}
 EDIT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
                 "neighborhood_acc")
 SPECTRA_COLUMNS = ("kappa_base", "kappa", "sigma_max", "sigma_min", "delta_sigma_max", "delta_n_above_sigma_max")
@@ -158,7 +159,7 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in ("rome", "memit") if any(r["method"] == m for r in rows)]
+    methods = [m for m in ("rome", "memit", "alphaedit") if any(r["method"] == m for r in rows)]
     written: list[Path] = []
 
     def draw(ax: Any, method: str, key: str, logy: bool = False) -> None:

@@ -144,10 +144,11 @@ def test_bad_requests(tmp_path, llama_dir):
 
 
 def test_bad_method_and_missing_stats(tmp_path, llama_dir, requests_file):
-    assert "unknown editing method 'alphaedit'" in _bad(tmp_path, llama_dir, "--requests", requests_file,
-                                                         "--method", "alphaedit")
-    assert "memit needs key statistics" in _bad(tmp_path, llama_dir, "--requests", requests_file, "--method",
-                                                "memit")
+    assert "unknown editing method 'pmet'" in _bad(tmp_path, llama_dir, "--requests", requests_file,
+                                                    "--method", "pmet")
+    for method in ("memit", "alphaedit"):
+        assert f"{method} needs key statistics" in _bad(tmp_path, llama_dir, "--requests", requests_file,
+                                                        "--method", method)
 
 
 def test_stats_of_another_model_or_layer(tmp_path, llama_dir, gpt2_dir, qwen2_dir, requests_file):

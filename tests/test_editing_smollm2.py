@@ -1,6 +1,6 @@
-"""Acceptance on the real SmolLM2-135M (CPU): 10 sequential ROME edits and one MEMIT batch of CounterFact records
-0-9 reach efficacy >= 0.9 with the packaged default hyper-parameters (ROME protocol: P(target_new) > P(ground_truth)
-by mean token NLL on the edit prompt, evaluated on the final model after all edits)."""
+"""Acceptance on the real SmolLM2-135M (CPU): 10 sequential ROME edits and one MEMIT / AlphaEdit batch of CounterFact
+records 0-9 reach efficacy >= 0.9 with the packaged default hyper-parameters (ROME protocol: P(target_new) >
+P(ground_truth) by mean token NLL on the edit prompt, evaluated on the final model after all edits)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def counterfact(shared_data):
 
 @pytest.fixture(scope="module")
 def stats(smollm2, shared_data, tmp_path_factory):
-    """Key statistics of the default ROME and MEMIT layers from a 20k-token WikiText slice, in one pass."""
+    """Key statistics of the default ROME and MEMIT layers (AlphaEdit's are MEMIT's) from a 20k-token WikiText slice,
+    in one pass."""
     from prunecli.editors.hparams import default_values
 
     layers = sorted(set(default_values("rome", "llama", 30)["layers"]) | set(default_values("memit", "llama", 30)
@@ -54,7 +55,8 @@ def _efficacy(model_dir, delta_path, counterfact) -> float:
     return sum(n.nll < t.nll for n, t in zip(new, true)) / len(requests)
 
 
-@pytest.mark.parametrize("method, extra", [("rome", []), ("memit", ["--batch-size", "10"])])
+@pytest.mark.parametrize("method, extra", [("rome", []), ("memit", ["--batch-size", "10"]),
+                                           ("alphaedit", ["--batch-size", "10"])])
 def test_ten_counterfact_edits_reach_efficacy(method, extra, smollm2, counterfact, stats, tmp_path):
     out = tmp_path / f"{method}.delta.safetensors"
     result = runner.invoke(app, ["edit", str(smollm2), "--requests", str(counterfact), "--limit", "10", "--method",

@@ -1,4 +1,4 @@
-"""`prunecli edit`: sequential ROME / MEMIT / MEND editing of a checkpoint into a factored delta file."""
+"""`prunecli edit`: sequential ROME / MEMIT / AlphaEdit / MEND editing of a checkpoint into a factored delta file."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ def main(
     requests: Annotated[Path, typer.Option("--requests", help="Edit requests: JSON list or JSONL (CounterFact, "
                                            "zsRE MEND or minimal format).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.safetensors).")],
-    method: Annotated[str, typer.Option("--method", help="rome, memit or mend.")] = "rome",
+    method: Annotated[str, typer.Option("--method", help="rome, memit, alphaedit or mend.")] = "rome",
     archive: Annotated[Path | None, typer.Option("--archive", help="MEND: the trained networks (from `prunecli "
                                                  "train-mend` on this same base model).")] = None,
     start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
     limit: Annotated[int | None, typer.Option("--limit", help="Number of records to use.", min=1)] = None,
-    stats: Annotated[Path | None, typer.Option("--stats", help="Key statistics from `prunecli stats` (MEMIT: "
-                                               "required; ROME: enables the C^-1 adjustment).")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="Key statistics from `prunecli stats` (MEMIT, "
+                                               "AlphaEdit: required; ROME: enables the C^-1 adjustment).")] = None,
     delta: Annotated[list[Path] | None, typer.Option("--delta", help="Previous delta(s) to continue from; the "
                                                      "output holds them plus the new edits.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="MEMIT: facts per batch.", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="MEMIT, AlphaEdit: facts per batch.", min=1)] = 10,
     hparams: Annotated[Path | None, typer.Option("--hparams", help="Hyper-parameters (YAML/JSON; EasyEdit keys "
                                                  "accepted).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a hyper-parameter: key=value "
@@ -58,6 +58,9 @@ def main(
     -o edits.delta.safetensors
 
     MEND: prunecli edit smollm2 --requests facts.jsonl --method mend --archive smollm2.mend.safetensors -o m.delta
+
+    AlphaEdit (keys of earlier edits travel in the delta, so chains continue): prunecli edit smollm2 --requests cf.json
+    --limit 10 --method alphaedit --stats smollm2.stats.safetensors -o a.delta; then --start 10 --delta a.delta
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).

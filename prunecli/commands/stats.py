@@ -43,7 +43,7 @@ def main(
     output: Annotated[Path, typer.Option("-o", "--output", help="Statistics file to write (.safetensors).")],
     layers: Annotated[str | None, typer.Option("--layers", help="Layers, e.g. 4,5,6 or 4-8.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Take the layers from this method's default "
-                                               "hyper-parameters for the model: rome or memit.")] = None,
+                                               "hyper-parameters for the model: rome, memit or alphaedit.")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Plain text file (paragraphs).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="`datasets` source: a local .json/.jsonl/.csv/"
                                                 ".parquet/.txt file or folder, or a hub name (downloaded).")] = None,

@@ -15,6 +15,12 @@ JSON document under the `prunecli.delta` metadata key:
 
 `layout` says how the base stores the weight (`in_out` for GPT-2's Conv1D), so applying a delta never guesses from
 shapes (square matrices exist). `history` is the ordered record of every operation that produced the delta.
+
+Extra tensors: state an editing method needs to continue a chain (AlphaEdit: the keys of every edited fact per layer,
+see `prunecli.editors.alphaedit`) is stored as float32 tensors `extra::<name>`, listed in the metadata as
+`"extras": {name: {"shape": [...]}}` (the key is absent when there are none, so other deltas are unchanged). Extras
+are per-edit records, one row per edit: composing deltas concatenates them along the first dimension, like factors.
+They never change the weights: apply, inspect, diff and export-lora ignore them; prune and `edit --delta` carry them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ from prunecli.errors import PruneCliError, PruneCliWarning
 FORMAT = "prunecli-delta"
 VERSION = 1
 META_KEY = "prunecli.delta"
+EXTRA_PREFIX = "extra::"
 _LAYOUTS = ("out_in", "in_out")
 
 
@@ -117,6 +124,7 @@ class Delta:
     model_type: str | None = None
     source: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 [rows, ...]; see module doc
 
     # ------------------------------------------------------------------------------------------ derived views
     @property
@@ -156,7 +164,8 @@ class Delta:
         for name, entry in other.entries.items():
             entries[name] = entries[name] + entry if name in entries else entry
         return Delta(entries, {**self.fingerprints, **other.fingerprints}, self.model_type or other.model_type,
-                     self.source or other.source, self.history + other.history)
+                     self.source or other.source, self.history + other.history,
+                     _concat_extras(self.extras, other.extras))
 
     def with_entries(self, entries: dict[str, DeltaEntry], op: dict[str, Any]) -> Delta:
         """A copy with new entries (e.g. restrained) and `op` appended to the history."""
@@ -196,6 +205,7 @@ class Delta:
                             "shape": list(e.shape), "rank": e.rank} for n, e in self.entries.items()},
             "base": {"fingerprints": self.fingerprints, "model_type": self.model_type, "source": self.source},
             "history": self.history,
+            **({"extras": {n: {"shape": list(t.shape)} for n, t in self.extras.items()}} if self.extras else {}),
         }
 
     def save(self, path: str | os.PathLike[str], force: bool = False) -> None:
@@ -209,6 +219,11 @@ class Delta:
             for suffix, t in zip(suffixes, e.tensors()):
                 t32 = t.detach().to("cpu", torch.float32)
                 sources.append(TensorSource(f"{name}::{suffix}", "F32", tuple(t32.shape), lambda t32=t32: t32))
+        for name, t in self.extras.items():
+            if not bool(torch.isfinite(t).all()):
+                raise PruneCliError(f"refusing to write: extra tensor {name} contains NaN or Inf values")
+            t32 = t.detach().to("cpu", torch.float32).contiguous()
+            sources.append(TensorSource(EXTRA_PREFIX + name, "F32", tuple(t32.shape), lambda t32=t32: t32))
         with atomic_file(Path(path), force) as tmp:
             write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
 
@@ -297,10 +312,47 @@ class Delta:
                 raise bad(f"entry {name}: tensor shapes {[list(t.shape) for t in parts]} do not match {shape}")
             _check_finite(name, entry, f"invalid delta {path}:")
             entries[name] = entry
+        extras = _read_extras(meta.get("extras"), tensors, bad)
+        used.update(EXTRA_PREFIX + n for n in extras)
         extra = sorted(set(tensors) - used)
         if extra:
             raise bad(f"tensor(s) not described by the metadata: {', '.join(extra[:3])}")
-        return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"), history)
+        return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"), history,
+                   extras)
+
+
+def _read_extras(specs: Any, tensors: dict[str, torch.Tensor],
+                 bad: Callable[[str], PruneCliError]) -> dict[str, torch.Tensor]:
+    """The extra tensors the metadata lists, checked against it (shape, finite values)."""
+    if specs is None:
+        return {}
+    if not isinstance(specs, dict):
+        raise bad("extras is not a JSON object")
+    extras = {}
+    for name, spec in specs.items():
+        t = tensors.get(EXTRA_PREFIX + name)
+        if t is None:
+            raise bad(f"extra tensor {EXTRA_PREFIX + name} missing")
+        if not isinstance(spec, dict) or list(t.shape) != spec.get("shape"):
+            raise bad(f"extra tensor {name}: shape {list(t.shape)} does not match the metadata")
+        if not bool(torch.isfinite(t).all()):
+            raise bad(f"extra tensor {name} contains NaN or Inf values")
+        extras[name] = t.float()
+    return extras
+
+
+def _concat_extras(first: dict[str, torch.Tensor], then: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-edit records of two deltas applied in order: rows of the same name are stacked, first's on top."""
+    out = dict(first)
+    for name, t in then.items():
+        if name in out:
+            if out[name].shape[1:] != t.shape[1:]:
+                raise PruneCliError(f"cannot compose deltas: extra tensor {name} has rows of shape "
+                                    f"{list(out[name].shape[1:])} and {list(t.shape[1:])}")
+            out[name] = torch.cat([out[name], t])
+        else:
+            out[name] = t
+    return out
 
 
 def history_entry_problem(op: Any) -> str | None:

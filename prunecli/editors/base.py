@@ -47,6 +47,10 @@ class EditContext:
     hparams: EditHParams
     prefixes: list[str]  # context prefixes; prefixes[0] == "" (the bare prompt)
     moments: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> C = E[k k^T] (float64)
+    # State an editor carries from delta to delta (`Delta.extras`): editors read and update it in place, the driver
+    # starts it from the previous deltas' extras and stores it in the output delta.
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
+    continues: bool = False  # True when editing continues previous deltas (`--delta`): `carried` came from them
 
 
 class Editor(ABC):
@@ -54,6 +58,7 @@ class Editor(ABC):
 
     method: str
     needs_stats: bool
+    batched: bool = False  # edits a batch of requests at once (--batch-size) rather than one after another
 
     @abstractmethod
     def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001 - HF tokenizer
@@ -63,11 +68,12 @@ class Editor(ABC):
 
 def editor_for(method: str, archive: str | Path | None = None) -> Editor:
     """The editor of `method`; MEND's needs its trained `archive` (from `prunecli train-mend`), the others none."""
+    from prunecli.editors.alphaedit import AlphaEditEditor
     from prunecli.editors.memit import MemitEditor
     from prunecli.editors.rome import RomeEditor
     from prunecli.errors import PruneCliError
 
-    editors: dict[str, type[Editor]] = {"rome": RomeEditor, "memit": MemitEditor}
+    editors: dict[str, type[Editor]] = {"rome": RomeEditor, "memit": MemitEditor, "alphaedit": AlphaEditEditor}
     if method == "mend":
         if archive is None:
             raise PruneCliError("mend needs a trained archive: pass --archive FILE (made by `prunecli train-mend`)")

@@ -1,10 +1,10 @@
-"""Typed hyper-parameters of ROME and MEMIT: packaged per-family defaults, user files, `--set` overrides.
+"""Typed hyper-parameters of ROME, MEMIT and AlphaEdit: packaged per-family defaults, user files, `--set` overrides.
 
-Defaults live in `hparams/{rome,memit}.yaml` next to this module: a `defaults` section, per-family sections that
-override it, and inside a family `by_depth` entries for model depths whose layers are known (GPT-2 XL's 48 layers,
+Defaults live in `hparams/{rome,memit,alphaedit}.yaml` next to this module: a `defaults` section, per-family sections
+that override it, and inside a family `by_depth` entries for model depths whose layers are known (GPT-2 XL's 48 layers,
 LLaMA-2-7B's 32, SmolLM2-135M's 30). For other depths the layers follow from `layer_fraction` (the position of the
-(last) edited layer as a fraction of the depth) and, for MEMIT, `num_edit_layers` consecutive layers ending there,
-so tiny test models and unknown sizes get sensible layers too.
+(last) edited layer as a fraction of the depth) and, for MEMIT and AlphaEdit, `num_edit_layers` consecutive layers
+ending there, so tiny test models and unknown sizes get sensible layers too.
 
 User files (YAML or JSON) may use EasyEdit's key names, so existing `hparams/ROME/*.yaml` files work: keys that only
 tell EasyEdit where modules or statistics are (prunecli resolves those from the loaded model and the command line)
@@ -27,14 +27,17 @@ import yaml
 from prunecli.core.textio import read_text
 from prunecli.errors import PruneCliError
 
-METHODS = ("rome", "memit")
+METHODS = ("rome", "memit", "alphaedit")
 
 # EasyEdit keys that prunecli derives itself (from the loaded model, --stats, --device, --batch-size).
 IGNORED_KEYS = frozenset({
     "alg_name", "model_name", "device", "model_parallel", "rewrite_module_tmp", "layer_module_tmp",
     "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "v_loss_layer", "stats_dir",
     "mom2_dataset", "mom2_n_samples", "mom2_dtype", "max_length", "batch_size", "layer_selection",
+    "P_loc",  # EasyEdit AlphaEdit: where it saves its projector; prunecli computes P in memory per run
 })
+# Keys only AlphaEdit has; None (and absent from `to_json`) for the other methods, so their records are unchanged.
+ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
@@ -55,9 +58,11 @@ class EditHParams:
     mom2_update_weight: float  # MEMIT: lambda in (lambda C + K K^T)^-1
     context_template_length_params: tuple[tuple[int, int], ...]  # (generated tokens, number of prefixes)
     fact_token: str = "subject_last"
+    nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of the mean C below this span the null space
+    L2: float | None = None  # AlphaEdit: ridge term L2 I added after projecting (the official key name)
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in ALPHAEDIT_KEYS and v is None)}
         d["layers"] = list(self.layers)
         d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
         return d
@@ -120,6 +125,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
+    "nullspace_threshold": _as_float, "L2": _as_float,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -222,6 +228,14 @@ def validate(hp: EditHParams, num_layers: int) -> None:
         raise PruneCliError(f"ROME edits exactly one layer, got layers {list(hp.layers)}")
     if len(set(hp.layers)) != len(hp.layers):
         raise PruneCliError(f"layers {list(hp.layers)} contain duplicates")
+    if hp.method == "alphaedit":
+        for key in ALPHAEDIT_KEYS:
+            if getattr(hp, key) is None or not getattr(hp, key) > 0:
+                raise PruneCliError(f"AlphaEdit needs {key} > 0, got {getattr(hp, key)!r}")
+    else:
+        given = [key for key in ALPHAEDIT_KEYS if getattr(hp, key) is not None]
+        if given:
+            raise PruneCliError(f"{', '.join(given)} only apply to alphaedit, not {hp.method}")
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),

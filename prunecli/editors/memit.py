@@ -9,7 +9,7 @@ Needs key statistics C of every edited layer (`prunecli stats --method memit`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,30 +34,52 @@ def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tens
     return residual.float(), b.float()
 
 
+# The per-layer solve: (layer, residual R [out, n], keys K [in, n]) -> factors (a [out, r], b [in, r]) of Delta W.
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_moments(ctx: EditContext, name: str) -> None:
+    """Fail unless the statistics cover every edited layer (MEMIT and AlphaEdit need C for each)."""
+    missing = [L for L in sorted(ctx.hparams.layers) if L not in ctx.moments]
+    if missing:
+        raise PruneCliError(f"{name} needs key statistics of layers {missing} "
+                            f"(prunecli stats --method {ctx.hparams.method})")
+
+
+def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+                       requests: Sequence[EditRequest], ctx: EditContext,
+                       solve: LayerSolve) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
+    """MEMIT's procedure with the per-layer solve left open (MEMIT and AlphaEdit differ only there): targets z at the
+    last edited layer, then for each layer in ascending order the keys and residual on the partly edited model,
+    the update from `solve`, added to the model before the next layer's keys are read."""
+    layers = sorted(ctx.hparams.layers)
+    z_site = adapter.layer_module(layers[-1])
+    width = adapter.value_size(layers[-1])
+    targets, outcomes = [], []
+    for request in requests:
+        value = optimize_value(model, tokenizer, z_site, width, request, ctx.prefixes, ctx.hparams)
+        targets.append(value.initial + value.delta)
+        outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
+    z = torch.stack(targets)  # [n, hidden]
+    updates = []
+    for i, layer in enumerate(layers):
+        keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes,
+                                  {"z": (z_site, "output")})
+        residual = (z - bare["z"]) / (len(layers) - i)
+        a, b = solve(layer, residual.T, keys.T)
+        adapter.add_update(layer, a @ b.T)
+        updates.append(LayerUpdate(layer, a, b))
+    return updates, outcomes
+
+
 class MemitEditor(Editor):
     method = "memit"
     needs_stats = True
+    batched = True
 
     def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
-        layers = sorted(ctx.hparams.layers)
-        missing = [L for L in layers if L not in ctx.moments]
-        if missing:
-            raise PruneCliError(f"MEMIT needs key statistics of layers {missing} (prunecli stats --method memit)")
-        z_site = adapter.layer_module(layers[-1])
-        width = adapter.value_size(layers[-1])
-        targets, outcomes = [], []
-        for request in requests:
-            value = optimize_value(model, tokenizer, z_site, width, request, ctx.prefixes, ctx.hparams)
-            targets.append(value.initial + value.delta)
-            outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
-        z = torch.stack(targets)  # [n, hidden]
-        updates = []
-        for i, layer in enumerate(layers):
-            keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes,
-                                      {"z": (z_site, "output")})
-            residual = (z - bare["z"]) / (len(layers) - i)
-            a, b = spread_update(residual.T, keys.T, ctx.moments[layer], ctx.hparams.mom2_update_weight)
-            adapter.add_update(layer, a @ b.T)
-            updates.append(LayerUpdate(layer, a, b))
-        return updates, outcomes
+        check_moments(ctx, "MEMIT")
+        weight = ctx.hparams.mom2_update_weight
+        return spread_over_layers(model, tokenizer, adapter, requests, ctx,
+                                  lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight))

@@ -8,6 +8,7 @@ N..M produces the same factors as one run over requests 0..M.
 With a PRUNE schedule, after every K edits (counted over the whole delta, previous files included) the accumulated
 delta is restrained against the base and the model is reset to base + restrained delta before editing continues (the
 paper's "multiple" mode, appendix C.6). The delta's history records each run of edits and each restraint in order.
+State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's extra tensors.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta) -> None:
 
 
 def _copy(delta: Delta) -> Delta:
-    return Delta(dict(delta.entries), dict(delta.fingerprints), delta.model_type, delta.source, list(delta.history))
+    return Delta(dict(delta.entries), dict(delta.fingerprints), delta.model_type, delta.source, list(delta.history),
+                 dict(delta.extras))
 
 
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
@@ -95,8 +97,9 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
               editor: Editor | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
-    `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. MEMIT edits
-    `batch_size` requests at a time; ROME one at a time. `provenance` is merged into each edit op of the history.
+    `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
+    editors (MEMIT, AlphaEdit) edit `batch_size` requests at a time; ROME one at a time. `provenance` is merged into
+    each edit op of the history.
     `editor` replaces `editor_for(method)` (MEND's carries its trained networks).
     """
     started = time.perf_counter()
@@ -108,8 +111,9 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     total = _copy(prior) if prior is not None else Delta.for_base(base)
     if prior is not None:
         add_delta_to_model(model, prior)
-    ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()})
-    step = batch_size if method == "memit" else 1
+    ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()},
+                      dict(prior.extras) if prior is not None else {}, prior is not None)
+    step = batch_size if editor.batched else 1
     run = EditRun(total)
     pending: list[dict[str, Any]] = []
     sigma_cache: dict[str, float] = {}
@@ -145,5 +149,6 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         if on_step is not None:
             on_step(len(run.reports), reports)
     flush()
+    run.delta.extras = dict(ctx.carried)
     run.seconds = time.perf_counter() - started
     return run
