@@ -19,7 +19,8 @@ def main(
     requests: Annotated[Path, typer.Option("--requests", help="Edit requests: JSON list or JSONL (CounterFact, "
                                            "zsRE MEND or minimal format).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.safetensors).")],
-    method: Annotated[str, typer.Option("--method", help="rome, memit, alphaedit or mend.")] = "rome",
+    method: Annotated[str | None, typer.Option("--method", help="rome, memit, alphaedit or mend (default: the "
+                                               "--hparams file's alg_name, else rome).")] = None,
     archive: Annotated[Path | None, typer.Option("--archive", help="MEND: the trained networks (from `prunecli "
                                                  "train-mend` on this same base model).")] = None,
     start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
@@ -72,7 +73,7 @@ def main(
         from prunecli.core.delta import load_deltas
         from prunecli.core.restraint import check_params
         from prunecli.editors.base import editor_for
-        from prunecli.editors.hparams import resolve_hparams
+        from prunecli.editors.hparams import ModelModules, check_file, file_method, resolve_hparams
         from prunecli.editors.session import PruneSchedule, run_edits
         from prunecli.editors.stats import KeyStats, load_moments
         from prunecli.models.adapters import resolve_adapter
@@ -81,14 +82,17 @@ def main(
         from prunecli.requests import load_requests
 
         # Everything that can be checked without the model is checked before loading it.
-        editor = editor_for(method, archive)
+        chosen = method or (file_method(hparams) if hparams is not None else None) or "rome"
+        if hparams is not None and chosen != "mend":
+            check_file(chosen, hparams)
+        editor = editor_for(chosen, archive)
         model_path = resolve_model_path(model)
         check_output_path(output, force, is_dir=False, inputs=[
             ("model", model_path), ("requests file", requests), ("statistics file", stats), ("archive", archive),
             ("hyper-parameter file", hparams), *labelled("delta", delta)])
         if editor.needs_stats and stats is None:
-            raise PruneCliError(f"{method} needs key statistics: compute them with `prunecli stats {model} "
-                                f"--method {method} --text FILE -o STATS` and pass --stats STATS")
+            raise PruneCliError(f"{chosen} needs key statistics: compute them with `prunecli stats {model} "
+                                f"--method {chosen} --text FILE -o STATS` and pass --stats STATS")
         if prune_every is not None:
             check_params(fn, alpha, beta)
         if dtype.lower() not in ("fp32", "float32", "bf16", "bfloat16"):
@@ -97,7 +101,7 @@ def main(
         prior = load_deltas(delta or [], Checkpoint(model_path) if delta else None)  # adapters need the base
         if stats is not None:
             KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
-        if method == "mend":
+        if chosen == "mend":
             if hparams is not None or set_:
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
             editor.archive.check_base(Checkpoint(model_path), archive)  # type: ignore[attr-defined]
@@ -107,12 +111,14 @@ def main(
         if prior is not None:
             prior.check_base(base, ignore_base_mismatch)
         adapter = resolve_adapter(lm)
-        hp = (editor.hparams(str(archive)) if method == "mend"  # type: ignore[attr-defined]
-              else resolve_hparams(method, adapter.family, adapter.num_layers, hparams, set_ or [], note))
+        hp = (editor.hparams(str(archive)) if chosen == "mend"  # type: ignore[attr-defined]
+              else resolve_hparams(chosen, adapter.family, adapter.num_layers, hparams, set_ or [], note,
+                                   ModelModules(frozenset(n for n, _ in lm.named_modules()), adapter.module_name,
+                                                adapter.num_layers, adapter.model_type)))
         moments = load_moments(stats, base, adapter, hp.layers) if stats is not None else None
-        if method == "rome" and hp.mom2_adjustment and moments is None:
+        if chosen == "rome" and hp.mom2_adjustment and moments is None:
             note("no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method")
-        if method == "rome" and not hp.mom2_adjustment and moments is not None:
+        if chosen == "rome" and not hp.mom2_adjustment and moments is not None:
             note("mom2_adjustment is false: the statistics are not used")
         provenance = {"stats": {"path": str(stats), "corpus": KeyStats.load(stats).corpus}} if stats else {}
         if tokenizer_ref is not None:
@@ -120,14 +126,14 @@ def main(
         schedule = PruneSchedule(prune_every, fn, alpha, beta) if prune_every is not None else None
 
         run = _with_progress(len(edit_requests), lambda on_step: run_edits(
-            lm, tokenizer, base, edit_requests, method, hp, moments, prior, batch_size, schedule, seed, provenance,
+            lm, tokenizer, base, edit_requests, chosen, hp, moments, prior, batch_size, schedule, seed, provenance,
             on_step, editor))
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)
         run.delta.save(output, force)
         n = len(run.reports)
-        summary = {"output": str(output), "model": str(base.path), "method": method, "layers": list(hp.layers),
+        summary = {"output": str(output), "model": str(base.path), "method": chosen, "layers": list(hp.layers),
                    "hparams": hp.to_json(), "edits": n, "total_edits": len(run.delta.requests),
                    "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                    "restraints": [[r.to_json() for r in rs] for rs in run.restraints],

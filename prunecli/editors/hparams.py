@@ -29,13 +29,21 @@ from prunecli.errors import PruneCliError
 
 METHODS = ("rome", "memit", "alphaedit")
 
-# EasyEdit keys that prunecli derives itself (from the loaded model, --stats, --device, --batch-size).
+# EasyEdit keys that prunecli derives itself (from the loaded model, --stats, --device, --batch-size) or that only
+# keep EasyEdit's books (precision, device placement, where it caches things): accepted and reported as not used.
 IGNORED_KEYS = frozenset({
     "alg_name", "model_name", "device", "model_parallel", "rewrite_module_tmp", "layer_module_tmp",
     "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "v_loss_layer", "stats_dir",
-    "mom2_dataset", "mom2_n_samples", "mom2_dtype", "max_length", "batch_size", "layer_selection",
+    "mom2_dataset", "mom2_n_samples", "mom2_dtype", "max_length", "batch_size", "layer_selection", "fp16",
     "P_loc",  # EasyEdit AlphaEdit: where it saves its projector; prunecli computes P in memory per run
 })
+# EasyEdit's `alg_name` values and the prunecli method each selects (prunecli's ROME is R-ROME: one averaged key).
+ALG_NAMES = {"rome": "rome", "r-rome": "rome", "r_rome": "rome", "memit": "memit", "alphaedit": "alphaedit"}
+# R-ROME's key-handling switches, and the value of each that describes what prunecli's ROME does.
+RROME_SWITCHES = {"original_implementation": False, "enable_prompt_keys": False, "enable_random_prefix_keys": True}
+# Module names an EasyEdit file assumes: templates with `{}` for the layer number, and plain names.
+MODULE_TEMPLATES = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
+MODULE_NAMES = ("ln_f_module", "lm_head_module")
 # Keys only AlphaEdit has; None (and absent from `to_json`) for the other methods, so their records are unchanged.
 ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
@@ -197,24 +205,90 @@ def _check_keys(values: Mapping[str, Any], where: str, ignored: list[str]) -> di
             known[key] = value
         elif key in IGNORED_KEYS:
             ignored.append(key)
+        elif key in RROME_SWITCHES:
+            if coerce_bool(key, value) != RROME_SWITCHES[key]:
+                raise PruneCliError(f"{key}: {value!r} in {where} asks for key handling prunecli's ROME does not "
+                                    f"implement (it uses one averaged key everywhere, as R-ROME with {key}: "
+                                    f"{str(RROME_SWITCHES[key]).lower()})")
+            ignored.append(key)
         else:
             raise PruneCliError(f"unknown hyper-parameter {key!r} in {where}; known: {', '.join(sorted(_COERCE))}")
     return known
 
 
+def coerce_bool(key: str, value: Any) -> bool:
+    try:
+        return _as_bool(value)
+    except ValueError as exc:
+        raise PruneCliError(f"hyper-parameter {key}: {exc}") from None
+
+
+def file_method(path: str | Path) -> str | None:
+    """The prunecli method an EasyEdit file's `alg_name` names (None without one); an unknown one is an error."""
+    user = read_hparams_file(path)
+    if "alg_name" not in user:
+        return None
+    name = str(user["alg_name"]).strip().lower()
+    if name not in ALG_NAMES:
+        raise PruneCliError(f"{path} holds {user['alg_name']} hyper-parameters; prunecli edits with "
+                            f"{', '.join(sorted(set(ALG_NAMES.values())))} (alg_name ROME, R-ROME, MEMIT, AlphaEdit)")
+    return ALG_NAMES[name]
+
+
+def check_file(method: str, path: str | Path) -> None:
+    """Everything about a hyper-parameter file that needs no model (parsing, keys, alg_name): run before loading."""
+    given = file_method(path)
+    if given is not None and given != method:
+        raise PruneCliError(f"{path} holds {read_hparams_file(path)['alg_name']} hyper-parameters, but the method is "
+                            f"{method} (drop --method to use the file's)")
+    _check_keys(read_hparams_file(path), str(path), [])
+
+
+@dataclass(frozen=True)
+class ModelModules:
+    """What an EasyEdit file's module names are checked against: the loaded model's module names and the name of
+    the projection prunecli edits in a layer."""
+
+    names: frozenset[str]
+    projection: Callable[[int], str]
+    num_layers: int
+    model_type: str
+
+
+def check_modules(user: Mapping[str, Any], where: str, modules: ModelModules) -> None:
+    """A file written for another architecture is an error, not a silent edit of whatever its numbers select."""
+    other = f"{where} is for another architecture than this {modules.model_type} model"
+    for key in MODULE_TEMPLATES:
+        if key in user and str(user[key]).format(0) not in modules.names:
+            raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
+    if "rewrite_module_tmp" in user and str(user["rewrite_module_tmp"]).format(0) != modules.projection(0):
+        raise PruneCliError(f"{other}: its rewrite_module_tmp {user['rewrite_module_tmp']!r} is not the MLP output "
+                            f"projection prunecli edits ({modules.projection(0).replace('.0.', '.{}.')})")
+    for key in MODULE_NAMES:
+        if key in user and str(user[key]) not in modules.names:
+            raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
+    if "v_loss_layer" in user and _as_int(user["v_loss_layer"]) != modules.num_layers - 1:
+        raise PruneCliError(f"{where} is for a model of {_as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
+                            f"{user['v_loss_layer']}); this {modules.model_type} model has {modules.num_layers}: use "
+                            "a file for this model, or drop v_loss_layer and set its layers")
+
+
 def resolve_hparams(method: str, family: str, num_layers: int, file: str | Path | None = None,
-                    sets: Sequence[str] = (), on_note: Callable[[str], None] | None = None) -> EditHParams:
-    """Packaged defaults < `--hparams FILE` < `--set key=value`, coerced, validated against the model depth."""
+                    sets: Sequence[str] = (), on_note: Callable[[str], None] | None = None,
+                    modules: ModelModules | None = None) -> EditHParams:
+    """Packaged defaults < `--hparams FILE` < `--set key=value`, coerced, validated against the model depth (and,
+    with `modules`, the file's module names against the loaded model)."""
     values = default_values(method, family, num_layers)
     ignored: list[str] = []
     if file is not None:
+        check_file(method, file)
         user = read_hparams_file(file)
-        if "alg_name" in user and str(user["alg_name"]).lower() not in (method, f"r_{method}"):
-            raise PruneCliError(f"{file} holds {user['alg_name']} hyper-parameters, but the method is {method}")
+        if modules is not None:
+            check_modules(user, str(file), modules)
         values.update(_check_keys(user, str(file), ignored))
     values.update(_check_keys(parse_set(sets), "--set", ignored))
     if ignored and on_note is not None:
-        on_note(f"ignored hyper-parameters that prunecli derives itself: {', '.join(sorted(set(ignored)))}")
+        on_note(f"not used (prunecli derives or does not need them): {', '.join(sorted(set(ignored)))}")
     hp = EditHParams(method=method, **{k: coerce(k, v) for k, v in values.items()})
     validate(hp, num_layers)
     return hp
