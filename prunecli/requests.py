@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunecli.core.textio import read_text
+from prunecli.core.textio import STDIN, read_text
 from prunecli.errors import PruneCliError
 
 
@@ -112,10 +112,10 @@ def parse_record(rec: Any, index: int) -> EditRequest:
 
 def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | None = None,
                   on_invalid: Callable[[int, str], None] | None = None) -> list[EditRequest]:
-    """Read records [start, start + limit) of a JSON list or JSONL file; any bad record is a clear error, unless
+    """Read records [start, start + limit) of a JSON list or JSONL file (`-`: standard input); any bad record is a clear error, unless
     `on_invalid(index, reason)` is given: then bad records are reported to it and skipped (bulk training data)."""
     path = Path(path)
-    if not path.is_file():
+    if str(path) != STDIN and not path.is_file():
         raise PruneCliError(f"requests file {path} does not exist")
     text = read_text(path, "requests file")
     stripped = text.lstrip()

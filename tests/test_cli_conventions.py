@@ -66,3 +66,12 @@ def test_compare_command_reads_reports_without_torch(tmp_path: Path) -> None:
     assert doc["labels"] == ["a", "b"] and doc["metrics"]["perplexity"]["values"] == [20.0, 25.0]
     alias = runner.invoke(app, ["evaluate", "--compare", str(a), str(b), "--json"])
     assert alias.exit_code == 0 and json.loads(alias.stdout)["metrics"] == doc["metrics"]
+
+
+def test_requests_from_standard_input(llama_dir: Path) -> None:
+    from test_evaluate_cli import COUNTERFACT
+
+    text = "\n".join(json.dumps(r) for r in COUNTERFACT) + "\n"
+    piped = runner.invoke(app, ["evaluate", str(llama_dir), "-e", "-", "-t", "counterfact", "--json"], input=text)
+    assert piped.exit_code == 0, piped.stderr
+    assert json.loads(piped.stdout)["edits"]["n"] == len(COUNTERFACT)

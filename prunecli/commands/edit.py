@@ -17,7 +17,7 @@ from prunecli.errors import PruneCliError
 def main(
     model: Annotated[str, typer.Argument(help="Base model folder (or `smollm2`).")],
     requests: Annotated[Path, typer.Option("--requests", help="Edit requests: JSON list or JSONL (CounterFact, "
-                                           "zsRE MEND or minimal format).")],
+                                           "zsRE MEND or minimal format); - reads standard input.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.safetensors).")],
     method: Annotated[str | None, typer.Option("--method", help="rome, memit, alphaedit or mend (default: the "
                                                "--hparams file's alg_name, else rome).")] = None,

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from prunecli.errors import PruneCliError
 
 
+STDIN = "-"
+"""The path that names standard input, as in most Unix tools."""
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
-    """The UTF-8 text of `path`; invalid UTF-8 or an unreadable file names the file, what it is, and the offset."""
+    """The UTF-8 text of `path` (`-`: standard input); invalid UTF-8 or an unreadable file names the file, what it
+    is, and the offset."""
     path = Path(path)
     try:
-        return path.read_bytes().decode("utf-8")
+        data = sys.stdin.buffer.read() if str(path) == STDIN else path.read_bytes()
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PruneCliError(f"{what} {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
