@@ -75,3 +75,15 @@ def test_requests_from_standard_input(llama_dir: Path) -> None:
     piped = runner.invoke(app, ["evaluate", str(llama_dir), "-e", "-", "-t", "counterfact", "--json"], input=text)
     assert piped.exit_code == 0, piped.stderr
     assert json.loads(piped.stdout)["edits"]["n"] == len(COUNTERFACT)
+
+
+def test_device_is_one_option_everywhere(gpt2_dir: Path) -> None:
+    for command in ("inspect", "prune", "stats", "edit", "evaluate", "train-mend"):
+        bad = runner.invoke(app, [command, str(gpt2_dir), "--device", "tpu"])
+        assert bad.exit_code == 2 and "is not auto, cpu, cuda, cuda:N or mps" in bad.output, command
+    ok = runner.invoke(app, ["inspect", str(gpt2_dir), "--select", "*.h.0.mlp.c_proj.weight", "--device", "auto",
+                             "--json"])
+    import torch
+
+    assert ok.exit_code == 0
+    assert json.loads(ok.stdout)["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,7 @@ Commands import torch/transformers inside their bodies, never at module level, s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import warnings
@@ -39,6 +40,16 @@ IgnoreBaseMismatchOpt = Annotated[bool, typer.Option(
     "naming the tensors that differ). Without it such a delta is an error.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin/.pt) weights; they can run "
                                               "code when loaded, and are read with weights_only=True.")]
+def _check_device(value: str) -> str:
+    """A usage error (exit 2) for anything but auto, cpu, cuda, cuda:N or mps, before any work starts."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=_check_device, envvar="PRUNECLI_DEVICE",
+    help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps.")]
 DeviceMapOpt = Annotated[str | None, typer.Option(
     "--device-map", help="Spread a model too big for one device over GPUs, CPU and disk with accelerate: auto, "
     "balanced, balanced_low_0, sequential, or one device (cpu, cuda:N). Replaces --device.")]

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
-                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
+                                       MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
                                        progress_bar, say, warn)
 from prunecli.errors import PruneCliError
 
@@ -39,7 +39,7 @@ def main(
     fn: Annotated[str, typer.Option("--fn", help="Restraint function for --prune-every: log or linear.")] = "log",
     alpha: Annotated[float, typer.Option("--alpha", help="Base of log F.")] = 1.2,
     beta: Annotated[float, typer.Option("--beta", help="Divisor of linear F.")] = 2.0,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
                                        OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note, progress_bar,
                                        warn)
 from prunecli.errors import PruneCliError
@@ -89,7 +89,7 @@ def main(
     seed: Annotated[int | None, typer.Option(
         "--seed", help="With --limit: a seeded random sample of each general task instead of its first N.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,

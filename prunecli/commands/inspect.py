@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, IgnoreBaseMismatchOpt, JsonOpt, cell, emit_json,
-                                       guarded, track, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, IgnoreBaseMismatchOpt, JsonOpt, cell,
+                                       emit_json, guarded, track, warn)
 
 if TYPE_CHECKING:
     from prunecli.core.inspection import DeltaEntryReport, MatrixReport
     from prunecli.plotting import Spectra
-
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def _device(value: str) -> str:
-    if not _DEVICE_RE.match(value):
-        raise typer.BadParameter(f"{value!r} is not cpu, cuda or cuda:N")
-    return value
-
 
 def main(
     path: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, prunecli delta file, or `smollm2`.",
@@ -41,7 +31,7 @@ def main(
         "D, sigma_max(W) marked). Needs matplotlib.", dir_okay=False)] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="How many top singular values of each delta to report.")]
     = 5,
-    device: Annotated[str, typer.Option("--device", callback=_device, help="cpu, cuda or cuda:N.")] = "cpu",
+    device: DeviceOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file (never an input).")]
     = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, cell,
-                                       emit_json, guarded, note, progress_bar, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
+                                       cell, emit_json, guarded, note, progress_bar, warn)
 
 if TYPE_CHECKING:
     from prunecli.core.restraint import TensorReport
@@ -35,7 +35,7 @@ def main(
     = False,
     no_kappa: Annotated[bool, typer.Option("--no-kappa", help="Skip the condition numbers (dense spectra of W, "
                                            "W + D, W + D': the slow part on big matrices).")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, ForceOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt,
-                                       TokenizerOpt, cell, emit_json, guarded, note, progress_bar)
+from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, JsonOpt, MaxMemoryOpt,
+                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note, progress_bar)
 from prunecli.errors import PruneCliError
 
 
@@ -55,7 +55,7 @@ def main(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.", min=2)] = 256,
     dtype: Annotated[str, typer.Option("--dtype", help="Accumulation dtype: float64 or float32.")] = "float64",
     model_dtype: Annotated[str, typer.Option("--model-dtype", help="Model weights dtype: fp32, bf16, fp16.")] = "fp32",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,

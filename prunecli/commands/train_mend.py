@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
+from prunecli.commands._common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
                                        progress_bar, say, warn)
 
 
@@ -46,7 +46,7 @@ def main(
                                                       min=0.0)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from ARCHIVE.ckpt (same model, data and "
                                          "settings; --steps and --early-stop-patience may change).")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device: DeviceOpt = "auto",
     tokenizer_ref: TokenizerOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the record order and the networks' "
                                       "initialisation.")] = 0,
