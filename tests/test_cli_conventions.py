@@ -87,3 +87,26 @@ def test_device_is_one_option_everywhere(gpt2_dir: Path) -> None:
 
     assert ok.exit_code == 0
     assert json.loads(ok.stdout)["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_commands_that_load_models_have_the_allow_pickle_their_messages_name(tmp_path: Path) -> None:
+    import torch
+
+    from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "pickled"
+    model = build_tiny_model("gpt2")
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(CORPUS))
+    args = ["evaluate", str(folder), "-t", "perplexity", "--text", str(text), "--json"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    allowed = runner.invoke(app, [*args, "--allow-pickle"])
+    assert allowed.exit_code == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["metrics"]["perplexity"] > 1
+    for command in ("edit", "stats", "train-mend"):
+        assert "--allow-pickle" in runner.invoke(app, [command, "--help"]).output, command

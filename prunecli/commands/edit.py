@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
-                                       MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
-                                       progress_bar, say, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt,
+                                       IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt,
+                                       cell, emit_json, guarded, note, progress_bar, say, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -44,6 +44,7 @@ def main(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     tokenizer_ref: TokenizerOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32 or bf16 (edits are computed in fp32).")]
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
@@ -98,16 +99,18 @@ def main(
         if dtype.lower() not in ("fp32", "float32", "bf16", "bfloat16"):
             raise PruneCliError(f"--dtype must be fp32 or bf16, got {dtype!r}")
         edit_requests = load_requests(requests, start, limit)
-        prior = load_deltas(delta or [], Checkpoint(model_path) if delta else None)  # adapters need the base
+        # PEFT adapters among the deltas are read against the base
+        prior = load_deltas(delta or [], Checkpoint(model_path, allow_pickle) if delta else None)
         if stats is not None:
             KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
         if chosen == "mend":
             if hparams is not None or set_:
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
-            editor.archive.check_base(Checkpoint(model_path), archive)  # type: ignore[attr-defined]
+            editor.archive.check_base(Checkpoint(model_path, allow_pickle), archive)  # type: ignore[attr-defined]
 
         lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,
-                                         offload_folder=offload_folder, tokenizer=tokenizer_ref)
+                                         offload_folder=offload_folder, tokenizer=tokenizer_ref,
+                                         allow_pickle=allow_pickle)
         if prior is not None:
             prior.check_base(base, ignore_base_mismatch)
         adapter = resolve_adapter(lm)

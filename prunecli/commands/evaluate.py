@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt,
-                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note, progress_bar,
-                                       warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt,
+                                       JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded,
+                                       note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
@@ -95,6 +95,7 @@ def main(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     tokenizer_ref: TokenizerOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     locality_reference: Annotated[str | None, typer.Option(
         "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
         "(default: MODEL without the deltas).")] = None,
@@ -152,7 +153,7 @@ def main(
                               locality_reference=locality_reference, data_dir=data_dir,
                               ignore_base_mismatch=ignore_base_mismatch,
                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
-                              tokenizer=tokenizer_ref)
+                              tokenizer=tokenizer_ref, allow_pickle=allow_pickle)
         with workers(device, device_map) as group:
             report = run_evaluation(paths[0], options, _bar, group)
             if not group.is_main:

@@ -10,8 +10,9 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, JsonOpt, MaxMemoryOpt,
-                                       OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note, progress_bar)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, JsonOpt,
+                                       MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
+                                       progress_bar)
 from prunecli.errors import PruneCliError
 
 
@@ -60,6 +61,7 @@ def main(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     tokenizer_ref: TokenizerOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     debug: DebugOpt = False,
@@ -102,7 +104,7 @@ def main(
             say = note if group.is_main else (lambda message: None)  # rank 0 speaks for every process
             lm, tokenizer, base = load_model(model, group.resolve_device(device), model_dtype, device_map=device_map,
                                              max_memory=max_memory, offload_folder=offload_folder,
-                                             tokenizer=tokenizer_ref)
+                                             tokenizer=tokenizer_ref, allow_pickle=allow_pickle)
             adapter = resolve_adapter(lm)
             if wanted is None:
                 assert method is not None

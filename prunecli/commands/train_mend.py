@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json, guarded,
-                                       progress_bar, say, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json,
+                                       guarded, progress_bar, say, warn)
 
 
 def main(
@@ -48,6 +48,7 @@ def main(
                                          "settings; --steps and --early-stop-patience may change).")] = False,
     device: DeviceOpt = "auto",
     tokenizer_ref: TokenizerOpt = None,
+    allow_pickle: AllowPickleOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the record order and the networks' "
                                       "initialisation.")] = 0,
     json_out: JsonOpt = False,
@@ -89,7 +90,8 @@ def main(
         data_info = {"path": str(data), "start": start, "records": len(records), "skipped": skipped,
                      "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
 
-        lm, tokenizer, base = load_model(model, device, "fp32", tokenizer=tokenizer_ref)
+        lm, tokenizer, base = load_model(model, device, "fp32", tokenizer=tokenizer_ref,
+                                         allow_pickle=allow_pickle)
         adapter = resolve_adapter(lm)
         chosen = coerce("layers", layers) if layers is not None else tuple(default_layers(adapter.num_layers))
         for layer in chosen:

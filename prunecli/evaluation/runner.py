@@ -56,6 +56,7 @@ class EvalOptions:
     device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
     max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
     offload_folder: Path | None = None
+    allow_pickle: bool = False  # --allow-pickle: .bin weights (read with weights_only=True)
     tokenizer: str | None = None  # --tokenizer: for the evaluated model and the locality reference
 
 
@@ -109,7 +110,7 @@ def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, A
 
     return load_model(ref, workers.resolve_device(options.device), options.dtype, device_map=options.device_map,
                       max_memory=options.max_memory, offload_folder=options.offload_folder,
-                      tokenizer=options.tokenizer)
+                      tokenizer=options.tokenizer, allow_pickle=options.allow_pickle)
 
 
 def _shared_progress(progress: ProgressFactory, workers: Workers) -> ProgressFactory:
@@ -148,7 +149,8 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
         raise PruneCliError("--batch-size must be at least 1")
     progress = _shared_progress(progress, workers)
     # The checkpoint is opened (lazily) first: PEFT adapter folders among the deltas are read against it.
-    delta = load_deltas(options.deltas, Checkpoint(resolve_model_path(model_ref)) if options.deltas else None)
+    delta = load_deltas(options.deltas, Checkpoint(resolve_model_path(model_ref), options.allow_pickle)
+                        if options.deltas else None)
     requests = select_requests(options, delta)
     tasks = plan(options, requests)
     model, tokenizer, base = _load(model_ref, options, workers)

@@ -105,7 +105,7 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
                ignore_base_mismatch: bool = False, *, device_map: str | None = None,
                max_memory: str | dict[int | str, int | str] | None = None,
                offload_folder: str | Path | None = None,
-               tokenizer: str | Path | None = None) -> tuple[Any, Any, Checkpoint]:
+               tokenizer: str | Path | None = None, allow_pickle: bool = False) -> tuple[Any, Any, Checkpoint]:
     """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name, deltas applied.
 
     The tokenizer is the model folder's own, or `tokenizer` (a folder, a tokenizer.json file or a built-in name);
@@ -122,7 +122,7 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
     hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
     placement = placement_kwargs(device_map, max_memory, offload_folder)
     path = resolve_model_path(str(ref))
-    base = Checkpoint(path)
+    base = Checkpoint(path, allow_pickle=allow_pickle)  # pickle weights are refused here unless the user opted in
     if not base.is_folder or not base.config:
         raise PruneCliError(f"{path} is not a model folder with config.json (needed to build the model)")
     if delta is not None:
