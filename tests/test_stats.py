@@ -128,7 +128,8 @@ def test_cli_stats_json_and_refusals(tmp_path, llama_dir):
     again = runner.invoke(app, args)  # output exists
     assert again.exit_code == 1 and "already exists" in again.stderr
     for bad, message in [(["--layers", "9"], "out of range"), (["--method", "rome", "--layers", "1"], "exactly one"),
-                         (["--layers", "1", "--dtype", "float16"], "--dtype must be")]:
+                         (["--layers", "1", "--accum-dtype", "float16"], "--accum-dtype must be"),
+                         (["--layers", "1", "--dtype", "float64"], "the dtype of the accumulated sums is --accum-dtype")]:
         target = tmp_path / "bad.safetensors"
         r = runner.invoke(app, ["stats", str(llama_dir), *bad, "--text", str(text), "-o", str(target)])
         assert r.exit_code == 1 and message in r.stderr and not target.exists(), r.output
@@ -139,7 +140,7 @@ def test_cli_stats_method_layers_and_float32(tmp_path, gpt2_dir):
     text.write_text(TEXT)
     out = tmp_path / "s.safetensors"
     result = runner.invoke(app, ["stats", str(gpt2_dir), "--method", "memit", "--text", str(text), "--tokens", "40",
-                                 "--dtype", "float32", "-o", str(out), "--json"])
+                                 "--accum-dtype", "float32", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     from prunecli.editors.hparams import default_values
 

@@ -54,8 +54,10 @@ def main(
     tokens: Annotated[int, typer.Option("--tokens", help="Token budget.", min=1)] = 100_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.", min=1)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.", min=2)] = 256,
-    dtype: Annotated[str, typer.Option("--dtype", help="Accumulation dtype: float64 or float32.")] = "float64",
-    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Model weights dtype: fp32, bf16, fp16.")] = "fp32",
+    model_dtype: Annotated[str, typer.Option("--dtype", "--model-dtype", help="Model dtype: fp32, bf16 or fp16 "
+                                             "(as in edit and evaluate).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--accum-dtype", help="Dtype of the accumulated sums: float64 or float32.")]
+    = "float64",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -94,7 +96,10 @@ def main(
         if (text is None) == (dataset is None):
             raise PruneCliError("give exactly one of --text and --dataset")
         if dtype not in STATS_DTYPES:
-            raise PruneCliError(f"--dtype must be one of {', '.join(STATS_DTYPES)}, got {dtype!r}")
+            raise PruneCliError(f"--accum-dtype must be one of {', '.join(STATS_DTYPES)}, got {dtype!r}")
+        if model_dtype.lower() == "float64":
+            raise PruneCliError("--dtype is the model dtype (fp32, bf16, fp16), as in edit and evaluate; the dtype of "
+                                "the accumulated sums is --accum-dtype (float64 by default)")
         wanted = _parse_layers(layers) if layers is not None else None
         local_dataset = dataset if dataset is not None and Path(dataset).exists() else None
         check_output_path(output, force, is_dir=False, inputs=[
