@@ -110,3 +110,32 @@ def test_commands_that_load_models_have_the_allow_pickle_their_messages_name(tmp
     assert json.loads(allowed.stdout)["metrics"]["perplexity"] > 1
     for command in ("edit", "stats", "train-mend"):
         assert "--allow-pickle" in runner.invoke(app, [command, "--help"]).output, command
+
+
+def test_one_name_per_concept_old_spellings_still_work(llama_dir: Path, tmp_path: Path) -> None:
+    from test_evaluate_cli import COUNTERFACT
+
+    edits = tmp_path / "cf.json"
+    edits.write_text(json.dumps(COUNTERFACT))
+    new = runner.invoke(app, ["evaluate", str(llama_dir), "-r", str(edits), "-t", "counterfact", "--json"])
+    old = runner.invoke(app, ["evaluate", str(llama_dir), "--edits", str(edits), "-t", "counterfact", "--json"])
+    assert new.exit_code == old.exit_code == 0
+    assert json.loads(new.stdout)["metrics"] == json.loads(old.stdout)["metrics"]
+    both = runner.invoke(app, ["evaluate", str(llama_dir), "-r", str(edits), "-e", str(edits)])
+    assert both.exit_code == 2 and "old spelling of --requests" in both.output
+    for command, old_name in [("evaluate", "--edits"), ("train-mend", "--data")]:
+        shown = runner.invoke(app, [command, "--help"]).output
+        assert "--requests" in shown and old_name not in shown, command
+    for command in ("edit", "evaluate", "inspect"):
+        assert "-d, --delta" in runner.invoke(app, [command, "--help"]).output, command
+
+
+def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower",
+                                    "target_new": "Rome"}) + "\n")
+    out = tmp_path / "d.safetensors"
+    result = runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), "--layers", "2",
+                                 "--set", "v_num_grad_steps=2", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["layers"] == [2]

@@ -92,6 +92,13 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     warn(str(message))
 
 
+def either(new: T | None, old: T | None, new_name: str, old_name: str) -> T | None:
+    """An option given under its name or under the old spelling that scripts may still use (hidden in --help)."""
+    if new is not None and old is not None:
+        raise typer.BadParameter(f"{old_name} is the old spelling of {new_name}: give only one of them")
+    return new if new is not None else old
+
+
 def guarded(debug: bool, body: Callable[[], T]) -> T:
     """Run a command body: user errors become one red line and exit 1; bugs too unless --debug.
 

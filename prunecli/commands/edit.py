@@ -27,11 +27,14 @@ def main(
     limit: Annotated[int | None, typer.Option("--limit", help="Number of records to use.", min=1)] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Key statistics from `prunecli stats` (MEMIT, "
                                                "AlphaEdit: required; ROME: enables the C^-1 adjustment).")] = None,
-    delta: Annotated[list[Path] | None, typer.Option("--delta", help="Previous delta(s) to continue from; the "
+    delta: Annotated[list[Path] | None, typer.Option("--delta", "-d", help="Previous delta(s) to continue from; the "
                                                      "output holds them plus the new edits.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="MEMIT, AlphaEdit: facts per batch.", min=1)] = 10,
     hparams: Annotated[Path | None, typer.Option("--hparams", help="Hyper-parameters (YAML/JSON; EasyEdit keys "
                                                  "accepted).")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Edited layers, e.g. 6, 3-7 or 3,4,5 (the same as "
+                                               "--set layers=...; default: the method's layers for this model).")]
+    = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a hyper-parameter: key=value "
                                                    "(repeatable).")] = None,
     prune_every: Annotated[int | None, typer.Option("--prune-every", help="Restrain the accumulated delta with "
@@ -67,6 +70,8 @@ def main(
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).
     """
+
+    overrides = [*(set_ or []), *([f"layers={layers}"] if layers is not None else [])]
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path, labelled
@@ -104,7 +109,7 @@ def main(
         if stats is not None:
             KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
         if chosen == "mend":
-            if hparams is not None or set_:
+            if hparams is not None or overrides:
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
             editor.archive.check_base(Checkpoint(model_path, allow_pickle), archive)  # type: ignore[attr-defined]
 
@@ -115,7 +120,7 @@ def main(
             prior.check_base(base, ignore_base_mismatch)
         adapter = resolve_adapter(lm)
         hp = (editor.hparams(str(archive)) if chosen == "mend"  # type: ignore[attr-defined]
-              else resolve_hparams(chosen, adapter.family, adapter.num_layers, hparams, set_ or [], note,
+              else resolve_hparams(chosen, adapter.family, adapter.num_layers, hparams, overrides, note,
                                    ModelModules(frozenset(n for n, _ in lm.named_modules()), adapter.module_name,
                                                 adapter.num_layers, adapter.model_type)))
         moments = load_moments(stats, base, adapter, hp.layers) if stats is not None else None

@@ -11,8 +11,8 @@ import typer
 from rich.markup import escape
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt,
-                                       JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded,
-                                       note, progress_bar, warn)
+                                       JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, either, emit_json,
+                                       guarded, note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
@@ -66,15 +66,16 @@ def main(
         help="Model folder (or `smollm2`) to evaluate; with --compare, the report files to compare.")] = None,
     deltas: Annotated[list[Path] | None, typer.Option(
         "--delta", "-d", help="Delta file added in memory to the touched tensors (repeatable, composed in order).")] = None,
-    edits: Annotated[Path | None, typer.Option(
-        "--edits", "-e", help="Edit requests (CounterFact, zsRE or minimal JSON/JSONL). Default: the requests "
-        "recorded in the deltas.")] = None,
+    requests: Annotated[Path | None, typer.Option(
+        "--requests", "-r", help="Edit requests (CounterFact, zsRE or minimal JSON/JSONL; - reads standard input). "
+        "Default: the requests recorded in the deltas.")] = None,
+    edits_old: Annotated[Path | None, typer.Option("--edits", "-e", hidden=True)] = None,
     start: Annotated[int, typer.Option("--start", min=0, help="First request record to use.")] = 0,
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general task.")] = None,
     tasks: Annotated[str | None, typer.Option(
         "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, gsm8k, "
-        "rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --edits "
+        "rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --requests "
         "(+ perplexity with --text).")] = None,
     text: Annotated[Path | None, typer.Option(
         "--text", help="Text file for `perplexity` (default task source: DATA_DIR/wikitext/wiki.test.raw).")] = None,
@@ -113,21 +114,22 @@ def main(
     give each metric's value, case count, NaN/Inf count and protocol; `--compare` lines reports up side by side and
     warns when their protocols differ.
 
-    Example: prunecli evaluate smollm2 -d edits.safetensors -e counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
+    Example: prunecli evaluate smollm2 -d edits.safetensors -r counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
 
     Example: prunecli evaluate --compare base.json edited.json pruned.json
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]. Several GPUs or machines: run it under
     `accelerate launch` (or torchrun); each process scores a share of every task, rank 0 reports.
 
-    Example: accelerate launch --multi_gpu --num_processes 4 -m prunecli evaluate smollm2 -e cf.json -o r.json
+    Example: accelerate launch --multi_gpu --num_processes 4 -m prunecli evaluate smollm2 -r cf.json -o r.json
     """
 
+    edits = either(requests, edits_old, "--requests", "--edits")
     paths = list(targets or [])
     if compare and not paths:
         raise typer.BadParameter("--compare needs one or more REPORT.json files")
     if compare and (deltas or edits or tasks or text or output):
-        raise typer.BadParameter("--compare only reads reports; drop --delta/--edits/--tasks/--text/-o")
+        raise typer.BadParameter("--compare only reads reports; drop --delta/--requests/--tasks/--text/-o")
     if not compare and len(paths) != 1:
         raise typer.BadParameter("give exactly one MODEL (or --compare REPORT.json...)")
 
@@ -144,7 +146,7 @@ def main(
         from prunecli.evaluation.runner import EvalOptions, run_evaluation
 
         if output is not None:
-            inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("edits file", edits),
+            inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("requests file", edits),
                       ("text file", text), ("locality reference", locality_reference)]
             check_output_path(output, force, is_dir=False, inputs=inputs)
         options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,

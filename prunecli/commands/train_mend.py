@@ -8,16 +8,18 @@ from typing import Annotated, Any
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, emit_json,
-                                       guarded, progress_bar, say, warn)
+from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, either,
+                                       emit_json, guarded, progress_bar, say, warn)
 
 
 def main(
     model: Annotated[str, typer.Argument(help="Base model folder (or `smollm2`).")],
-    data: Annotated[Path, typer.Option("--data", help="Edit records: JSON list or JSONL (zsRE MEND format or "
-                                       "CounterFact), as `edit --requests` reads them.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Archive to write (.safetensors); the checkpoint "
                                          "goes next to it as ARCHIVE.ckpt.")],
+    requests: Annotated[Path | None, typer.Option("--requests", "-r", help="Edit records: JSON list or JSONL (zsRE "
+                                                  "MEND format or CounterFact), as `edit --requests` reads them.")]
+    = None,
+    data_old: Annotated[Path | None, typer.Option("--data", hidden=True)] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Layers whose MLP matrices are edited, e.g. "
                                                "'27,28,29' or '27-29' (default: the last three).")] = None,
     start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
@@ -59,9 +61,13 @@ def main(
     `prunecli edit --method mend --archive ARCHIVE` uses. Holds out --val-fraction of the records for validation,
     keeps the best networks, stops early, checkpoints after every validation and resumes with --resume.
 
-    Example: prunecli train-mend smollm2 --data ../shared/data/zsre/zsre_mend_train-1k.json --limit 900
+    Example: prunecli train-mend smollm2 --requests ../shared/data/zsre/zsre_mend_train-1k.json --limit 900
     --steps 2000 --max-minutes 30 -o smollm2.mend.safetensors
     """
+
+    data = either(requests, data_old, "--requests", "--data")
+    if data is None:
+        raise typer.BadParameter("give the training records with --requests FILE")
 
     def body() -> None:
         import torch
