@@ -139,3 +139,23 @@ def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
                                  "--set", "v_num_grad_steps=2", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["layers"] == [2]
+
+
+def test_export_lora_takes_base_then_delta_and_select(llama_dir: Path, tmp_path: Path) -> None:
+    from test_evaluate_cli import make_delta
+
+    from prunecli.core.delta import Delta
+
+    first = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
+    second = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    both = Delta.load(first).compose(Delta.load(second))
+    both.save(tmp_path / "ab.safetensors")
+    new = runner.invoke(app, ["export-lora", str(llama_dir), str(tmp_path / "ab.safetensors"), "--select",
+                              "*.layers.2.*", "-o", str(tmp_path / "lora"), "--json"])
+    assert new.exit_code == 0, new.stderr
+    assert list(json.loads(new.stdout)["ranks"]) == ["model.layers.2.mlp.down_proj"]
+    old = runner.invoke(app, ["export-lora", str(tmp_path / "ab.safetensors"), "--base", str(llama_dir), "-o",
+                              str(tmp_path / "lora-old"), "--json"])
+    assert old.exit_code == 0 and len(json.loads(old.stdout)["ranks"]) == 2
+    wrong = runner.invoke(app, ["export-lora", str(tmp_path / "ab.safetensors"), "-o", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and "give BASE DELTA" in wrong.output

@@ -92,6 +92,25 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     warn(str(message))
 
 
+BaseDeltaArgs = Annotated[list[str], typer.Argument(
+    metavar="BASE DELTA", help="The base checkpoint the delta was made for (folder, .safetensors file, or a built-in "
+    "name such as `smollm2`), then the delta file (or PEFT adapter folder), as in apply and diff.")]
+BaseOldOpt = Annotated[str | None, typer.Option("--base", hidden=True)]
+SelectOpt = Annotated[list[str] | None, typer.Option(
+    "--select", "-s", help="Only the delta entries whose tensor name matches this glob (repeatable).")]
+
+
+def base_and_delta(paths: list[str], base_old: str | None) -> tuple[str, Path]:
+    """BASE DELTA, or the older `DELTA --base BASE` that scripts may still use."""
+    if base_old is not None:
+        if len(paths) != 1:
+            raise typer.BadParameter("with --base give only DELTA (or write BASE DELTA, base first)")
+        return base_old, Path(paths[0])
+    if len(paths) != 2:
+        raise typer.BadParameter("give BASE DELTA: the base checkpoint first, then the delta")
+    return paths[0], Path(paths[1])
+
+
 def either(new: T | None, old: T | None, new_name: str, old_name: str) -> T | None:
     """An option given under its name or under the old spelling that scripts may still use (hidden in --help)."""
     if new is not None and old is not None:

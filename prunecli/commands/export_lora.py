@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt, emit_json,
-                                       guarded, say)
+from prunecli.commands._common import (AllowPickleOpt, BaseDeltaArgs, BaseOldOpt, DebugOpt, ForceOpt,
+                                       IgnoreBaseMismatchOpt, JsonOpt, SelectOpt, base_and_delta, emit_json, guarded,
+                                       say)
 
 
 def main(
-    delta: Annotated[Path, typer.Argument(help="Delta file (.safetensors) to export.")],
-    base: Annotated[str, typer.Option("--base", help="Base checkpoint the delta was made for (or `smollm2`).")],
+    paths: BaseDeltaArgs,
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
+    select: SelectOpt = None,
+    base_old: BaseOldOpt = None,
     force: ForceOpt = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     json_out: JsonOpt = False,
@@ -25,13 +28,15 @@ def main(
 
     The adapter loads with `peft.PeftModel.from_pretrained(base_model, ADAPTER_DIR)`; merging it gives base + delta.
 
-    Example: prunecli export-lora edits.safetensors --base smollm2 -o edits-lora/
+    Example: prunecli export-lora smollm2 edits.safetensors -o edits-lora/
     """
+    base, delta = base_and_delta(paths, base_old)
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import Delta
+        from prunecli.core.inspection import select_names
         from prunecli.core.peft_io import export_lora
         from prunecli.models.default_model import resolve_model_path
 
@@ -40,6 +45,9 @@ def main(
         check_output_path(output, force, is_dir=True, inputs=inputs)
         ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         d = Delta.load(delta, ckpt)
+        if select:
+            names = select_names([(n,) for n in d.entries], select)
+            d = replace(d, entries={n: d.entries[n] for n in names})
         d.check_base(ckpt, ignore_base_mismatch)
         summary = export_lora(d, ckpt, output, force, inputs=inputs)
         if json_out:
