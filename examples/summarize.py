@@ -34,6 +34,19 @@ _ORDER = {name: i for i, name in enumerate(("none", "rome", "memit", "alphaedit"
                                             "linear"))}
 EDIT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
                 "neighborhood_acc")
+QUANTITIES: dict[str, tuple[str, str, bool]] = {
+    # key: (panel title, y label, whether it is a share in [0, 1])
+    "efficacy_score": ("efficacy, P(new) > P(true) on the edit prompt", "share of edits", True),
+    "paraphrase_score": ("generalisation, P(new) > P(true) on paraphrases", "share of edits", True),
+    "neighborhood_score": ("locality, P(true) > P(new) on neighbour prompts", "share of prompts", True),
+    "efficacy_acc": ("efficacy accuracy, argmax = new object", "share of edits", True),
+    "paraphrase_acc": ("paraphrase accuracy, argmax = new object", "share of edits", True),
+    "neighborhood_acc": ("neighbourhood accuracy, argmax = true object", "share of prompts", True),
+    "kappa": ("condition number κ(W + D) of the edited matrix", "κ (log)", False),
+    "delta_sigma_max": ("largest singular value σ_max(D) of the delta", "σ_max(D) (log)", False),
+    "perplexity": ("WikiText-2 perplexity (lower is better)", "perplexity", False),
+    "glue_sst2_acc": ("SST-2 accuracy (label words)", "accuracy", True),
+}
 SPECTRA_COLUMNS = ("kappa_base", "kappa", "sigma_max", "sigma_min", "delta_sigma_max", "delta_n_above_sigma_max")
 METRIC_COLUMNS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_acc", "paraphrase_acc",
                   "neighborhood_acc", "perplexity", "glue_sst2_acc", "n_nonfinite")
@@ -151,6 +164,13 @@ def have_matplotlib() -> bool:
     return True
 
 
+def _same_line(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
+    """Two series that would be drawn on top of each other (PRUNE as a no-op gives the unrestrained numbers up to
+    the rounding of a rebuilt delta)."""
+    return len(a) == len(b) and all(xa == xb and abs(ya - yb) <= 1e-6 * max(abs(ya), abs(yb), 1e-12)
+                                    for (xa, ya), (xb, yb) in zip(a, b))
+
+
 def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     """kappa.png (condition number and delta's top singular value vs N), editing.png (the six CounterFact metrics)
     and general.png (perplexity, SST-2): one column of panels per editing method, the base rows in each."""
@@ -167,21 +187,42 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
         for r in rows:
             if r["method"] in (method, "none") and r.get(key) is not None:
                 series.setdefault(_variant(r), []).append(r)
+        drawn: dict[str, list[tuple[int, float]]] = {}
         for name, pts in series.items():
-            ax.plot([p["N"] for p in pts], [p[key] for p in pts], label=name, **_style(name))
-        ax.set_title(f"{method.upper()}: {key}", fontsize=9)
+            xy = [(p["N"], p[key]) for p in pts]
+            same = next((other for other, seen in drawn.items() if _same_line(seen, xy)), None)
+            style = _style(name)
+            if same is not None:  # exactly on top of a line already drawn: show it as markers, say so in the legend
+                style.update(linestyle="none", marker="x", markersize=7)
+                name = f"{name} (= {same})"
+            ax.plot([x for x, _ in xy], [y for _, y in xy], label=name, **style)
+            drawn.setdefault(name, xy)
+        title, ylabel, share = QUANTITIES.get(key, (key, key, False))
+        ax.set_title(f"{method.upper()}: {title}", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_xlabel("sequential edits N")
         ax.set_xscale("log")
+        ns = sorted({x for xy in drawn.values() for x, _ in xy})
+        ax.set_xticks(ns, [str(n) for n in ns])  # the Ns that were run, not only 10^1 and 10^2
+        if share:
+            ax.set_ylim(-0.02, 1.02)  # shares on one scale: a 0.60-0.70 wiggle must not look dramatic
         if logy:
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")  # 20, not 2 x 10^1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(True, alpha=0.25)
 
     def save(fig: Any, name: str) -> None:
         handles: dict[str, Any] = {}
         for ax in fig.axes:
             for handle, text in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(text, handle)
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=6, fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        ncol = 3
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        rows_of_legend = -(-len(handles) // ncol)
+        fig.tight_layout(rect=(0, min(0.3, 0.2 * rows_of_legend / fig.get_figheight()), 1, 1))
         written.append(results / name)
         fig.savefig(written[-1], dpi=110)
 
@@ -198,8 +239,8 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     for col, method in enumerate(methods):
         base = [r for r in rows if r["method"] == method and r.get("kappa_base")]
         if base:
-            axes[0][col].axhline(base[0]["kappa_base"], color="grey", lw=0.8, ls=":", label="κ(W) unedited")
-            axes[1][col].axhline(base[0]["sigma_max_base"], color="grey", lw=0.8, ls=":",
+            axes[0][col].axhline(base[0]["kappa_base"], color="black", lw=1.0, ls="--", label="κ(W) unedited")
+            axes[1][col].axhline(base[0]["sigma_max_base"], color="black", lw=1.0, ls="-.",
                                  label="σ_max(W): PRUNE's threshold")
     save(fig, "kappa.png")
 
