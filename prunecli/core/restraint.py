@@ -233,6 +233,28 @@ def restraint_values(s: torch.Tensor, sigma_max: float, fn: RestraintFn = "log",
     return torch.where(s > sigma_max, f, s)
 
 
+@dataclass(frozen=True)
+class RestraintSettings:
+    """One restraint as a user chose it (`prune`'s options, `edit`'s restraints); `target_kappa` means scale-free F
+    with its strength searched per matrix."""
+
+    fn: RestraintFn = "log"
+    alpha: float = 1.2
+    beta: float = 2.0
+    strength: float = 0.5
+    clamp: bool = False
+    target_kappa: float | None = None
+
+    def check(self) -> None:
+        check_params(self.fn, self.alpha, self.beta, self.strength)
+        if self.target_kappa is not None:
+            check_target(self.target_kappa)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of `restrain_delta` (and a JSON object)."""
+        return asdict(self)
+
+
 # ----------------------------------------------------------------------------------------------- one entry
 @dataclass(frozen=True)
 class RestraintInfo:
