@@ -5,7 +5,7 @@ smax = sigma_max(W) is replaced by F(s_i) and D' = U diag(s') V^T:
 
     log:    F(s) = log_a(s) - log_a(smax) + smax          (a = alpha > 1)
     linear: F(s) = s / b + (b - 1) / b * smax             (b = beta > 1)
-    scale-free (ours): F(s) = smax * (s / smax) ** (1 - t)   (t = strength in [0, 1])
+    scale-free (ours): F(s) = smax * (s / smax) ** (1 - t)   (t = strength in [0, 1]; up to 2, see below)
 
 Like the released PRUNE code, D is first truncated to its numerical rank (NumPy `matrix_rank`'s default tolerance).
 Unlike it, nothing is densified: the SVD of a factored delta is computed on its factors (`lowrank.entry_svd`), the
@@ -20,7 +20,8 @@ The paper's F is not scale-free: multiplying W and D by c does not multiply F(s)
 differently on models whose weights have different scales (Gemma-3-270M's smax of 1.5-5.8 is below 5.49, the bound
 for alpha = 1.2). The scale-free F depends on s / smax only (W, D -> cW, cD gives D' -> cD'), never enlarges
 (s / smax > 1 and 1 - t <= 1, so (s / smax) ** (1 - t) <= s / smax), keeps the order of the values, and runs from no
-restraint (t = 0) to cutting every value to smax (t = 1); docs/RESTRAINT.md has the derivation. `target_kappa`
+restraint (t = 0) over cutting every value to smax (t = 1) to removing the delta (t = 2: beyond 1 all values are
+multiplied by 2 - t), so any kappa target >= kappa(W) is reachable; docs/RESTRAINT.md has the derivation. `target_kappa`
 searches, per matrix, the smallest t with kappa(W + D') <= target (`search_strength`).
 """
 
@@ -41,6 +42,8 @@ from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, matrix_stat
 from prunecli.errors import PruneCliError
 
 RestraintFn = Literal["log", "linear", "scale-free"]
+MAX_STRENGTH = 2.0
+"""Scale-free strengths run from 0 (no restraint) over 1 (values above sigma_max cut to it) to 2 (D' = 0)."""
 FUNCTIONS: tuple[str, ...] = ("log", "linear", "scale-free")
 N_TOP = 5
 """How many leading singular values of D and D' the reports show."""
@@ -210,9 +213,9 @@ def check_params(fn: str, alpha: float, beta: float, strength: float = 0.5) -> N
         raise PruneCliError(f"--alpha must be a finite number > 1 (the base of the log in F), got {alpha}")
     if not (math.isfinite(beta) and beta > 1):
         raise PruneCliError(f"--beta must be a finite number > 1 (the slope divisor of linear F), got {beta}")
-    if not (math.isfinite(strength) and 0 <= strength <= 1):
-        raise PruneCliError(f"--strength must be in [0, 1] (0: no restraint, 1: every value cut to sigma_max(W)), "
-                            f"got {strength}")
+    if not (math.isfinite(strength) and 0 <= strength <= MAX_STRENGTH):
+        raise PruneCliError(f"--strength must be in [0, {MAX_STRENGTH:g}] (0: no restraint, 1: every value cut to "
+                            f"sigma_max(W), 2: the delta removed), got {strength}")
 
 
 def check_target(target_kappa: float) -> None:
@@ -228,8 +231,11 @@ def restraint_values(s: torch.Tensor, sigma_max: float, fn: RestraintFn = "log",
         f = (torch.log(s) - math.log(sigma_max)) / math.log(alpha) + sigma_max
     elif fn == "linear":
         f = s / beta + (beta - 1) / beta * sigma_max
-    else:  # scale-free: sigma_max * (s / sigma_max) ** (1 - strength), written in logs
-        f = sigma_max * torch.exp((1 - strength) * (torch.log(s) - math.log(sigma_max)))
+    else:  # scale-free: sigma_max * (s / sigma_max) ** (1 - t) = s * (s / sigma_max) ** -t; written so, a factor
+        # <= 1 times s, rounding cannot make F(s) exceed s either. Beyond t = 1 everything shrinks by 2 - t.
+        f = s * torch.exp(-min(strength, 1.0) * (torch.log(s) - math.log(sigma_max)))
+        if strength > 1:
+            return (2 - strength) * torch.where(s > sigma_max, f, s)
     return torch.where(s > sigma_max, f, s)
 
 
@@ -259,7 +265,7 @@ class RestraintSettings:
 @dataclass(frozen=True)
 class RestraintInfo:
     """What restraining one update did (`smax_ln_alpha` is None unless F is the paper's log; `strength` is set for
-    scale-free F; `target_kappa`/`target_met` when the strength was searched for a kappa target)."""
+    scale-free F; `target_kappa` when the strength was searched for a kappa target)."""
 
     sigma_max: float
     rank: int
@@ -271,7 +277,6 @@ class RestraintInfo:
     clamped: bool
     strength: float | None = None
     target_kappa: float | None = None
-    target_met: bool | None = None
 
     @property
     def enlarges(self) -> bool:
@@ -280,10 +285,7 @@ class RestraintInfo:
 
     @property
     def warning(self) -> str | None:
-        """What the user should know: log F's enlargement (and its fixes), or a kappa target out of reach."""
-        if self.target_met is False:
-            return (f"kappa target {self.target_kappa:.4g} is out of reach by restraining the delta's values above "
-                    f"sigma_max(W): applied the strongest restraint (strength 1, every value cut to sigma_max)")
+        """log F's enlargement and its fixes, or None."""
         if not self.enlarges:
             return None
         if self.n_enlarged == 0:
@@ -308,7 +310,6 @@ class StrengthSearch:
     strength: float
     kappa_before: float
     kappa_after: float
-    met: bool
     evaluations: int
 
 
@@ -318,11 +319,11 @@ _TARGET_RTOL = 1e-4
 
 def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max: float, spectra: UpdatedSpectra,
                     target_kappa: float) -> StrengthSearch:
-    """Bisect the scale-free strength t in [0, 1] for the smallest t with kappa(W + U diag(F_t(s)) V^T) <= target.
+    """Bisect the scale-free strength t in [0, 2] for the smallest t with kappa(W + U diag(F_t(s)) V^T) <= target.
 
-    kappa(W + D'_t) is continuous in t (F_t is continuous in t) and, in practice, decreasing; bisection keeps a bracket
-    [lo, hi] where lo misses the target and hi meets it, so the result meets the target and a strength a bracket width
-    weaker misses it. Each step is one `UpdatedSpectra.stats` call with the same Q (X Q computed once): W + D' is never
+    kappa(W + D'_t) is continuous in t (F_t is) and runs from kappa(W + D) at t = 0 to kappa(W) at t = 2 (D' = 0), so
+    every target >= kappa(W) is met; it is decreasing in practice. Bisection keeps a bracket [lo, hi] where lo misses
+    the target and hi meets it, so the result meets the target and a strength a bracket width weaker misses it. Each step is one `UpdatedSpectra.stats` call with the same Q (X Q computed once): W + D' is never
     formed. Far below the Gram path's accuracy limit, large trial kappas need not be exact to be rejected.
     """
     if target_kappa < (base := spectra.stats().kappa) * (1 - 1e-12):
@@ -341,10 +342,8 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
 
     before = kappa_at(0.0)
     if before <= target_kappa:
-        return StrengthSearch(0.0, before, before, True, evaluations)
-    lo, hi, k_hi = 0.0, 1.0, kappa_at(1.0)
-    if k_hi > target_kappa:
-        return StrengthSearch(1.0, before, k_hi, False, evaluations)
+        return StrengthSearch(0.0, before, before, evaluations)
+    lo, hi, k_hi = 0.0, MAX_STRENGTH, base  # at the largest strength D' = 0: kappa(W) <= target
     while hi - lo > 1e-7 and k_hi < target_kappa * (1 - _TARGET_RTOL):
         mid = 0.5 * (lo + hi)
         k = kappa_at(mid)
@@ -352,7 +351,7 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
             hi, k_hi = mid, k
         else:
             lo = mid
-    return StrengthSearch(hi, before, k_hi, True, evaluations)
+    return StrengthSearch(hi, before, k_hi, evaluations)
 
 
 def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
@@ -371,7 +370,6 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
     if not (math.isfinite(sigma_max) and sigma_max > 0):
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
     device = device or "cpu"
-    search: StrengthSearch | None = None
     # A dense SVD is big enough for all threads; the factored one is not.
     with single_cpu_thread(device, enabled=entry.is_lowrank):
         svd = entry_svd(entry, device=device)
@@ -380,8 +378,8 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
         if target_kappa is not None:
             if spectra is None:
                 raise ValueError("a kappa target needs the base matrix's spectra")
-            search = search_strength(u, s, v, sigma_max, spectra, target_kappa)
-            fn, strength, clamp = "scale-free", search.strength, False
+            fn, clamp = "scale-free", False
+            strength = search_strength(u, s, v, sigma_max, spectra, target_kappa).strength
         f = restraint_values(s, sigma_max, fn, alpha, beta, strength)
         above = s > sigma_max
         enlarged = above & (f > s)
@@ -395,8 +393,7 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
                          top_before=s[:N_TOP].tolist(), top_after=new_s[:N_TOP].tolist(),
                          smax_ln_alpha=sigma_max * math.log(alpha) if fn == "log" else None,
                          n_enlarged=int(enlarged.sum()), clamped=clamp,
-                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa,
-                         target_met=None if search is None else search.met)
+                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa)
     return new_entry, info
 
 
@@ -415,7 +412,7 @@ class TensorReport:
         i = self.info
         return {"name": self.name, "sigma_max_base": i.sigma_max, "n_restrained": i.n_restrained, "rank": i.rank,
                 "kappa_base": self.kappa_base, "kappa_edited": self.kappa_edited, "kappa_pruned": self.kappa_pruned,
-                "strength": i.strength, "target_kappa": i.target_kappa, "target_met": i.target_met,
+                "strength": i.strength, "target_kappa": i.target_kappa,
                 "top_before": i.top_before, "top_after": i.top_after, "n_enlarged": i.n_enlarged,
                 "warning": i.warning}
 
