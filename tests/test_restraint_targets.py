@@ -276,3 +276,30 @@ def test_prune_every_and_trigger_record_their_reason(llama_dir: Path) -> None:
     schedule = PruneSchedule(RestraintSettings(), every=2, kappa_trigger=1e9)
     assert schedule.reason(1, 2, {WEIGHT: 5.0}) == "every" and schedule.reason(2, 3, {WEIGHT: 5.0}) is None
     assert schedule.reason(2, 3, {WEIGHT: 2e9}) == "kappa"
+
+
+def test_edit_cli_kappa_trigger(tmp_path: Path, llama_dir: Path) -> None:
+    """Real (tiny) ROME edits with a trigger just above kappa(W): restraints happen, are reported and recorded."""
+    from editing_helpers import TINY_SETS, write_requests
+
+    requests = write_requests(tmp_path / "r.jsonl")
+    w = Checkpoint(llama_dir).get(WEIGHT).double()
+    trigger = 1.001 * cond(w)
+    sets = [a for s in [*TINY_SETS, "layers=1"] for a in ("--set", s)]
+    common = ["edit", str(llama_dir), "--requests", str(requests), *sets, "-o", str(tmp_path / "d.safetensors")]
+    runner = CliRunner()
+    result = runner.invoke(app, [*common, "--kappa-trigger", str(trigger), "--target-kappa", str(trigger), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    points = summary["restraint_points"]
+    assert points and all(p["trigger"] == "kappa" for p in points) and len(points) == len(summary["restraints"])
+    delta = Delta.load(tmp_path / "d.safetensors")
+    ops = [op for op in delta.history if op["op"] == "prune"]
+    assert [op["after_edits"] for op in ops] == [p["after_edits"] for p in points]
+    for op in ops:
+        assert op["per_tensor"][WEIGHT]["kappa_before"] > trigger >= op["per_tensor"][WEIGHT]["kappa_after"] / (1 + 1e-9)
+    assert cond(w, delta.entries[WEIGHT].to_dense(torch.float64)) <= trigger * (1 + 1e-6)
+    above = runner.invoke(app, [*common, "--force", "--kappa-trigger", "30", "--target-kappa", "40"])
+    assert above.exit_code == 1 and "above --kappa-trigger" in above.stderr
+    alone = runner.invoke(app, [*common, "--force", "--target-kappa", "40"])
+    assert alone.exit_code == 2
