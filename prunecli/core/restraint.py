@@ -265,7 +265,7 @@ class RestraintSettings:
 @dataclass(frozen=True)
 class RestraintInfo:
     """What restraining one update did (`smax_ln_alpha` is None unless F is the paper's log; `strength` is set for
-    scale-free F; `target_kappa` when the strength was searched for a kappa target)."""
+    scale-free F; `target_kappa` and `search_steps`, the kappa evaluations, when the strength was searched)."""
 
     sigma_max: float
     rank: int
@@ -277,6 +277,7 @@ class RestraintInfo:
     clamped: bool
     strength: float | None = None
     target_kappa: float | None = None
+    search_steps: int | None = None
 
     @property
     def enlarges(self) -> bool:
@@ -303,28 +304,20 @@ class RestraintInfo:
         return {**asdict(self), "enlarges": self.enlarges, "warning": self.warning}
 
 
-@dataclass(frozen=True)
-class StrengthSearch:
-    """The mildest scale-free strength found for a kappa target, with kappa of W + D' before (strength 0) and after."""
-
-    strength: float
-    kappa_before: float
-    kappa_after: float
-    evaluations: int
-
-
 _TARGET_RTOL = 1e-4
 """The search stops once kappa(W + D') is within this fraction below the target (or the bracket is below 1e-7)."""
 
 
 def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max: float, spectra: UpdatedSpectra,
-                    target_kappa: float) -> StrengthSearch:
+                    target_kappa: float) -> tuple[float, int]:
     """Bisect the scale-free strength t in [0, 2] for the smallest t with kappa(W + U diag(F_t(s)) V^T) <= target.
 
     kappa(W + D'_t) is continuous in t (F_t is) and runs from kappa(W + D) at t = 0 to kappa(W) at t = 2 (D' = 0), so
     every target >= kappa(W) is met; it is decreasing in practice. Bisection keeps a bracket [lo, hi] where lo misses
-    the target and hi meets it, so the result meets the target and a strength a bracket width weaker misses it. Each step is one `UpdatedSpectra.stats` call with the same Q (X Q computed once): W + D' is never
-    formed. Far below the Gram path's accuracy limit, large trial kappas need not be exact to be rejected.
+    the target and hi meets it, so the result meets the target and a strength a bracket width weaker misses it.
+    Returns (strength, number of kappa evaluations). Each evaluation is one `UpdatedSpectra.stats` call with the same
+    Q (X Q computed once): W + D' is never formed. Far below the Gram path's accuracy limit, large trial kappas need
+    not be exact to be rejected.
     """
     if target_kappa < (base := spectra.stats().kappa) * (1 - 1e-12):
         raise PruneCliError(f"--target-kappa {target_kappa:.6g} is below kappa(W) = {base:.6g} of the base matrix: "
@@ -342,7 +335,7 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
 
     before = kappa_at(0.0)
     if before <= target_kappa:
-        return StrengthSearch(0.0, before, before, evaluations)
+        return 0.0, evaluations
     lo, hi, k_hi = 0.0, MAX_STRENGTH, base  # at the largest strength D' = 0: kappa(W) <= target
     while hi - lo > 1e-7 and k_hi < target_kappa * (1 - _TARGET_RTOL):
         mid = 0.5 * (lo + hi)
@@ -351,7 +344,7 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
             hi, k_hi = mid, k
         else:
             lo = mid
-    return StrengthSearch(hi, before, k_hi, evaluations)
+    return hi, evaluations
 
 
 def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
@@ -370,6 +363,7 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
     if not (math.isfinite(sigma_max) and sigma_max > 0):
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
     device = device or "cpu"
+    steps: int | None = None
     # A dense SVD is big enough for all threads; the factored one is not.
     with single_cpu_thread(device, enabled=entry.is_lowrank):
         svd = entry_svd(entry, device=device)
@@ -379,7 +373,7 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
             if spectra is None:
                 raise ValueError("a kappa target needs the base matrix's spectra")
             fn, clamp = "scale-free", False
-            strength = search_strength(u, s, v, sigma_max, spectra, target_kappa).strength
+            strength, steps = search_strength(u, s, v, sigma_max, spectra, target_kappa)
         f = restraint_values(s, sigma_max, fn, alpha, beta, strength)
         above = s > sigma_max
         enlarged = above & (f > s)
@@ -393,7 +387,8 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
                          top_before=s[:N_TOP].tolist(), top_after=new_s[:N_TOP].tolist(),
                          smax_ln_alpha=sigma_max * math.log(alpha) if fn == "log" else None,
                          n_enlarged=int(enlarged.sum()), clamped=clamp,
-                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa)
+                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa,
+                         search_steps=steps)
     return new_entry, info
 
 
@@ -412,7 +407,7 @@ class TensorReport:
         i = self.info
         return {"name": self.name, "sigma_max_base": i.sigma_max, "n_restrained": i.n_restrained, "rank": i.rank,
                 "kappa_base": self.kappa_base, "kappa_edited": self.kappa_edited, "kappa_pruned": self.kappa_pruned,
-                "strength": i.strength, "target_kappa": i.target_kappa,
+                "strength": i.strength, "target_kappa": i.target_kappa, "search_steps": i.search_steps,
                 "top_before": i.top_before, "top_after": i.top_after, "n_enlarged": i.n_enlarged,
                 "warning": i.warning}
 
