@@ -130,9 +130,9 @@ def main() -> None:
     print(f"D': rank ours {new.rank}, reference {ref_rank}; relative Frobenius "
           f"difference {err:.2e} (reference is float32 throughout)")
     t0 = time.perf_counter()
-    strength, steps, target, reached = target_kappa_search(w, entry, 1.25, args.device)
+    strength, n_evals, target, reached = target_kappa_search(w, entry, 1.25, args.device)
     t_target = time.perf_counter() - t0
-    print(f"target-kappa 1.25 x kappa(W) = {target:.4f}: strength {strength:.4f} after {steps} kappa evaluations, "
+    print(f"target-kappa 1.25 x kappa(W) = {target:.4f}: strength {strength:.4f} after {n_evals} kappa evaluations, "
           f"kappa(W + D') {reached:.4f}")
     print(f"target-kappa: {t_target:.2f} s per matrix")
     without_wd = t_ref - steps["svd(W+D)"]
