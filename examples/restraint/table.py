@@ -5,7 +5,7 @@
 Rows: the unedited model, N sequential ROME edits without restraint, PRUNE once with the paper's log F (alpha 1.2),
 scale-free F once (strength 0.5), --target-kappa 1.25 x kappa(W) once, and adaptive restraint during editing
 (--kappa-trigger 1.25 x kappa(W) --target-kappa 1.1 x kappa(W)). kappa is that of the edited matrix (the worst one if
-several), from `prunecli inspect --delta`; the metrics from `prunecli evaluate` (CounterFact scores on the N edited
+several), from the prune reports or `prunecli inspect --delta`; the metrics from `prunecli evaluate` (CounterFact scores on the N edited
 records, WikiText perplexity).
 """
 
@@ -25,11 +25,18 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _kappa(inspect: dict[str, Any] | None, edited: bool) -> float | None:
-    if inspect is None:
-        return None
-    touched = [t for t in inspect["tensors"] if t.get("edited")]
-    return max(float(t["edited"]["kappa"] if edited else t["kappa"]) for t in touched) if touched else None
+def _kappa(work: Path, kind: str, n: int) -> float | None:
+    """kappa of W + D (worst edited matrix) for a row: from the prune reports where one exists (they hold kappa(W),
+    kappa(W + D) and kappa(W + D')), otherwise from `inspect --delta`."""
+    pruned = [r for r in (_load(work / f"{k}-{n}.json") for k in ("paper", "scalefree", "target")) if r]
+    own = _load(work / f"{kind}-{n}.json") if kind in ("paper", "scalefree", "target") else None
+    field = {"base": "kappa_base", "edited": "kappa_edited"}.get(kind, "kappa_pruned")
+    report = own or (pruned[0] if pruned and kind in ("base", "edited") else None)
+    if report is not None:
+        return max(float(t[field]) for t in report["tensors"])
+    inspect = _load(work / f"{kind}-{n}.inspect.json")
+    touched = [t for t in inspect["tensors"] if t.get("edited")] if inspect else []
+    return max(float(t["edited"]["kappa"]) for t in touched) if touched else None
 
 
 def _detail(work: Path, kind: str, n: int) -> str:
@@ -51,12 +58,11 @@ def _detail(work: Path, kind: str, n: int) -> str:
 
 
 def table(work: Path, n: int) -> str:
-    kappa_w = _kappa(_load(work / f"edited-{n}.inspect.json"), edited=False)
     lines = ["| | κ(W + D) | efficacy | paraphrase | neighborhood | perplexity | restraint |",
              "|---|---|---|---|---|---|---|"]
     for kind, label in ROWS:
         metrics = (_load(work / f"{kind}-{n}.eval.json") or {}).get("metrics", {})
-        kappa = kappa_w if kind == "base" else _kappa(_load(work / f"{kind}-{n}.inspect.json"), edited=True)
+        kappa = _kappa(work, kind, n)
         cells = [f"{kappa:.1f}" if kappa is not None else "-"]
         cells += [f"{metrics[k]:.3f}" if k in metrics else "-"
                   for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
