@@ -8,7 +8,9 @@ and of W + D, `np.linalg.matrix_rank(D)`, then D' = U diag(s') V^T. Both results
     python benchmarks/bench_prune.py                 # 1600x6400, rank 200, CPU
     python benchmarks/bench_prune.py --device cuda   # ours on the GPU; the reference stays NumPy on the CPU
 
-The last line is `speedup: <reference seconds / ours seconds>`.
+The last line is `speedup: <reference seconds / ours seconds>`; the line before it, `target-kappa: <s> per matrix`,
+is what `prune --target-kappa 1.25 x kappa(W)` costs per matrix (sigma_max, W's Gram matrix once, the strength
+bisection on it), measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from prunecli.core.delta import DeltaEntry
 from prunecli.core.restraint import base_sigma_max, restrain_entry
-from prunecli.core.spectra import singular_values
+from prunecli.core.spectra import UpdatedSpectra, singular_values
 
 
 def make_problem(out: int, inp: int, rank: int, seed: int) -> tuple[torch.Tensor, DeltaEntry]:
@@ -45,6 +47,18 @@ def ours(w: torch.Tensor, entry: DeltaEntry, fn: str, alpha: float, beta: float,
     smax = base_sigma_max(w.to(device))
     new, _ = restrain_entry(entry, smax, fn, alpha, beta, device=device)  # factors come back to the CPU: synchronises
     return new, smax
+
+
+def target_kappa_search(w: torch.Tensor, entry: DeltaEntry, factor: float,
+                        device: str) -> tuple[float, int, float, float]:
+    """What `prune --target-kappa factor x kappa(W)` does per matrix: (strength, kappa evaluations, target, kappa of
+    W + D' from the same Gram machinery)."""
+    x = w.to(device)
+    spectra = UpdatedSpectra(x)  # W's Gram matrix: the one dense step of the search
+    target = factor * spectra.stats().kappa
+    new, info = restrain_entry(entry, base_sigma_max(x), target_kappa=target, spectra=spectra, device=device)
+    assert info.strength is not None and info.search_steps is not None and new.a is not None and new.b is not None
+    return info.strength, info.search_steps, target, spectra.stats(*spectra.orient(new.a, new.b)).kappa
 
 
 def reference(w: np.ndarray, d: np.ndarray, fn: str, alpha: float,
@@ -115,6 +129,12 @@ def main() -> None:
           f"reference float32 SVD {ref_smax:.9g} (rel. err. {abs(ref_smax - exact) / exact:.1e})")
     print(f"D': rank ours {new.rank}, reference {ref_rank}; relative Frobenius "
           f"difference {err:.2e} (reference is float32 throughout)")
+    t0 = time.perf_counter()
+    strength, n_evals, target, reached = target_kappa_search(w, entry, 1.25, args.device)
+    t_target = time.perf_counter() - t0
+    print(f"target-kappa 1.25 x kappa(W) = {target:.4f}: strength {strength:.4f} after {n_evals} kappa evaluations, "
+          f"kappa(W + D') {reached:.4f}")
+    print(f"target-kappa: {t_target:.2f} s per matrix")
     without_wd = t_ref - steps["svd(W+D)"]
     print(f"speedup without the reference's svd(W+D): {without_wd / t_ours:.0f}x")
     print(f"speedup: {t_ref / t_ours:.0f}")

@@ -159,3 +159,31 @@ def test_export_lora_takes_base_then_delta_and_select(llama_dir: Path, tmp_path:
     assert old.exit_code == 0 and len(json.loads(old.stdout)["ranks"]) == 2
     wrong = runner.invoke(app, ["export-lora", str(tmp_path / "ab.safetensors"), "-o", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "give BASE DELTA" in wrong.output
+
+
+def test_prune_takes_base_then_delta_select_and_usage_errors(llama_dir: Path, tmp_path: Path) -> None:
+    from test_evaluate_cli import make_delta
+
+    from prunecli.core.delta import Delta
+
+    a = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
+    b = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    both = Delta.load(a).compose(Delta.load(b))
+    both.save(tmp_path / "ab.safetensors")
+    out = tmp_path / "p.safetensors"
+    result = runner.invoke(app, ["prune", str(llama_dir), str(tmp_path / "ab.safetensors"), "--select", "*.layers.2.*",
+                                 "--fn", "scale-free", "--strength", "1", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert [t["name"] for t in json.loads(result.stdout)["tensors"]] == ["model.layers.2.mlp.down_proj.weight"]
+    pruned = Delta.load(out)
+    kept = "model.layers.1.mlp.down_proj.weight"
+    assert torch_equal(pruned.entries[kept].to_dense(), both.entries[kept].to_dense())  # not selected: unchanged
+    assert pruned.restraints[-1]["select"] == ["*.layers.2.*"]
+    bad = runner.invoke(app, ["prune", str(llama_dir), str(a), "--alpha", "0.5", "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--alpha must be" in bad.output
+
+
+def torch_equal(x, y) -> bool:  # noqa: ANN001
+    import torch
+
+    return bool(torch.equal(x, y))

@@ -118,8 +118,11 @@ def test_warning_and_clamp_in_json(llama_dir: Path, llama_delta: Path, tmp_path:
                                                ("--beta", "1", "beta"), ("--alpha", "nan", "alpha")])
 def test_bad_parameters(llama_dir: Path, llama_delta: Path, tmp_path: Path, option: str, value: str,
                         word: str) -> None:
+    """Values out of range are usage errors (exit 2, Typer's usage message naming the option), nothing written."""
     out = tmp_path / "p.safetensors"
-    assert_clean_failure(run(llama_delta, "--base", llama_dir, "-o", out, option, value), word, absent=out)
+    result = run(llama_delta, "--base", llama_dir, "-o", out, option, value)
+    assert result.exit_code == 2 and f"--{word} must be" in result.output and "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_existing_output_needs_force(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:

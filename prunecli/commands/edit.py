@@ -11,6 +11,8 @@ import typer
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt,
                                        IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt,
                                        cell, emit_json, guarded, note, progress_bar, say, warn)
+from prunecli.commands._restraint import (AlphaOpt, BetaOpt, ClampOpt, FnOpt, StrengthOpt, TargetKappaOpt,
+                                          restraint_settings)
 from prunecli.errors import PruneCliError
 
 
@@ -39,9 +41,15 @@ def main(
                                                    "(repeatable).")] = None,
     prune_every: Annotated[int | None, typer.Option("--prune-every", help="Restrain the accumulated delta with "
                                                     "PRUNE after every K edits.", min=1)] = None,
-    fn: Annotated[str, typer.Option("--fn", help="Restraint function for --prune-every: log or linear.")] = "log",
-    alpha: Annotated[float, typer.Option("--alpha", help="Base of log F.")] = 1.2,
-    beta: Annotated[float, typer.Option("--beta", help="Divisor of linear F.")] = 2.0,
+    kappa_trigger: Annotated[float | None, typer.Option(
+        "--kappa-trigger", help="Restrain the accumulated delta whenever kappa(W + D) of an edited matrix exceeds T "
+        "(checked after every edit; with --prune-every, either triggers).")] = None,
+    fn: FnOpt = None,
+    alpha: AlphaOpt = 1.2,
+    beta: BetaOpt = 2.0,
+    strength: StrengthOpt = 0.5,
+    clamp: ClampOpt = False,
+    target_kappa: TargetKappaOpt = None,
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -67,6 +75,9 @@ def main(
     AlphaEdit (keys of earlier edits travel in the delta, so chains continue): prunecli edit smollm2 --requests cf.json
     --limit 10 --method alphaedit --stats smollm2.stats.safetensors -o a.delta; then --start 10 --delta a.delta
 
+    Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
+    kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
+
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).
     """
@@ -77,7 +88,6 @@ def main(
         from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
-        from prunecli.core.restraint import check_params
         from prunecli.editors.base import editor_for
         from prunecli.editors.hparams import ModelModules, check_file, file_method, resolve_hparams
         from prunecli.editors.session import PruneSchedule, run_edits
@@ -99,8 +109,14 @@ def main(
         if editor.needs_stats and stats is None:
             raise PruneCliError(f"{chosen} needs key statistics: compute them with `prunecli stats {model} "
                                 f"--method {chosen} --text FILE -o STATS` and pass --stats STATS")
-        if prune_every is not None:
-            check_params(fn, alpha, beta)
+        settings = restraint_settings(fn, alpha, beta, strength, clamp, target_kappa)
+        if prune_every is None and kappa_trigger is None and target_kappa is not None:
+            raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger", param_hint="--target-kappa")
+        if kappa_trigger is not None and not kappa_trigger >= 1:
+            raise PruneCliError(f"--kappa-trigger must be a number >= 1 (a condition number), got {kappa_trigger}")
+        if kappa_trigger is not None and target_kappa is not None and target_kappa > kappa_trigger:
+            raise PruneCliError(f"--target-kappa {target_kappa:g} above --kappa-trigger {kappa_trigger:g} would "
+                                "restrain after every edit: choose a target at or below the trigger")
         if dtype.lower() not in ("fp32", "float32", "bf16", "bfloat16"):
             raise PruneCliError(f"--dtype must be fp32 or bf16, got {dtype!r}")
         edit_requests = load_requests(requests, start, limit)
@@ -131,7 +147,8 @@ def main(
         provenance = {"stats": {"path": str(stats), "corpus": KeyStats.load(stats).corpus}} if stats else {}
         if tokenizer_ref is not None:
             provenance["tokenizer"] = tokenizer_ref  # the edits were computed with this tokenizer
-        schedule = PruneSchedule(prune_every, fn, alpha, beta) if prune_every is not None else None
+        schedule = (PruneSchedule(settings, prune_every, kappa_trigger)
+                    if prune_every is not None or kappa_trigger is not None else None)
 
         run = _with_progress(len(edit_requests), lambda on_step: run_edits(
             lm, tokenizer, base, edit_requests, chosen, hp, moments, prior, batch_size, schedule, seed, provenance,
@@ -145,6 +162,7 @@ def main(
                    "hparams": hp.to_json(), "edits": n, "total_edits": len(run.delta.requests),
                    "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                    "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
+                   "restraint_points": run.restraint_points,
                    "requests": [r.to_json() for r in run.reports]}
         if json_out:
             emit_json(summary)

@@ -5,6 +5,7 @@ smax = sigma_max(W) is replaced by F(s_i) and D' = U diag(s') V^T:
 
     log:    F(s) = log_a(s) - log_a(smax) + smax          (a = alpha > 1)
     linear: F(s) = s / b + (b - 1) / b * smax             (b = beta > 1)
+    scale-free (ours): F(s) = smax * (s / smax) ** (1 - t)   (t = strength in [0, 1]; up to 2, see below)
 
 Like the released PRUNE code, D is first truncated to its numerical rank (NumPy `matrix_rank`'s default tolerance).
 Unlike it, nothing is densified: the SVD of a factored delta is computed on its factors (`lowrank.entry_svd`), the
@@ -14,6 +15,14 @@ Trap: log F only shrinks s when smax * ln(alpha) >= 1 (d/ds (s - F(s)) = 1 - 1 /
 *enlarges* the singular values just above smax. By default the paper's formula is applied as is (so results match the
 paper and its code) and the result carries a warning that counts the enlarged values; `clamp=True` uses
 min(s, F(s)) instead, which never enlarges anything.
+
+The paper's F is not scale-free: multiplying W and D by c does not multiply F(s) by c, so one alpha restrains
+differently on models whose weights have different scales (Gemma-3-270M's smax of 1.5-5.8 is below 5.49, the bound
+for alpha = 1.2). The scale-free F depends on s / smax only (W, D -> cW, cD gives D' -> cD'), never enlarges
+(s / smax > 1 and 1 - t <= 1, so (s / smax) ** (1 - t) <= s / smax), keeps the order of the values, and runs from no
+restraint (t = 0) over cutting every value to smax (t = 1) to removing the delta (t = 2: beyond 1 all values are
+multiplied by 2 - t), so any kappa target >= kappa(W) is reachable; docs/RESTRAINT.md has the derivation. `target_kappa`
+searches, per matrix, the smallest t with kappa(W + D') <= target (`search_strength`).
 """
 
 from __future__ import annotations
@@ -28,12 +37,14 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.lowrank import entry_svd
-from prunecli.core.spectra import (FAST_KAPPA_LIMIT, matrix_stats, numerical_rank, single_cpu_thread,
-                                   singular_values)
+from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, matrix_stats, numerical_rank,
+                                   single_cpu_thread, singular_values)
 from prunecli.errors import PruneCliError
 
-RestraintFn = Literal["log", "linear"]
-FUNCTIONS: tuple[str, ...] = ("log", "linear")
+RestraintFn = Literal["log", "linear", "scale-free"]
+MAX_STRENGTH = 2.0
+"""Scale-free strengths run from 0 (no restraint) over 1 (values above sigma_max cut to it) to 2 (D' = 0)."""
+FUNCTIONS: tuple[str, ...] = ("log", "linear", "scale-free")
 N_TOP = 5
 """How many leading singular values of D and D' the reports show."""
 
@@ -194,7 +205,7 @@ def _mul64(x: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ F and checks
-def check_params(fn: str, alpha: float, beta: float) -> None:
+def check_params(fn: str, alpha: float, beta: float, strength: float = 0.5) -> None:
     """Reject what makes F meaningless, as one user-facing line."""
     if fn not in FUNCTIONS:
         raise PruneCliError(f"unknown restraint function {fn!r} (choose one of {', '.join(FUNCTIONS)})")
@@ -202,22 +213,59 @@ def check_params(fn: str, alpha: float, beta: float) -> None:
         raise PruneCliError(f"--alpha must be a finite number > 1 (the base of the log in F), got {alpha}")
     if not (math.isfinite(beta) and beta > 1):
         raise PruneCliError(f"--beta must be a finite number > 1 (the slope divisor of linear F), got {beta}")
+    if not (math.isfinite(strength) and 0 <= strength <= MAX_STRENGTH):
+        raise PruneCliError(f"--strength must be in [0, {MAX_STRENGTH:g}] (0: no restraint, 1: every value cut to "
+                            f"sigma_max(W), 2: the delta removed), got {strength}")
+
+
+def check_target(target_kappa: float) -> None:
+    """A condition number below 1 does not exist; the per-matrix lower bound kappa(W) is checked with W at hand."""
+    if not (math.isfinite(target_kappa) and target_kappa >= 1):
+        raise PruneCliError(f"--target-kappa must be a finite number >= 1, got {target_kappa}")
 
 
 def restraint_values(s: torch.Tensor, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
-                     beta: float = 2.0) -> torch.Tensor:
-    """F(s) where s > sigma_max, s elsewhere (the paper's formula, no clamping)."""
+                     beta: float = 2.0, strength: float = 0.5) -> torch.Tensor:
+    """F(s) where s > sigma_max, s elsewhere (the paper's formulas as they are, no clamping)."""
     if fn == "log":
         f = (torch.log(s) - math.log(sigma_max)) / math.log(alpha) + sigma_max
-    else:
+    elif fn == "linear":
         f = s / beta + (beta - 1) / beta * sigma_max
+    else:  # scale-free: sigma_max * (s / sigma_max) ** (1 - t) = s * (s / sigma_max) ** -t; written so, a factor
+        # <= 1 times s, rounding cannot make F(s) exceed s either. Beyond t = 1 everything shrinks by 2 - t.
+        f = s * torch.exp(-min(strength, 1.0) * (torch.log(s) - math.log(sigma_max)))
+        if strength > 1:
+            return (2 - strength) * torch.where(s > sigma_max, f, s)
     return torch.where(s > sigma_max, f, s)
+
+
+@dataclass(frozen=True)
+class RestraintSettings:
+    """One restraint as a user chose it (`prune`'s options, `edit`'s restraints); `target_kappa` means scale-free F
+    with its strength searched per matrix."""
+
+    fn: RestraintFn = "log"
+    alpha: float = 1.2
+    beta: float = 2.0
+    strength: float = 0.5
+    clamp: bool = False
+    target_kappa: float | None = None
+
+    def check(self) -> None:
+        check_params(self.fn, self.alpha, self.beta, self.strength)
+        if self.target_kappa is not None:
+            check_target(self.target_kappa)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of `restrain_delta` (and a JSON object)."""
+        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------- one entry
 @dataclass(frozen=True)
 class RestraintInfo:
-    """What restraining one update did (`smax_ln_alpha` is None for linear F)."""
+    """What restraining one update did (`smax_ln_alpha` is None unless F is the paper's log; `strength` is set for
+    scale-free F; `target_kappa` and `search_steps`, the kappa evaluations, when the strength was searched)."""
 
     sigma_max: float
     rank: int
@@ -227,6 +275,9 @@ class RestraintInfo:
     smax_ln_alpha: float | None
     n_enlarged: int
     clamped: bool
+    strength: float | None = None
+    target_kappa: float | None = None
+    search_steps: int | None = None
 
     @property
     def enlarges(self) -> bool:
@@ -235,7 +286,7 @@ class RestraintInfo:
 
     @property
     def warning(self) -> str | None:
-        """The sigma_max * ln(alpha) < 1 warning, saying what was done about it, or None."""
+        """log F's enlargement and its fixes, or None."""
         if not self.enlarges:
             return None
         if self.n_enlarged == 0:
@@ -243,8 +294,9 @@ class RestraintInfo:
         elif self.clamped:
             what = f"clamped to min(s, F(s)): {self.n_enlarged} value(s) kept unchanged instead"
         else:
-            what = (f"applied as in the paper: {self.n_enlarged} singular value(s) of the delta got larger "
-                    "(--clamp keeps them unchanged; a larger --alpha avoids it)")
+            what = (f"applied as in the paper: {self.n_enlarged} singular value(s) of the delta got larger; "
+                    "--fn scale-free (never enlarges, same effect at any weight scale) or --target-kappa K "
+                    "(the mildest scale-free restraint reaching kappa K) restrains instead, --clamp keeps them")
         return (f"sigma_max(W) * ln(alpha) = {self.sigma_max:.4g} * ln(alpha) = {self.smax_ln_alpha:.3g} < 1: "
                 f"log F enlarges singular values just above sigma_max; {what}")
 
@@ -252,25 +304,77 @@ class RestraintInfo:
         return {**asdict(self), "enlarges": self.enlarges, "warning": self.warning}
 
 
+_TARGET_RTOL = 1e-4
+"""The search stops once kappa(W + D') is within this fraction below the target (or the bracket is below 1e-7)."""
+
+
+def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max: float, spectra: UpdatedSpectra,
+                    target_kappa: float) -> tuple[float, int]:
+    """Bisect the scale-free strength t in [0, 2] for the smallest t with kappa(W + U diag(F_t(s)) V^T) <= target.
+
+    kappa(W + D'_t) is continuous in t (F_t is) and runs from kappa(W + D) at t = 0 to kappa(W) at t = 2 (D' = 0), so
+    every target >= kappa(W) is met; it is decreasing in practice. Bisection keeps a bracket [lo, hi] where lo misses
+    the target and hi meets it, so the result meets the target and a strength a bracket width weaker misses it.
+    Returns (strength, number of kappa evaluations). Each evaluation is one `UpdatedSpectra.stats` call with the same
+    Q (X Q computed once): W + D' is never formed. Far below the Gram path's accuracy limit, large trial kappas need
+    not be exact to be rejected.
+    """
+    if target_kappa < (base := spectra.stats().kappa) * (1 - 1e-12):
+        raise PruneCliError(f"--target-kappa {target_kappa:.6g} is below kappa(W) = {base:.6g} of the base matrix: "
+                            "restraining the delta cannot bring kappa(W + D') below the base's own")
+    direction, q = spectra.orient(u, v)  # (u diag(f)) v^T = u (v diag(f))^T: the scaled side is `direction`
+    xq = spectra.project(q)
+    exact_above = math.inf if target_kappa <= FAST_KAPPA_LIMIT / 4 else FAST_KAPPA_LIMIT
+    evaluations = 0
+
+    def kappa_at(t: float) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        f = restraint_values(s, sigma_max, "scale-free", strength=t).to(direction)
+        return spectra.stats(direction * f, q, xq, exact_above).kappa
+
+    before = kappa_at(0.0)
+    if before <= target_kappa:
+        return 0.0, evaluations
+    lo, hi, k_hi = 0.0, MAX_STRENGTH, base  # at the largest strength D' = 0: kappa(W) <= target
+    while hi - lo > 1e-7 and k_hi < target_kappa * (1 - _TARGET_RTOL):
+        mid = 0.5 * (lo + hi)
+        k = kappa_at(mid)
+        if k <= target_kappa:
+            hi, k_hi = mid, k
+        else:
+            lo = mid
+    return hi, evaluations
+
+
 def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
-                   beta: float = 2.0, clamp: bool = False,
-                   device: str | torch.device | None = None) -> tuple[DeltaEntry, RestraintInfo]:
+                   beta: float = 2.0, clamp: bool = False, device: str | torch.device | None = None, *,
+                   strength: float = 0.5, target_kappa: float | None = None,
+                   spectra: UpdatedSpectra | None = None) -> tuple[DeltaEntry, RestraintInfo]:
     """PRUNE on one update, given sigma_max of its base matrix; the result keeps the entry's layout.
 
     Low-rank entries are never densified: exact SVD on the factors, truncation to numerical rank, F, then
     a' = U diag(s'), b' = V, so rank(D') <= rank(D). Dense entries go through a dense SVD and come back as factors
-    when their numerical rank is at most half the smaller side (cheaper and exact), dense otherwise.
+    when their numerical rank is at most half the smaller side (cheaper and exact), dense otherwise. With
+    `target_kappa`, F is the scale-free one and its strength is searched (`search_strength`, which needs `spectra`,
+    the base matrix's `UpdatedSpectra`); `fn`, `strength` and `clamp` are then not used.
     """
-    check_params(fn, alpha, beta)
+    check_params(fn, alpha, beta, strength)
     if not (math.isfinite(sigma_max) and sigma_max > 0):
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
     device = device or "cpu"
+    steps: int | None = None
     # A dense SVD is big enough for all threads; the factored one is not.
     with single_cpu_thread(device, enabled=entry.is_lowrank):
         svd = entry_svd(entry, device=device)
         rank = numerical_rank(svd.s, entry.shape)  # NumPy matrix_rank's rule with float32 eps, as the reference
         u, s, v = svd.u[:, :rank], svd.s[:rank], svd.v[:, :rank]
-        f = restraint_values(s, sigma_max, fn, alpha, beta)
+        if target_kappa is not None:
+            if spectra is None:
+                raise ValueError("a kappa target needs the base matrix's spectra")
+            fn, clamp = "scale-free", False
+            strength, steps = search_strength(u, s, v, sigma_max, spectra, target_kappa)
+        f = restraint_values(s, sigma_max, fn, alpha, beta, strength)
         above = s > sigma_max
         enlarged = above & (f > s)
         new_s = torch.minimum(f, s) if clamp else f
@@ -282,7 +386,9 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
     info = RestraintInfo(sigma_max=sigma_max, rank=rank, n_restrained=int(above.sum()),
                          top_before=s[:N_TOP].tolist(), top_after=new_s[:N_TOP].tolist(),
                          smax_ln_alpha=sigma_max * math.log(alpha) if fn == "log" else None,
-                         n_enlarged=int(enlarged.sum()), clamped=clamp)
+                         n_enlarged=int(enlarged.sum()), clamped=clamp,
+                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa,
+                         search_steps=steps)
     return new_entry, info
 
 
@@ -301,48 +407,94 @@ class TensorReport:
         i = self.info
         return {"name": self.name, "sigma_max_base": i.sigma_max, "n_restrained": i.n_restrained, "rank": i.rank,
                 "kappa_base": self.kappa_base, "kappa_edited": self.kappa_edited, "kappa_pruned": self.kappa_pruned,
+                "strength": i.strength, "target_kappa": i.target_kappa, "search_steps": i.search_steps,
                 "top_before": i.top_before, "top_after": i.top_after, "n_enlarged": i.n_enlarged,
                 "warning": i.warning}
 
 
+class BaseSpectra:
+    """What restraining against one base checkpoint needs per matrix, computed once and kept: sigma_max (Lanczos)
+    and, for kappas, the matrix's `UpdatedSpectra` (its Gram matrix). Callers that restrain or measure repeatedly
+    against the same base (`edit --prune-every`, `--kappa-trigger`) share one instance."""
+
+    def __init__(self, base: Checkpoint, device: str | torch.device | None = None) -> None:
+        self.base, self.device = base, device
+        self.sigma: dict[str, float] = {}
+        self._spectra: dict[str, UpdatedSpectra] = {}
+
+    def _stored(self, name: str) -> torch.Tensor:
+        stored = self.base.get(name)
+        if not bool(torch.isfinite(stored).all()):
+            raise PruneCliError(f"base tensor {name} in {self.base.path} contains NaN or Inf values")
+        return stored
+
+    def sigma_max(self, name: str) -> float:
+        if name not in self.sigma:
+            self.sigma[name] = base_sigma_max(self._stored(name), device=self.device)  # invariant under transposition
+        return self.sigma[name]
+
+    def spectra(self, name: str, entry: DeltaEntry) -> UpdatedSpectra:
+        if name not in self._spectra:
+            stored = self._stored(name)
+            self._spectra[name] = UpdatedSpectra(stored if entry.layout == "out_in" else stored.T, self.device or "cpu")
+        return self._spectra[name]
+
+    def kappa(self, name: str, entry: DeltaEntry, updated: bool = True) -> float:
+        """kappa(W + D) for the update `entry`; kappa(W) alone, oriented like the entry, with `updated=False`."""
+        spectra = self.spectra(name, entry)
+        if not updated:
+            return spectra.stats().kappa
+        if entry.is_lowrank:
+            assert entry.a is not None and entry.b is not None
+            return spectra.stats(*spectra.orient(entry.a, entry.b)).kappa
+        d = entry.to_dense(torch.float64).to(spectra.x.device)
+        return _kappa(spectra.x + (d.T if spectra.transposed else d))
+
+
 def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alpha: float = 1.2, beta: float = 2.0,
                    kappa: bool = True, progress: Callable[[str], None] | None = None, *, clamp: bool = False,
-                   sigma_cache: dict[str, float] | None = None,
+                   strength: float = 0.5, target_kappa: float | None = None,
+                   sigma_cache: dict[str, float] | None = None, spectra: BaseSpectra | None = None,
+                   record: dict[str, Any] | None = None,
                    device: str | torch.device | None = None) -> tuple[Delta, list[TensorReport]]:
     """Apply PRUNE to every entry of `delta` against the unedited `base`; returns the new delta and reports.
 
-    Base matrices are read one at a time. `kappa=True` also reports kappa(W), kappa(W + D), kappa(W + D') (dense
-    float64 Gram spectra: the slow part on big matrices). `progress(name)` is called after each tensor.
-    `sigma_cache` (name -> sigma_max of the base tensor) is read and filled, so callers that restrain repeatedly
-    against the same base (`edit --prune-every K`) compute each sigma_max once. The caller checks that `delta`
-    belongs to `base` (`Delta.check_base`). The returned delta's history ends with
-    {"op": "prune", "fn", "alpha", "beta", "clamp", "per_tensor": {name: report}}.
+    Base matrices are read one at a time. `kappa=True` also reports kappa(W), kappa(W + D), kappa(W + D') (float64
+    Gram spectra of W formed once per matrix, low-rank updates added on the Gram matrix; `UpdatedSpectra`).
+    `target_kappa` searches, per matrix, the mildest scale-free strength with kappa(W + D') <= target (kappas are
+    then always reported). `progress(name)` is called after each tensor. `spectra` (a `BaseSpectra` of `base`) or the
+    older `sigma_cache` (name -> sigma_max) is read and filled, so repeated restraints against the same base compute
+    each base quantity once. The caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned
+    delta's history ends with {"op": "prune", "fn", "alpha", "beta", "strength", "clamp", "target_kappa", **record,
+    "per_tensor": {name: report}}.
     """
-    check_params(fn, alpha, beta)
-    cache = {} if sigma_cache is None else sigma_cache
+    check_params(fn, alpha, beta, strength)
+    if target_kappa is not None:
+        check_target(target_kappa)
+    cache = spectra or BaseSpectra(base, device)
+    if sigma_cache is not None:
+        cache.sigma = sigma_cache
     entries: dict[str, DeltaEntry] = {}
     reports: list[TensorReport] = []
     for name, entry in delta.entries.items():
-        stored = base.get(name)
-        if name not in cache:
-            if not bool(torch.isfinite(stored).all()):
-                raise PruneCliError(f"base tensor {name} in {base.path} contains NaN or Inf values")
-            cache[name] = base_sigma_max(stored, device=device)  # invariant under transposition: stored layout
-        new_entry, info = restrain_entry(entry, cache[name], fn, alpha, beta, clamp, device)
+        smax = cache.sigma_max(name)
+        matrix = cache.spectra(name, entry) if (kappa or target_kappa is not None) else None
+        new_entry, info = restrain_entry(entry, smax, fn, alpha, beta, clamp, device, strength=strength,
+                                         target_kappa=target_kappa, spectra=matrix)
         entries[name] = new_entry
         kappas: dict[str, float] = {}
-        if kappa:
-            # float64 sums: a float32 W + D would perturb sigma_min by eps32 * |W|, i.e. kappa by eps32 * kappa.
-            w = (stored if entry.layout == "out_in" else stored.T).to(device or "cpu", torch.float64)
-            kappas = {"kappa_base": _kappa(w),
-                      "kappa_edited": _kappa(w + entry.to_dense(torch.float64).to(w.device)),
-                      "kappa_pruned": _kappa(w + new_entry.to_dense(torch.float64).to(w.device))}
+        if matrix is not None:
+            kappas = {"kappa_base": cache.kappa(name, entry, updated=False), "kappa_edited": cache.kappa(name, entry),
+                      "kappa_pruned": cache.kappa(name, new_entry)}
         reports.append(TensorReport(name, info, **kappas))
         if progress is not None:
             progress(name)
-    op = {"op": "prune", "fn": fn, "alpha": alpha, "beta": beta, "clamp": clamp,
+    op = {"op": "prune", "fn": "scale-free" if target_kappa is not None else fn, "alpha": alpha, "beta": beta,
+          "strength": strength, "clamp": clamp, "target_kappa": target_kappa, **(record or {}),
           "per_tensor": {r.name: {"sigma_max_base": r.info.sigma_max, "rank": r.info.rank,
-                                  "n_restrained": r.info.n_restrained, "n_enlarged": r.info.n_enlarged}
+                                  "n_restrained": r.info.n_restrained, "n_enlarged": r.info.n_enlarged,
+                                  "strength": r.info.strength, "kappa_base": r.kappa_base,
+                                  "kappa_before": r.kappa_edited, "kappa_after": r.kappa_pruned}
                          for r in reports}}
     return delta.with_entries(entries, op), reports
 

@@ -110,3 +110,51 @@ class SpectrumStats:
 def matrix_stats(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> SpectrumStats:
     """Spectrum summary of a dense matrix."""
     return SpectrumStats.from_singular_values(singular_values(w, exact, device))
+
+
+class UpdatedSpectra:
+    """Extreme singular values of W + P Q^T for many low-rank updates of one matrix W, from W's Gram matrix formed once.
+
+    kappa(W + D) for a low-rank D = P Q^T (a search over restraint strengths, a check after every edit) would need a
+    dense m x n sum and its spectrum each time. With X = W oriented so that m <= n (`transposed` says whether X = W^T,
+    and `orient` turns math-orientation factors into X's),
+
+        (X + P Q^T)(X + P Q^T)^T = X X^T + P (X Q)^T + (X Q) P^T + P (Q^T Q) P^T,
+
+    so after X X^T (once, float64) each update costs X Q (m n r; reusable while Q is fixed, as in a strength search)
+    and an m x m eigvalsh: W + D is never formed. float64 Gram spectra are accurate while kappa is far below 1e7
+    (module docstring); above `FAST_KAPPA_LIMIT` the update is densified once for an exact SVD unless the caller
+    only needs to know that kappa is large (`exact_above=math.inf`).
+    """
+
+    def __init__(self, w: torch.Tensor, device: str | torch.device | None = None) -> None:
+        dev = torch.device(device) if device is not None else w.device
+        self.transposed = w.shape[0] > w.shape[1]
+        self.x = (w.T if self.transposed else w).to(dev, torch.float64)  # [m, n], m <= n
+        upper = _gram_upper(self.x, dev)
+        self.gram = upper.triu() + upper.triu(1).T
+
+    def orient(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q) of the update a b^T ([out, in], math orientation) in X's orientation, float64."""
+        p, q = (b, a) if self.transposed else (a, b)
+        return p.to(self.x.device, torch.float64), q.to(self.x.device, torch.float64)
+
+    def project(self, q: torch.Tensor) -> torch.Tensor:
+        """X Q, the part of an update's Gram matrix that depends only on Q."""
+        return self.x @ q
+
+    def stats(self, p: torch.Tensor | None = None, q: torch.Tensor | None = None, xq: torch.Tensor | None = None,
+              exact_above: float = FAST_KAPPA_LIMIT) -> SpectrumStats:
+        """Spectrum summary of X + P Q^T (of X alone without factors); `xq` = `project(q)` when already known."""
+        g = self.gram
+        if p is not None and q is not None and p.shape[1] > 0:
+            xq = self.project(q) if xq is None else xq
+            cross = p @ xq.T
+            g = g + cross + cross.T + p @ (q.T @ q) @ p.T
+        with single_cpu_thread(g.device, g.shape[0] <= _SINGLE_THREAD_EIG_MAX):
+            eig = torch.linalg.eigvalsh(g)
+        found = SpectrumStats.from_singular_values(eig.clamp_min(0.0).sqrt().flip(0).cpu())
+        if found.kappa <= exact_above:
+            return found
+        dense = self.x if p is None or q is None else self.x + p @ q.T
+        return matrix_stats(dense, exact=True)

@@ -5,10 +5,13 @@ then the previous deltas (`--delta PREV`) are added in memory. Each step compute
 earlier edit applied, adds it to the model and to the accumulated delta. So `edit --delta a -o b` over requests
 N..M produces the same factors as one run over requests 0..M.
 
-With a PRUNE schedule, after every K edits (counted over the whole delta, previous files included) the accumulated
-delta is restrained against the base and the model is reset to base + restrained delta before editing continues (the
-paper's "multiple" mode, appendix C.6). The delta's history records each run of edits and each restraint in order.
-State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's extra tensors.
+With a PRUNE schedule, after every K edits (counted over the whole delta, previous files included) and/or as soon as
+kappa(W + D) of an edited matrix exceeds a threshold (checked after every edit, on W's Gram matrix formed once:
+`BaseSpectra`), the accumulated delta is restrained against the base and the model is reset to base + restrained delta
+before editing continues (the paper's "multiple" mode, appendix C.6, and an adaptive one). The delta's history records
+each run of edits and each restraint in order; a restraint's entry says after how many edits it ran, why, and kappa
+before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's
+extra tensors.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import TensorReport, restrain_delta
+from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, Editor, editor_for
 from prunecli.editors.hparams import EditHParams
 from prunecli.editors.prompts import generate_prefixes
@@ -36,12 +39,20 @@ from prunecli.requests import EditRequest
 
 @dataclass(frozen=True)
 class PruneSchedule:
-    """Restrain the accumulated delta after every `every` edits."""
+    """Restrain the accumulated delta with `restraint` after every `every` edits and/or whenever kappa(W + D) of an
+    edited matrix exceeds `kappa_trigger` (at least one of the two is set)."""
 
-    every: int
-    fn: str = "log"
-    alpha: float = 1.2
-    beta: float = 2.0
+    restraint: RestraintSettings = field(default_factory=RestraintSettings)
+    every: int | None = None
+    kappa_trigger: float | None = None
+
+    def reason(self, edits_before: int, edits_after: int, kappas: dict[str, float]) -> str | None:
+        """Why a restraint is due after edits `edits_before`..`edits_after` given the kappas (None: not due)."""
+        if self.every is not None and edits_after // self.every > edits_before // self.every:
+            return "every"
+        if self.kappa_trigger is not None and max(kappas.values(), default=0.0) > self.kappa_trigger:
+            return "kappa"
+        return None
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class EditRun:
     delta: Delta
     reports: list[RequestReport] = field(default_factory=list)
     restraints: list[list[TensorReport]] = field(default_factory=list)
+    restraint_points: list[dict[str, Any]] = field(default_factory=list)  # after_edits, trigger of each restraint
     seconds: float = 0.0
 
 
@@ -116,7 +128,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     pending: list[dict[str, Any]] = []
-    sigma_cache: dict[str, float] = {}
+    spectra = BaseSpectra(base)
 
     def flush() -> None:
         if pending:
@@ -140,12 +152,20 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0, p1,
                                  seconds) for r, o, p0, p1 in zip(batch, outcomes, before, after)]
         run.reports.extend(reports)
-        if prune is not None and (edits_before + len(batch)) // prune.every > edits_before // prune.every:
-            flush()
-            run.delta, tensor_reports = restrain_delta(run.delta, base, prune.fn, prune.alpha, prune.beta,  # type: ignore[arg-type]
-                                                       kappa=False, sigma_cache=sigma_cache)
-            run.restraints.append(tensor_reports)
-            reset_to(model, base, run.delta)
+        if prune is not None:
+            edits_after = edits_before + len(batch)
+            kappas = ({name: spectra.kappa(name, entry) for name, entry in run.delta.entries.items()}
+                      if prune.kappa_trigger is not None else {})
+            reason = prune.reason(edits_before, edits_after, kappas)
+            if reason is not None:
+                flush()
+                record = {"after_edits": edits_after, "trigger": reason,
+                          **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
+                run.delta, tensor_reports = restrain_delta(run.delta, base, **prune.restraint.kwargs(),
+                                                           spectra=spectra, record=record)
+                run.restraints.append(tensor_reports)
+                run.restraint_points.append(record)
+                reset_to(model, base, run.delta)
         if on_step is not None:
             on_step(len(run.reports), reports)
     flush()

@@ -1,0 +1,46 @@
+#!/bin/bash
+# The restraint study of issue 15 for one model: N sequential ROME edits (CounterFact records 0..N-1), then
+#   no restraint | paper once (log, alpha 1.2) | scale-free once (strength 0.5) | --target-kappa 1.25 x kappa(W) once
+#   | adaptive during editing (--kappa-trigger 1.25 x kappa(W) --target-kappa 1.1 x kappa(W)),
+# each evaluated like examples/Makefile does (CounterFact on the N records, WikiText perplexity on 4,096 tokens,
+# window 512, stride 448; key statistics on 50,000 WikiText tokens). Steps already done are skipped.
+#
+#   bash examples/restraint/study.sh smollm2 work-restraint/smollm2 100
+#   bash examples/restraint/study.sh /work/models/gemma3-270m work-restraint/gemma3 50
+#   python examples/restraint/table.py work-restraint/smollm2 100
+#
+# PRUNECLI (default `python -m prunecli`) and DATA (default ../shared/data) can be overridden; run heavy steps one
+# at a time on a shared machine (OMP_NUM_THREADS=1 flock LOCK bash study.sh ...).
+set -euo pipefail
+model=$1; work=$2; n=$3
+PRUNECLI=${PRUNECLI:-python -m prunecli}
+DATA=${DATA:-../shared/data}
+CF=$DATA/counterfact/counterfact-edit.json
+EV=(--edits "$CF" --limit "$n" --tasks counterfact,perplexity --max-tokens 4096 --window 512 --stride 448
+    --batch-size 16 --data-dir "$DATA")
+mkdir -p "$work"
+w=$work
+run() { local out=$1; shift; [ -f "$out" ] || "$@"; }
+
+run $w/stats-rome.safetensors $PRUNECLI stats "$model" --method rome --text "$DATA/wikitext/wiki.test.raw" \
+    --tokens 50000 -o $w/stats-rome.safetensors --force --json > /dev/null
+edit=($PRUNECLI edit "$model" --requests "$CF" --start 0 --limit "$n" --stats $w/stats-rome.safetensors --method rome)
+[ -f $w/edited-$n.safetensors ] || "${edit[@]}" -o $w/edited-$n.safetensors --force --json > $w/edited-$n.json
+run $w/edited-$n.inspect.json $PRUNECLI inspect "$model" --delta $w/edited-$n.safetensors --json > $w/edited-$n.inspect.json
+# kappa(W) of the edited matrix (the worst one if several), as inspect reports it
+kw=$(python -c "import json,sys; print(max(t['kappa'] for t in json.load(open(sys.argv[1]))['tensors'] if t.get('edited')))" \
+     $w/edited-$n.inspect.json)
+k125=$(python -c "print(1.25 * $kw)"); k110=$(python -c "print(1.1 * $kw)")
+[ -f $w/adaptive-$n.safetensors ] || "${edit[@]}" --kappa-trigger "$k125" --target-kappa "$k110" \
+    -o $w/adaptive-$n.safetensors --force --json > $w/adaptive-$n.json
+prune() { local kind=$1; shift; [ -f $w/$kind-$n.safetensors ] || $PRUNECLI prune $w/edited-$n.safetensors \
+    --base "$model" "$@" -o $w/$kind-$n.safetensors --force --json > $w/$kind-$n.json; }
+prune paper --fn log --alpha 1.2
+prune scalefree --fn scale-free --strength 0.5
+prune target --target-kappa "$k125"
+[ -f $w/base-$n.eval.json ] || $PRUNECLI evaluate "$model" "${EV[@]}" -o $w/base-$n.eval.json --force > /dev/null
+for kind in edited adaptive paper scalefree target; do
+    [ -f $w/$kind-$n.eval.json ] || $PRUNECLI evaluate "$model" --delta $w/$kind-$n.safetensors "${EV[@]}" \
+        -o $w/$kind-$n.eval.json --force > /dev/null
+    run $w/$kind-$n.inspect.json $PRUNECLI inspect "$model" --delta $w/$kind-$n.safetensors --json > $w/$kind-$n.inspect.json
+done
