@@ -19,7 +19,7 @@ from editing_helpers import REQUESTS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import (RestraintSettings, base_sigma_max, restrain_delta, restrain_entry,
+from prunecli.core.restraint import (RestraintSettings, base_sigma_max, restrain_entry,
                                      restraint_values)
 from prunecli.core.spectra import UpdatedSpectra
 from prunecli.editors.base import Editor, LayerUpdate, RequestOutcome

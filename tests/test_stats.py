@@ -91,14 +91,14 @@ def test_save_load_and_validated_moments(tmp_path, llama_dir, gpt2_dir):
     loaded = KeyStats.load(path)
     assert loaded.corpus == "test corpus" and loaded.dtype == "float64" and loaded.tokens == stats.tokens
     assert loaded.layers[1]["module"] == "model.layers.1.mlp.down_proj"
-    moments = load_moments(path, base, adapter, [1])
+    moments = load_moments(KeyStats.load(path), base, adapter, [1])
     torch.testing.assert_close(moments[1], stats.sums[1] / stats.counts[1])
     with pytest.raises(PruneCliError, match="cover layers \\[0, 1\\], not layer 3"):
-        load_moments(path, base, adapter, [3])
+        load_moments(KeyStats.load(path), base, adapter, [3])
     # Statistics of the llama model used for another (same-shaped keys would not help: fingerprints differ).
     _, other_base, other_adapter, _ = _stats(tmp_path / "g.safetensors", gpt2_dir)
     with pytest.raises(PruneCliError, match="computed on another model"):
-        load_moments(path, other_base, other_adapter, [1])
+        load_moments(KeyStats.load(path), other_base, other_adapter, [1])
 
 
 def test_not_a_stats_file(tmp_path):

@@ -122,8 +122,7 @@ def main(
         edit_requests = load_requests(requests, start, limit)
         # PEFT adapters among the deltas are read against the base
         prior = load_deltas(delta or [], Checkpoint(model_path, allow_pickle) if delta else None)
-        if stats is not None:
-            KeyStats.load(stats)  # a bad file fails now, not after the model is loaded
+        key_stats = KeyStats.load(stats) if stats is not None else None  # read once, before the model loads
         if chosen == "mend":
             if hparams is not None or overrides:
                 raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
@@ -139,12 +138,12 @@ def main(
               else resolve_hparams(chosen, adapter.family, adapter.num_layers, hparams, overrides, note,
                                    ModelModules(frozenset(n for n, _ in lm.named_modules()), adapter.module_name,
                                                 adapter.num_layers, adapter.model_type)))
-        moments = load_moments(stats, base, adapter, hp.layers) if stats is not None else None
+        moments = load_moments(key_stats, base, adapter, hp.layers) if key_stats is not None else None
         if chosen == "rome" and hp.mom2_adjustment and moments is None:
             note("no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method")
         if chosen == "rome" and not hp.mom2_adjustment and moments is not None:
             note("mom2_adjustment is false: the statistics are not used")
-        provenance = {"stats": {"path": str(stats), "corpus": KeyStats.load(stats).corpus}} if stats else {}
+        provenance = {"stats": {"path": str(stats), "corpus": key_stats.corpus}} if key_stats is not None else {}
         if tokenizer_ref is not None:
             provenance["tokenizer"] = tokenizer_ref  # the edits were computed with this tokenizer
         schedule = (PruneSchedule(settings, prune_every, kappa_trigger)
