@@ -44,6 +44,8 @@ def main(
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32 or bf16 (edits are computed in fp32).")]
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 and write nothing if any edit did not take "
+                                         "(P(new) <= P(true) on the edit prompt after it).")] = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     debug: DebugOpt = False,
@@ -55,6 +57,11 @@ def main(
     -o edits.delta.safetensors
 
     MEND: prunecli edit smollm2 --requests facts.jsonl --method mend --archive smollm2.mend.safetensors -o m.delta
+
+    Every edit is checked on its edit prompt right after it (MEMIT: after its batch): it took when the new target's
+    mean token probability is above the true object's (or >= 0.1 for records without one). Failures are warned
+    about, counted in --json (`failed_edits`) and the summary; --strict makes any failure an error, and a run in
+    which no edit took is always an error (nothing is written).
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).
@@ -114,10 +121,15 @@ def main(
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)
+        n, failed = len(run.reports), [r.index for r in run.failed]
+        if failed and (strict or len(failed) == n):
+            why = "--strict" if len(failed) < n else "no edit took"
+            raise PruneCliError(f"{len(failed)} of {n} edit(s) did not take (records {_ranges(failed)}); {why}: "
+                                f"nothing written")
         run.delta.save(output, force)
-        n = len(run.reports)
         summary = {"output": str(output), "model": str(base.path), "method": method, "layers": list(hp.layers),
-                   "hparams": hp.to_json(), "edits": n, "total_edits": len(run.delta.requests),
+                   "hparams": hp.to_json(), "edits": n, "failed_edits": len(failed),
+                   "failed_records": failed, "total_edits": len(run.delta.requests),
                    "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                    "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
                    "requests": [r.to_json() for r in run.reports]}
@@ -126,7 +138,9 @@ def main(
         else:
             _print_table(run.reports)
             err_console.print(f"wrote {output}: {n} new edit(s), {len(run.delta.requests)} in total, layers "
-                              f"{list(hp.layers)}, {run.seconds / n:.1f} s per edit", highlight=False)
+                              f"{list(hp.layers)}, {run.seconds / n:.1f} s per edit"
+                              + (f"; {len(failed)} of {n} edit(s) did not take (records {_ranges(failed)})"
+                                 if failed else "; every edit took"), highlight=False)
 
     guarded(debug, body)
 
@@ -139,10 +153,26 @@ def _with_progress(total: int, run: Callable[[Callable[[int, list[Any]], None]],
         task = bar.add_task("editing", total=total, loss="")
 
         def on_step(done: int, reports: list[Any]) -> None:
+            for r in reports:
+                if not r.took:
+                    true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
+                    warn(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
+                         f"(mean token probability)")
             last = reports[-1]
             bar.update(task, completed=done, loss=f"loss {last.initial_loss:.2f} -> {last.loss:.2f}")
 
         return run(on_step)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted record numbers as short ranges: 0-3, 7, 9-10."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _print_table(reports) -> None:  # noqa: ANN001
@@ -150,9 +180,9 @@ def _print_table(reports) -> None:  # noqa: ANN001
     from rich.table import Table
 
     table = Table(title="edits")
-    for col in ("#", "prompt", "target", "P before", "P after", "loss", "s"):
-        table.add_column(col, justify="right" if col in ("#", "P before", "P after", "loss", "s") else "left")
+    for col in ("#", "prompt", "target", "P before", "P after", "loss", "s", "took"):
+        table.add_column(col, justify="left" if col in ("prompt", "target") else "right")
     for r in reports:
         table.add_row(str(r.index), r.prompt, r.target_new, f"{r.prob_before:.3g}", f"{r.prob_after:.3g}",
-                      f"{r.loss:.3f}", f"{r.seconds:.1f}")
+                      f"{r.loss:.3f}", f"{r.seconds:.1f}", "yes" if r.took else "NO")
     Console().print(table)

@@ -26,6 +26,7 @@ from prunecli.core.restraint import TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, Editor, editor_for
 from prunecli.editors.hparams import EditHParams
 from prunecli.editors.prompts import generate_prefixes
+from prunecli.editors.success import check_edits
 from prunecli.evaluation.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
@@ -45,7 +46,9 @@ class PruneSchedule:
 
 @dataclass(frozen=True)
 class RequestReport:
-    """What one edit did (probabilities of the whole target sequence on the edit prompt)."""
+    """What one edit did: probabilities of the whole target sequence on the edit prompt before and after, and the
+    success check after it (`editors.success`: mean token probabilities of the new and true target, and whether
+    the edit took)."""
 
     index: int
     case_id: Any
@@ -57,6 +60,9 @@ class RequestReport:
     prob_before: float
     prob_after: float
     seconds: float
+    new_mean_prob: float
+    true_mean_prob: float | None
+    took: bool
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +76,11 @@ class EditRun:
     reports: list[RequestReport] = field(default_factory=list)
     restraints: list[list[TensorReport]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[RequestReport]:
+        """The edits that did not take."""
+        return [r for r in self.reports if not r.took]
 
 
 def _target_probs(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[float]:  # noqa: ANN001
@@ -126,15 +137,16 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         t0 = time.perf_counter()
         before = _target_probs(model, tokenizer, batch)
         updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
-        after = _target_probs(model, tokenizer, batch)
+        checks = check_edits(model, tokenizer, batch)
         for u in updates:
             name = u.weight or adapter.weight_name(u.layer)
             run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
         edits_before = len(run.delta.requests) + len(pending)
         pending.extend(r.to_json() for r in batch)
         seconds = (time.perf_counter() - t0) / len(batch)
-        reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0, p1,
-                                 seconds) for r, o, p0, p1 in zip(batch, outcomes, before, after)]
+        reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
+                                 c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took)
+                   for r, o, p0, c in zip(batch, outcomes, before, checks)]
         run.reports.extend(reports)
         if prune is not None and (edits_before + len(batch)) // prune.every > edits_before // prune.every:
             flush()
