@@ -41,15 +41,12 @@ def _mean_token_prob(nll: float) -> float:
 
 def check_edits(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditCheck]:  # noqa: ANN001
     """Judge each request on the current model (see the module docstring for the rule)."""
-    texts = [r.text for r in requests]
-    scored = score_targets(model, tokenizer, texts, [r.target_new for r in requests])
-    new = [_mean_token_prob(s.nll) for s in scored]
     with_true = [i for i, r in enumerate(requests) if r.target_true]
-    true: dict[int, float] = {}
-    if with_true:
-        scores = score_targets(model, tokenizer, [texts[i] for i in with_true],
-                               [requests[i].target_true for i in with_true])  # type: ignore[misc]
-        true = {i: _mean_token_prob(s.nll) for i, s in zip(with_true, scores)}
+    # One scoring pass for the new targets and the true ones (they share their prompts' forward pass).
+    scored = score_targets(model, tokenizer, [r.text for r in requests] + [requests[i].text for i in with_true],
+                           [r.target_new for r in requests] + [requests[i].target_true for i in with_true])  # type: ignore[misc]
+    new = [_mean_token_prob(s.nll) for s in scored[:len(requests)]]
+    true = {i: _mean_token_prob(s.nll) for i, s in zip(with_true, scored[len(requests):])}
     checks = []
     for i, p_new in enumerate(new):
         p_true = true.get(i)
