@@ -168,3 +168,17 @@ def test_unknown_post_mlp_norm_is_refused():
         layer.post_feedforward_layernorm = torch.nn.LayerNorm(32)
     with pytest.raises(PruneCliError, match="norm on the MLP output"):
         resolve_adapter(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_layer_at_chosen_positions_equals_the_models_logits(family):
+    """The value optimisation applies the head only where its loss reads (Gemma-2: with its final soft-capping)."""
+    from prunecli.editors.value import _split_head
+
+    model = build_tiny_model(family).requires_grad_(False)
+    ids = tiny_tokenizer()("The Eiffel Tower is located in Paris", return_tensors="pt")["input_ids"]
+    head = _split_head(model)
+    assert head is not None
+    rows, cols = torch.tensor([0, 0]), torch.tensor([2, ids.shape[1] - 1])
+    ours = head.logits(head.decoder(input_ids=ids).last_hidden_state[rows, cols])
+    torch.testing.assert_close(ours, model(input_ids=ids).logits[rows, cols], rtol=1e-5, atol=1e-5)
