@@ -91,7 +91,8 @@ class _SplitBatch:
 def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int], pad: int, device: torch.device,
            trim_logits: bool) -> _SplitBatch:
     """Run the prefixes `ids[:cut]` once (a cut at the subject's last token at the latest: nothing before it depends
-    on the shift, in any layer); the suffixes `ids[cut:]` are what each step runs.
+    on the shift, in any layer); the suffixes `ids[cut:end]` (end: before the last target token) are what each
+    step runs.
 
     Prefixes are right-padded; their pads are masked out of the suffix pass. A row with an empty prefix gets one
     attended pad in the prefix pass only, so no attention row is fully masked (which could make its cache NaN).
