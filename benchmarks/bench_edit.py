@@ -20,11 +20,13 @@ method's default hyper-parameters and the statistics above (AlphaEdit's time inc
 layer and the extra pass that reads the edited keys for its cache; the context prefixes are generated once and not
 counted).
 
-Prints one summary line with the ratios. `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
+Prints one summary line per model with the ratios (`--model smollm2 gemma3-270m` benchmarks both, one after the
+other, for the s/edit of each). `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
 (48 layers, width 1600; SmolLM2's tokenizer) instead of `--model`, for GPU timings without downloading GPT-2 XL.
 
-Usage: python benchmarks/bench_edit.py [--model smollm2 | --random-shape gpt2-xl] [--device cpu|cuda] [--n 3]
-       [--batch 10] [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
+Usage: python benchmarks/bench_edit.py [--model smollm2 [gemma3-270m ...] | --random-shape gpt2-xl]
+       [--device cpu|cuda] [--n 3] [--batch 10] [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N]
+       [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def sync(model: Any) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help="model folder or `smollm2`")
+    parser.add_argument("--model", nargs="+", default=["smollm2"], help="model folder(s) or built-in names")
     parser.add_argument("--random-shape", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--n", type=int, default=3, help="ROME edits per variant (CounterFact records 0..n-1)")
@@ -146,12 +148,17 @@ def main() -> None:
         parser.error(f"records {RESERVED_START}-9999 are reserved")
     if args.threads:
         torch.set_num_threads(args.threads)
+    for model_name in [None] if args.random_shape else args.model:
+        bench_model(model_name, args)
 
-    if args.random_shape:
+
+def bench_model(model_name: str | None, args: argparse.Namespace) -> None:
+    """Benchmark one model (`None`: the random-weight shape of `--random-shape`) and print its summary line."""
+    if model_name is None:
         model, tok = random_model(args.random_shape, args.device, args.dtype)
         name = f"random {args.random_shape}"
     else:
-        model, tok, base = load_model(args.model, args.device, args.dtype)
+        model, tok, base = load_model(model_name, args.device, args.dtype)
         name = str(base.path.name)
     model.requires_grad_(False)
     adapter = resolve_adapter(model)

@@ -179,7 +179,8 @@ def test_stats_and_edits_with_device_map_match_plain_load(llama_dir: Path, tmp_p
         stats = tmp_path / f"{kind}.stats.safetensors"
         _cli("stats", llama_dir, "--layers", "0,2", "--text", text, "--tokens", 400, "--seq-len", 32, "-o", stats,
              *extra)
-        sets = [a for s in [*TINY_SETS, "v_num_grad_steps=8"] for a in ("--set", s)]
+        # Settings under which the edits take (`edit` refuses to write a run in which none did).
+        sets = [a for s in [*TINY_SETS, "v_num_grad_steps=20", "mom2_update_weight=1"] for a in ("--set", s)]
         _cli("edit", llama_dir, "--requests", requests, "--limit", 2, "--method", "rome", *sets, "--set", "layers=2",
              "-o", tmp_path / f"{kind}.rome.safetensors", *extra)
         _cli("edit", llama_dir, "--requests", requests, "--method", "memit", "--stats", tmp_path / "plain.stats.safetensors",

@@ -131,12 +131,12 @@ def test_one_name_per_concept_old_spellings_still_work(llama_dir: Path, tmp_path
 
 
 def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
-    requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower",
-                                    "target_new": "Rome"}) + "\n")
-    out = tmp_path / "d.safetensors"
-    result = runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), "--layers", "2",
-                                 "--set", "v_num_grad_steps=2", "-o", str(out), "--json"])
+    from editing_helpers import RECORDS, TINY_SETS, write_requests
+
+    requests = write_requests(tmp_path / "r.jsonl", RECORDS[:1])
+    sets = [a for s in TINY_SETS for a in ("--set", s)]
+    result = runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), "--layers", "2", *sets,
+                                 "-o", str(tmp_path / "d.safetensors"), "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["layers"] == [2]
 

@@ -55,3 +55,21 @@ def test_stats_writes_progress_lines_to_a_log(gpt2_dir: Path, tmp_path: Path, mo
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("key statistics")]
     assert len(lines) >= 3 and "/s" in lines[-1] and "100%" in lines[-1], result.stderr
+
+
+def test_edit_progress_moves_during_one_edit(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log shows the value optimisation's steps while an edit runs, not only a line per finished edit."""
+    import json
+
+    monkeypatch.delenv("PRUNECLI_NO_PROGRESS", raising=False)
+    monkeypatch.setenv("PRUNECLI_PROGRESS_INTERVAL", "0")
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "{} is located in", "subject": "The Eiffel Tower",
+                                    "target_new": "Rome"}) + "\n")
+    result = CliRunner().invoke(app, ["edit", str(llama_dir), "--requests", str(requests), "--set",
+                                      "v_num_grad_steps=5", "--set", "v_stop_loss=0", "-o",
+                                      str(tmp_path / "d.safetensors")])
+    assert result.exit_code in (0, 1), result.output  # a 5-step edit of a random model may not take
+    steps = [line for line in result.stderr.splitlines() if line.startswith("  value optimisation (steps)")]
+    assert any("/5" in line and "target NLL" in line for line in steps), result.stderr
+    assert len({line.split(",")[0] for line in steps}) >= 3  # several distinct step counts within the one edit

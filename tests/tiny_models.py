@@ -1,4 +1,5 @@
-"""Tiny random checkpoints for tests, built from configs (no network): GPT-2 (Conv1D), LLaMA, Qwen2.
+"""Tiny random checkpoints for tests, built from configs (no network), one per family the adapters support: GPT-2
+(Conv1D), GPT-J, GPT-NeoX, LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma-2 and Gemma-3 (post-MLP norms).
 
 Each model folder is what `save_pretrained` writes (config, safetensors weights, tokenizer), optionally sharded and in
 fp16/bf16, so tests exercise the same files users have. The tokenizer is a byte-level BPE trained on a few sentences,
@@ -36,35 +37,57 @@ def tiny_tokenizer(reserved: int = 0):  # -> transformers.PreTrainedTokenizerFas
     return tok
 
 
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+POST_MLP_NORM_FAMILIES = ("gemma2", "gemma3_text")
+
+
 def tiny_config(family: str, n_layer: int = 4, hidden: int = 32, vocab_size: int | None = None):
-    """A tiny config of one supported family: gpt2 (Conv1D weights stored [in, out]), llama or qwen2, with one
+    """A tiny config of one supported model type (`FAMILIES`); GPT-2 stores Conv1D weights [in, out]. One
     embedding row per token of the tiny tokenizer unless `vocab_size` says otherwise."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    import transformers as tf
 
     vocab = vocab_size or len(tiny_tokenizer())
+    ids = dict(bos_token_id=0, eos_token_id=0)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=2,
-                          bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=2, **ids)
+    if family == "gptj":
+        return tf.GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=2,
+                             rotary_dim=8, **ids)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                                num_hidden_layers=n_layer, num_attention_heads=2, max_position_embeddings=128, **ids)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=n_layer,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=0,
-                  eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(family)
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0,
+                  tie_word_embeddings=True, **ids)
+    gemma = dict(head_dim=hidden // 2, sliding_window=4, query_pre_attn_scalar=hidden // 2)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=hidden // 2, **common),
+        "gemma": lambda: tf.GemmaConfig(head_dim=hidden // 2, **common),
+        # Sliding-window layers with a window shorter than the prompts, so the hybrid cache is exercised.
+        "gemma2": lambda: tf.Gemma2Config(**gemma, **common),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(**gemma, **common),
+    }
+    if family not in configs:
+        raise ValueError(family)
+    return configs[family]()
 
 
 def build_tiny_model(family: str, seed: int = 0, n_layer: int = 4, hidden: int = 32, vocab_size: int | None = None):
-    """A tiny random model in eval mode; weights scaled up a little so spectra are not all alike."""
+    """A tiny random model in eval mode; weights scaled up a little so spectra are not all alike. Post-MLP norms get
+    large random gains, as in the real Gemma-2/3 (where they scale the MLP output up by ~250x)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, n_layer, hidden, vocab_size))
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.2)
+            elif "post_feedforward_layernorm" in name:
+                p.copy_(torch.rand_like(p) * 20.0)  # Gemma norms scale by (1 + weight)
     return model.eval()
 
 

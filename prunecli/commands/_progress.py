@@ -95,10 +95,14 @@ class LineProgress:
         self.update(task_id, advance=advance)
 
     def update(self, task_id: int, *, completed: float | None = None, advance: float | None = None,
-               description: str | None = None, **fields: Any) -> None:
+               description: str | None = None, total: float | None = None, **fields: Any) -> None:
         with self._lock:
             task = self.tasks[task_id]
+            if total is not None:
+                task.total = total
             if completed is not None:
+                if completed < task.completed:  # the task starts over (the next edit's optimisation): new clock
+                    task.started = self.clock()
                 task.completed = completed
             if advance is not None:
                 task.completed += advance

@@ -59,6 +59,8 @@ def main(
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: fp32 or bf16 (edits are computed in fp32).")]
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 and write nothing if any edit did not take "
+                                         "(P(new) <= P(true) on the edit prompt after it).")] = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
@@ -77,6 +79,11 @@ def main(
 
     Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
+
+    Every edit is checked on its edit prompt right after it (MEMIT: after its batch): it took when the new target's
+    mean token probability is above the true object's (or >= 0.1 for records without one). Failures are warned
+    about, counted in --json (`failed_edits`) and the summary; --strict makes any failure an error, and a run in
+    which no edit took is always an error (nothing is written).
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).
@@ -149,16 +156,21 @@ def main(
         schedule = (PruneSchedule(settings, prune_every, kappa_trigger)
                     if prune_every is not None or kappa_trigger is not None else None)
 
-        run = _with_progress(len(edit_requests), lambda on_step: run_edits(
+        run = _with_progress(len(edit_requests), lambda on_step, on_value_step: run_edits(
             lm, tokenizer, base, edit_requests, chosen, hp, moments, prior, batch_size, schedule, seed, provenance,
-            on_step, editor))
+            on_step, editor, on_value_step))
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)
+        n, failed = len(run.reports), [r.index for r in run.failed]
+        if failed and (strict or len(failed) == n):
+            why = "--strict" if len(failed) < n else "no edit took"
+            raise PruneCliError(f"{len(failed)} of {n} edit(s) did not take (records {_ranges(failed)}); {why}: "
+                                f"nothing written")
         run.delta.save(output, force)
-        n = len(run.reports)
         summary = {"output": str(output), "model": str(base.path), "method": chosen, "layers": list(hp.layers),
-                   "hparams": hp.to_json(), "edits": n, "total_edits": len(run.delta.requests),
+                   "hparams": hp.to_json(), "edits": n, "failed_edits": len(failed),
+                   "failed_records": failed, "total_edits": len(run.delta.requests),
                    "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                    "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
                    "restraint_points": run.restraint_points,
@@ -168,23 +180,46 @@ def main(
         else:
             _print_table(run.reports)
             say(f"wrote {output}: {n} new edit(s), {len(run.delta.requests)} in total, layers {list(hp.layers)}, "
-                f"{run.seconds / n:.1f} s per edit")
+                f"{run.seconds / n:.1f} s per edit"
+                + (f"; {len(failed)} of {n} edit(s) did not take (records {_ranges(failed)})"
+                   if failed else "; every edit took"))
 
     guarded(debug, body)
 
 
-def _with_progress(total: int, run: Callable[[Callable[[int, list[Any]], None]], Any]) -> Any:
-    """Call `run(on_step)` under a progress bar over the requests that shows the last value-optimisation loss."""
+def _with_progress(total: int, run: Callable[..., Any]) -> Any:
+    """Call `run(on_step, on_value_step)` under a progress bar over the requests (showing the last value-optimisation
+    loss) and one over the steps of the value optimisation in progress, so the display moves during an edit too."""
     from rich.progress import TextColumn
 
     with progress_bar([TextColumn("{task.fields[loss]}")]) as bar:
         task = bar.add_task("editing", total=total, loss="")
+        inner = bar.add_task("  value optimisation (steps)", total=None, loss="")
+
+        def on_value_step(step: int, steps: int, nll: float) -> None:
+            bar.update(inner, completed=step, total=steps, loss=f"target NLL {nll:.3f}")
 
         def on_step(done: int, reports: list[Any]) -> None:
+            for r in reports:
+                if not r.took:
+                    true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
+                    warn(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
+                         f"(mean token probability)")
             last = reports[-1]
             bar.update(task, completed=done, loss=f"loss {last.initial_loss:.2f} -> {last.loss:.2f}")
 
-        return run(on_step)
+        return run(on_step, on_value_step)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted record numbers as short ranges: 0-3, 7, 9-10."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _print_table(reports) -> None:  # noqa: ANN001
@@ -192,9 +227,9 @@ def _print_table(reports) -> None:  # noqa: ANN001
     from rich.table import Table
 
     table = Table(title="edits")
-    for col in ("#", "prompt", "target", "P before", "P after", "loss", "s"):
-        table.add_column(col, justify="right" if col in ("#", "P before", "P after", "loss", "s") else "left")
+    for col in ("#", "prompt", "target", "P before", "P after", "loss", "s", "took"):
+        table.add_column(col, justify="left" if col in ("prompt", "target") else "right")
     for r in reports:
         table.add_row(str(r.index), cell(r.prompt), cell(r.target_new), f"{r.prob_before:.3g}", f"{r.prob_after:.3g}",
-                      f"{r.loss:.3f}", f"{r.seconds:.1f}")
+                      f"{r.loss:.3f}", f"{r.seconds:.1f}", "yes" if r.took else "NO")
     Console().print(table)

@@ -8,7 +8,7 @@ the sequential driver accumulates into the delta file.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class EditContext:
     # starts it from the previous deltas' extras and stores it in the output delta.
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
     continues: bool = False  # True when editing continues previous deltas (`--delta`): `carried` came from them
+    # Called after each step of a value optimisation with (step, steps planned, target NLL): progress within an edit.
+    on_value_step: Callable[[int, int, float], None] | None = None
 
 
 class Editor(ABC):

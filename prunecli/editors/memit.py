@@ -4,6 +4,8 @@ For each fact, z = the residual stream after the last edited layer at the subjec
 the value optimisation (`value.optimize_value` at that layer's output). Then, layer by layer from the first:
 K = the layer's keys (averaged over context prefixes) [in, n], R = (z - current residual) / (layers left) [out, n],
 Delta W = R K^T (lambda C + K K^T)^-1, solved in float64 and applied before the next layer's keys are read.
+R is a residual-stream shift; where the block normalises its MLP output before the residual add (Gemma-2/3), it is
+mapped to the projection-output change that produces it (`residual.projection_shift`).
 Needs key statistics C of every edited layer (`prunecli stats --method memit`).
 """
 
@@ -15,6 +17,7 @@ import torch
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.keys import subject_keys
+from prunecli.editors.residual import needs_projection_output, projection_shift
 from prunecli.editors.value import optimize_value
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
@@ -34,6 +37,48 @@ def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tens
     return residual.float(), b.float()
 
 
+def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layer: int,  # noqa: ANN001
+                     requests: Sequence[EditRequest], ctx: EditContext
+                     ) -> tuple[torch.Tensor, list[RequestOutcome]]:
+    """Target residual streams z [n, hidden] after `layer` (the last edited one) at each subject's last token.
+
+    In a "residual += mlp(x)" block the shift is optimised on the layer's output itself (as published). Where the
+    block normalises its MLP output, the shift delta is optimised on the projection output m before the norm (as ROME
+    does) and z = h + norm(m + delta) - norm(m): a residual stream the last layer can produce by itself. A shift
+    optimised on the residual stream instead can leave the set a normalised MLP output can reach (and its size is
+    that of the residual stream, ~1000x the projection output's on Gemma-3), which no weight update realises."""
+    norm = adapter.mlp_output_norm(layer)
+    site = adapter.layer_module(layer) if norm is None else adapter.projection(layer)
+    values = [optimize_value(model, tokenizer, site, adapter.value_size(layer), r, ctx.prefixes, ctx.hparams,
+                             on_step=ctx.on_value_step)
+              for r in requests]
+    outcomes = [RequestOutcome(v.loss, v.initial_loss, v.steps) for v in values]
+    shifted = torch.stack([v.initial + v.delta for v in values])  # [n, hidden]
+    if norm is None:
+        return shifted, outcomes
+    _, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, [""],
+                           {"h": (adapter.layer_module(layer), "output")})
+    initial = torch.stack([v.initial for v in values])
+    param = next(norm.parameters())
+    with torch.no_grad():
+        change = (norm(shifted.to(param.device, param.dtype)) - norm(initial.to(param.device, param.dtype)))
+    return bare["h"] + change.to(bare["h"].device, torch.float32), outcomes
+
+
+def layer_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layer: int,  # noqa: ANN001
+                  requests: Sequence[EditRequest], prefixes: list[str], z_site: torch.nn.Module, z: torch.Tensor,
+                  layers_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys K [n, d_in] of `layer` (averaged over the prefixes) and the change R [n, d_out] of its projection output
+    that adds this layer's share (z - h) / layers_left of the remaining shift to the residual stream, where h is the
+    current output of `z_site` on the bare prompts (read on the model as edited so far)."""
+    sites = {"z": (z_site, "output")}
+    if needs_projection_output(adapter, layer):
+        sites["m"] = (adapter.projection(layer), "output")
+    keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, prefixes, sites)
+    share = (z - bare["z"]) / layers_left
+    return keys, projection_shift(adapter, layer, share, bare.get("m"))
+
+
 # The per-layer solve: (layer, residual R [out, n], keys K [in, n]) -> factors (a [out, r], b [in, r]) of Delta W.
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,22 +95,16 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
                        requests: Sequence[EditRequest], ctx: EditContext,
                        solve: LayerSolve) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
     """MEMIT's procedure with the per-layer solve left open (MEMIT and AlphaEdit differ only there): targets z at the
-    last edited layer, then for each layer in ascending order the keys and residual on the partly edited model,
-    the update from `solve`, added to the model before the next layer's keys are read."""
+    last edited layer (`residual_targets`), then for each layer in ascending order the keys and the projection-output
+    change on the partly edited model (`layer_targets`, through a post-MLP norm where the block has one), the update
+    from `solve`, added to the model before the next layer's keys are read."""
     layers = sorted(ctx.hparams.layers)
     z_site = adapter.layer_module(layers[-1])
-    width = adapter.value_size(layers[-1])
-    targets, outcomes = [], []
-    for request in requests:
-        value = optimize_value(model, tokenizer, z_site, width, request, ctx.prefixes, ctx.hparams)
-        targets.append(value.initial + value.delta)
-        outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
-    z = torch.stack(targets)  # [n, hidden]
+    z, outcomes = residual_targets(model, tokenizer, adapter, layers[-1], requests, ctx)
     updates = []
     for i, layer in enumerate(layers):
-        keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes,
-                                  {"z": (z_site, "output")})
-        residual = (z - bare["z"]) / (len(layers) - i)
+        keys, residual = layer_targets(model, tokenizer, adapter, layer, requests, ctx.prefixes, z_site, z,
+                                       len(layers) - i)
         a, b = solve(layer, residual.T, keys.T)
         adapter.add_update(layer, a @ b.T)
         updates.append(LayerUpdate(layer, a, b))

@@ -51,7 +51,8 @@ class RomeEditor(Editor):
         for request in requests:  # one after another, each on the model with the previous ones applied
             keys, _ = subject_keys(model, tokenizer, projection, [request], ctx.prefixes)
             w = adapter.weight_matrix(layer)
-            value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams)
+            value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams,
+                                   on_step=ctx.on_value_step)
             v_star = w.double() @ keys[0].double() + value.delta.double()
             a, b = rank_one_update(w, keys[0], v_star, moment)
             adapter.add_update(layer, a @ b.T)

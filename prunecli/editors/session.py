@@ -30,6 +30,7 @@ from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport
 from prunecli.editors.base import EditContext, Editor, editor_for
 from prunecli.editors.hparams import EditHParams
 from prunecli.editors.prompts import generate_prefixes
+from prunecli.editors.success import check_edits
 from prunecli.evaluation.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
@@ -57,7 +58,9 @@ class PruneSchedule:
 
 @dataclass(frozen=True)
 class RequestReport:
-    """What one edit did (probabilities of the whole target sequence on the edit prompt)."""
+    """What one edit did: probabilities of the whole target sequence on the edit prompt before and after, and the
+    success check after it (`editors.success`: mean token probabilities of the new and true target, and whether
+    the edit took)."""
 
     index: int
     case_id: Any
@@ -69,6 +72,9 @@ class RequestReport:
     prob_before: float
     prob_after: float
     seconds: float
+    new_mean_prob: float
+    true_mean_prob: float | None
+    took: bool
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +89,11 @@ class EditRun:
     restraints: list[list[TensorReport]] = field(default_factory=list)
     restraint_points: list[dict[str, Any]] = field(default_factory=list)  # after_edits, trigger of each restraint
     seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[RequestReport]:
+        """The edits that did not take."""
+        return [r for r in self.reports if not r.took]
 
 
 def _target_probs(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[float]:  # noqa: ANN001
@@ -106,13 +117,15 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
               provenance: dict[str, Any] | None = None,
               on_step: Callable[[int, list[RequestReport]], None] | None = None,
-              editor: Editor | None = None) -> EditRun:
+              editor: Editor | None = None,
+              on_value_step: Callable[[int, int, float], None] | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
     editors (MEMIT, AlphaEdit) edit `batch_size` requests at a time; ROME one at a time. `provenance` is merged into
     each edit op of the history.
-    `editor` replaces `editor_for(method)` (MEND's carries its trained networks).
+    `editor` replaces `editor_for(method)` (MEND's carries its trained networks). `on_value_step` reports the steps of
+    each value optimisation (progress within one edit).
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
@@ -124,7 +137,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     if prior is not None:
         add_delta_to_model(model, prior)
     ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()},
-                      dict(prior.extras) if prior is not None else {}, prior is not None)
+                      dict(prior.extras) if prior is not None else {}, prior is not None, on_value_step)
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     pending: list[dict[str, Any]] = []
@@ -142,15 +155,16 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         t0 = time.perf_counter()
         before = _target_probs(model, tokenizer, batch)
         updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
-        after = _target_probs(model, tokenizer, batch)
+        checks = check_edits(model, tokenizer, batch)
         for u in updates:
             name = u.weight or adapter.weight_name(u.layer)
             run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
         edits_before = len(run.delta.requests) + len(pending)
         pending.extend(r.to_json() for r in batch)
         seconds = (time.perf_counter() - t0) / len(batch)
-        reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0, p1,
-                                 seconds) for r, o, p0, p1 in zip(batch, outcomes, before, after)]
+        reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
+                                 c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took)
+                   for r, o, p0, c in zip(batch, outcomes, before, checks)]
         run.reports.extend(reports)
         if prune is not None:
             edits_after = edits_before + len(batch)

@@ -13,13 +13,17 @@ prompt. Only `delta` receives gradients; the model runs in its own dtype, `delta
 
 Speed: nothing before the subject's last token depends on `delta`, so those prefixes run once and are kept as a KV
 cache; each step re-runs only the few tokens from the subject's last token on (about 5x fewer tokens per step on
-CounterFact prompts with context prefixes; the same numbers as a full forward pass up to float rounding).
+CounterFact prompts with context prefixes; the same numbers as a full forward pass up to float rounding). The output
+layer is applied only at the (row, position) pairs the loss reads: the decoder runs without its head, and the head
+(plus Gemma-2's final soft-capping) is applied to those hidden states. With a 262k vocabulary (Gemma-3) the head is
+the largest cost of a step, and `logits_to_keep` would compute it for every row at every kept position.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +54,29 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
+class _Head:
+    """A causal LM split into its decoder (`base_model`, ending in the final norm) and its output layer."""
+
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.head(hidden)
+        return out if not self.softcap else torch.tanh(out / self.softcap) * self.softcap
+
+
+def _split_head(model: torch.nn.Module) -> _Head | None:
+    """The decoder/head split of a transformers causal LM, or None when it has none (then full logits are used)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    decoder = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Module) or decoder is None or decoder is model:
+        return None
+    return _Head(decoder, head, getattr(model.config, "final_logit_softcapping", None))
+
+
+@dataclass(frozen=True)
 class _SplitBatch:
     """Prompts cut before the subject's last token: a fixed prefix (run once, kept as a KV cache) and a suffix that
     starts at the shifted position (re-run at every step)."""
@@ -63,15 +90,18 @@ class _SplitBatch:
 
 @torch.no_grad()
 def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int], pad: int, device: torch.device,
-           logits_kwargs: dict[str, Any]) -> _SplitBatch:
+           trim_logits: bool) -> _SplitBatch:
     """Run the prefixes `ids[:cut]` once (a cut at the subject's last token at the latest: nothing before it depends
-    on the shift, in any layer); the suffixes `ids[cut:]` are what each step runs.
+    on the shift, in any layer); the suffixes `ids[cut:end]` (end: before the last target token) are what each
+    step runs.
 
     Prefixes are right-padded; their pads are masked out of the suffix pass. A row with an empty prefix gets one
     attended pad in the prefix pass only, so no attention row is fully masked (which could make its cache NaN).
     """
     lengths = torch.tensor(cuts, device=device)
-    suffix_ids, suffix_mask = right_pad([p.ids[cut:] for p, cut in zip(prompts, cuts)], pad, device)
+    # A target's last token predicts nothing the loss reads: it is not run.
+    ends = [p.n_prompt + max(len(p.target) - 1, 0) for p in prompts]
+    suffix_ids, suffix_mask = right_pad([p.ids[cut:end] for p, cut, end in zip(prompts, cuts, ends)], pad, device)
     positions = lengths[:, None] + torch.arange(suffix_ids.shape[1], device=device)
     width = int(lengths.max())
     if width == 0:
@@ -84,28 +114,37 @@ def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int]
         mask[row, :cut] = 1
     run_mask = mask.clone()
     run_mask[lengths == 0, 0] = 1
-    keep_one = {"logits_to_keep": 1} if logits_kwargs else {}
+    keep_one = {"logits_to_keep": 1} if trim_logits else {}
     cache = returned_cache(model(input_ids=ids, attention_mask=run_mask, use_cache=True, **keep_one))
     return _SplitBatch(cache, mask, suffix_ids, suffix_mask, positions)
 
 
-def _forward(model: torch.nn.Module, batch: _SplitBatch, logits_kwargs: dict[str, Any]) -> torch.Tensor:
-    """Logits of the suffixes, given the cached prefixes (the cache is copied: a forward pass appends to it)."""
-    kwargs: dict[str, Any] = dict(logits_kwargs)
+def _logits_at(model: torch.nn.Module, head: _Head | None, batch: _SplitBatch, rows: torch.Tensor,
+               cols: torch.Tensor) -> torch.Tensor:
+    """Logits [len(rows), vocab] of the suffixes at (rows[i], cols[i]), given the cached prefixes (the cache is
+    copied: a forward pass appends to it)."""
+    runner = model if head is None else head.decoder
+    kwargs: dict[str, Any] = {}
     if batch.cache is not None:
-        kwargs[cache_argument(model)] = copy.deepcopy(batch.cache)
+        kwargs[cache_argument(runner)] = copy.deepcopy(batch.cache)
     mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
-    return model(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.position_ids,
-                 use_cache=batch.cache is not None, **kwargs).logits
+    out = runner(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.position_ids,
+                 use_cache=batch.cache is not None, **kwargs)
+    if head is None:
+        return out.logits[rows, cols]
+    hidden = out.last_hidden_state
+    return head.logits(hidden[rows.to(hidden.device), cols.to(hidden.device)])
 
 
 def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
                    request: EditRequest, prefixes: list[str], hp: EditHParams,
-                   prefix_cache: bool = True) -> ValueResult:
+                   prefix_cache: bool = True,
+                   on_step: Callable[[int, int, float], None] | None = None) -> ValueResult:
     """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
     `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).
 
-    `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline)."""
+    `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline).
+    `on_step(step, steps, nll)` is called after every step (progress within one edit)."""
     device = input_device(model)
     rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
     kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
@@ -118,18 +157,14 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
     tgt_pos = [p.n_prompt - 1 - cut + j for p, cut in zip(rewrites, cuts) for j in range(len(p.target))]
     tgt_ids = torch.tensor([t for p in rewrites for t in p.target], device=device)
     kl_row, kl_pos = len(rewrites), kl.n_prompt - 1 - cuts[-1]
-    needed = sorted(set(tgt_pos) | {kl_pos})
-    logits_kwargs: dict[str, Any] = {}
-    if _accepts_logits_to_keep(model):
-        logits_kwargs["logits_to_keep"] = torch.tensor(needed, device=device)
-        column = {pos: i for i, pos in enumerate(needed)}
-    else:
-        column = {pos: pos for pos in needed}
-    tgt_cols = torch.tensor([column[p] for p in tgt_pos], device=device)
+    # The loss reads the target rows' predicting positions, then the KL prompt's last one.
+    rows_read = torch.cat([tgt_rows, torch.tensor([kl_row], device=device)])
+    cols_read = torch.tensor([*tgt_pos, kl_pos], device=device)
+    head = _split_head(model)
     # Each prompt's NLL is the mean over its target tokens; the loss is the mean over prompts.
     token_weight = torch.tensor([1.0 / len(p.target) / len(rewrites) for p in rewrites for _ in p.target],
                                 device=device)
-    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, logits_kwargs)
+    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, _accepts_logits_to_keep(model))
     rows = torch.arange(len(prompts), device=device)
     at_subject = torch.tensor([p.subject_index - cut for p, cut in zip(prompts, cuts)], device=device)
 
@@ -142,13 +177,15 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
     for step in range(hp.v_num_grad_steps + 1):
         last = step == hp.v_num_grad_steps
         with torch.set_grad_enabled(not last), shifted_output(site, rows, at_subject, delta, original):
-            logits = _forward(model, batch, logits_kwargs)
-            logp = torch.log_softmax(logits[tgt_rows, tgt_cols].float(), dim=-1)
+            logits = _logits_at(model, head, batch, rows_read, cols_read).float()
+            logp = torch.log_softmax(logits[:-1], dim=-1)
             nll = -(logp.gather(1, tgt_ids[:, None])[:, 0] * token_weight).sum()
-            kl_logp = torch.log_softmax(logits[kl_row, column[kl_pos]].float(), dim=-1)
+            kl_logp = torch.log_softmax(logits[-1], dim=-1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         losses.append(float(nll.detach()))
+        if on_step is not None:
+            on_step(step, hp.v_num_grad_steps, losses[-1])
         if last or losses[-1] < hp.v_stop_loss:
             break
         v0 = original["value"][0]

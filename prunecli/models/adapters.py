@@ -8,6 +8,12 @@ the layer stack is found by walking the module tree (so nested stacks such as Ge
 [in, out]; nn.Linear stores [out, in]), never from a folder name or a tensor shape. Weights are read and updated
 through `prunecli.models.placement`, so a projection that accelerate keeps offloaded (a `meta` placeholder) is edited
 for real; edit arithmetic happens on the model's input device.
+
+Blocks are not all "residual += mlp(x)": Gemma-2/3 normalise the MLP output (`post_feedforward_layernorm`) before
+adding it, so a shift of the projection output is not the same shift of the residual stream. The adapter names that
+norm (`mlp_output_norm`), and editors that target the residual stream (MEMIT) map their targets through it
+(`prunecli.editors.residual`). A layer that has such a norm while its model type is not known to have one is refused:
+editing it as a plain residual block would fail silently.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     projection: str
+
+
+# Model types whose decoder layer adds norm(mlp(x)) to the residual stream, and the norm's attribute in the layer.
+POST_MLP_NORMS: dict[str, str] = {"gemma2": "post_feedforward_layernorm", "gemma3": "post_feedforward_layernorm",
+                                  "gemma3_text": "post_feedforward_layernorm"}
+_POST_MLP_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_mlp_norm")
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -87,6 +99,7 @@ class ModelAdapter:
     layout: Layout
     layers: torch.nn.ModuleList
     device: torch.device  # where the model's inputs go; editors compute there
+    mlp_output_norm_path: str | None = None  # inside a layer: the norm applied to the MLP output (Gemma-2/3)
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +118,12 @@ class ModelAdapter:
     def projection(self, layer: int) -> torch.nn.Module:
         """The edited projection: its input is the key, its output the value."""
         return self.layer_module(layer).get_submodule(self.projection_path)
+
+    def mlp_output_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm between the MLP output and the residual add, or None for "residual += mlp(x)" blocks."""
+        if self.mlp_output_norm_path is None:
+            return None
+        return self.layer_module(layer).get_submodule(self.mlp_output_norm_path)
 
     def module_name(self, layer: int) -> str:
         self.check_layer(layer)
@@ -147,4 +166,12 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
     stack_name, layers = _find_layer_stack(model, family.projection)
     layout = _layout_of(layers[0].get_submodule(family.projection))
     assert model_type is not None
-    return ModelAdapter(family.name, model_type, stack_name, family.projection, layout, layers, input_device(model))
+    norm = POST_MLP_NORMS.get(model_type)
+    unexpected = [n for n in _POST_MLP_NORM_NAMES if n != norm and hasattr(layers[0], n)]
+    if unexpected:
+        raise PruneCliError(f"model type {model_type!r} has a norm on the MLP output ({unexpected[0]}) that prunecli "
+                            f"does not know for it; editing it as a plain residual block would be wrong")
+    if norm is not None and not hasattr(layers[0], norm):
+        raise PruneCliError(f"model type {model_type!r} should have {norm} in its decoder layers, but it has not")
+    return ModelAdapter(family.name, model_type, stack_name, family.projection, layout, layers, input_device(model),
+                        norm)

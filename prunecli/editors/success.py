@@ -1,0 +1,60 @@
+"""Did an edit take? The check `edit` runs on the edit prompt after every request (MEMIT: after every batch).
+
+An editor can finish without error and still leave the model saying the old fact (or nothing sensible): a value
+optimisation that made no progress, an update that did not reach its target, a too-strong regulariser. So each edit
+is judged on the model as edited, by the quantity `prunecli evaluate` uses for efficacy (ROME protocol), the mean
+token probability P = exp(-mean token NLL) of a target after the edit prompt:
+
+- with a true object (CounterFact `ground_truth`, zsRE `answers`): the edit took when P(new) > P(true);
+- without one (minimal records): when P(new) >= MIN_PROB_WITHOUT_TRUE.
+
+A non-finite score (a collapsed model) never counts as taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prunecli.evaluation.scoring import score_targets
+from prunecli.requests import EditRequest
+
+MIN_PROB_WITHOUT_TRUE = 0.1  # mean token probability of the new target, for requests that name no true object
+
+
+@dataclass(frozen=True)
+class EditCheck:
+    """The new and (where known) true target's mean token probability on the edit prompt, and the verdict."""
+
+    sequence_prob_new: float  # probability of the whole new target sequence (the product over its tokens)
+    prob_new: float
+    prob_true: float | None
+    took: bool
+
+
+def _mean_token_prob(nll: float) -> float:
+    return math.exp(-nll) if math.isfinite(nll) else float("nan")
+
+
+def check_edits(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditCheck]:  # noqa: ANN001
+    """Judge each request on the current model (see the module docstring for the rule)."""
+    with_true = [i for i, r in enumerate(requests) if r.target_true]
+    # One scoring pass for the new targets and the true ones (they share their prompts' forward pass).
+    scored = score_targets(model, tokenizer, [r.text for r in requests] + [requests[i].text for i in with_true],
+                           [r.target_new for r in requests] + [requests[i].target_true for i in with_true])  # type: ignore[misc]
+    new = [_mean_token_prob(s.nll) for s in scored[:len(requests)]]
+    true = {i: _mean_token_prob(s.nll) for i, s in zip(with_true, scored[len(requests):])}
+    checks = []
+    for i, p_new in enumerate(new):
+        p_true = true.get(i)
+        if not math.isfinite(p_new) or (p_true is not None and not math.isfinite(p_true)):
+            took = False
+        elif p_true is not None:
+            took = p_new > p_true
+        else:
+            took = p_new >= MIN_PROB_WITHOUT_TRUE
+        checks.append(EditCheck(math.exp(sum(scored[i].token_logprobs)), p_new, p_true, took))
+    return checks

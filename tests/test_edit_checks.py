@@ -1,0 +1,57 @@
+"""`prunecli edit` checks every edit on its prompt: failures are warned about, counted, and never look like success."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from editing_helpers import RECORDS, TINY_SETS, write_requests
+from prunecli.cli import app
+
+runner = CliRunner()
+SETS = [a for s in [*TINY_SETS, "layers=1"] for a in ("--set", s)]
+# Record 1 names its new target as its true object too: P(new) = P(true) is never "above", so that edit cannot take.
+MIXED = [dict(RECORDS[0], ground_truth="English"), dict(RECORDS[1], ground_truth=RECORDS[1]["target_new"]),
+         RECORDS[2]]
+
+
+def _edit(llama_dir, requests, out, *extra):
+    return runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), *SETS, "-o", str(out), *extra])
+
+
+def _stderr(result) -> str:
+    return " ".join(result.stderr.split())  # rich wraps long lines
+
+
+def test_failed_edit_is_warned_counted_and_summarised(tmp_path, llama_dir):
+    requests = write_requests(tmp_path / "r.jsonl", MIXED)
+    result = _edit(llama_dir, requests, tmp_path / "d.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["failed_edits"] == 1 and summary["failed_records"] == [1]
+    took = {r["index"]: r["took"] for r in summary["requests"]}
+    assert took == {0: True, 1: False, 2: True}
+    rep = summary["requests"][0]
+    assert rep["new_mean_prob"] > rep["true_mean_prob"]  # the rule, as reported
+    assert "edit of record 1 did not take" in _stderr(result)
+    assert (tmp_path / "d.safetensors").exists()
+    plain = _edit(llama_dir, requests, tmp_path / "e.safetensors")
+    assert plain.exit_code == 0 and "1 of 3 edit(s) did not take (records 1)" in _stderr(plain)
+
+
+def test_strict_exits_1_and_writes_nothing(tmp_path, llama_dir):
+    requests = write_requests(tmp_path / "r.jsonl", MIXED)
+    result = _edit(llama_dir, requests, tmp_path / "d.safetensors", "--strict")
+    assert result.exit_code == 1
+    assert "1 of 3 edit(s) did not take (records 1); --strict: nothing written" in _stderr(result)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_a_run_where_no_edit_took_is_an_error(tmp_path, llama_dir):
+    """A vanishing learning rate: the value shift stays ~0, so ROME changes nothing the prompt can see."""
+    requests = write_requests(tmp_path / "r.jsonl")
+    result = _edit(llama_dir, requests, tmp_path / "d.safetensors", "--set", "v_lr=1e-9")
+    assert result.exit_code == 1
+    assert "3 of 3 edit(s) did not take (records 0-2); no edit took: nothing written" in _stderr(result)
+    assert not (tmp_path / "d.safetensors").exists()
