@@ -187,3 +187,20 @@ def torch_equal(x, y) -> bool:  # noqa: ANN001
     import torch
 
     return bool(torch.equal(x, y))
+
+
+def test_apply_select_merges_only_matching_entries(llama_dir: Path, tmp_path: Path) -> None:
+    from test_evaluate_cli import make_delta
+
+    from prunecli.core.checkpoint import Checkpoint
+    from prunecli.core.delta import Delta
+
+    a = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
+    b = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    Delta.load(a).compose(Delta.load(b)).save(tmp_path / "ab.safetensors")
+    result = runner.invoke(app, ["apply", str(llama_dir), str(tmp_path / "ab.safetensors"), "--select",
+                                 "*.layers.2.*", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    base, out = Checkpoint(llama_dir), Checkpoint(tmp_path / "out")
+    one, two = "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"
+    assert torch_equal(out.get(one), base.get(one)) and not torch_equal(out.get(two), base.get(two))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
-                                       TokenizerOpt, emit_json, guarded, note, warn)
+                                       SelectOpt, TokenizerOpt, emit_json, guarded, note, progress_bar, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -17,6 +19,7 @@ def main(
     deltas: Annotated[list[Path], typer.Argument(help="Delta file(s), composed in the order given.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint to write (a folder for a folder "
                                          "base, a .safetensors file for a file base).")],
+    select: SelectOpt = None,
     force: ForceOpt = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
     tokenizer_ref: TokenizerOpt = None,
@@ -44,6 +47,7 @@ def main(
         from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
+        from prunecli.core.inspection import select_names
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.tokenizer import has_vocabulary_files, replacement_files
 
@@ -58,16 +62,19 @@ def main(
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         delta = load_deltas(deltas, base_ckpt)
         assert delta is not None  # typer requires at least one DELTA
+        if select:  # only the matching entries are merged; the other tensors are written as the base has them
+            delta = replace(delta, entries={n: delta.entries[n]
+                                            for n in select_names([(n,) for n in delta.entries], select)})
         provenance = [str(p.resolve()) for p in deltas]
-        if tokenizer_ref is None:
-            if base_path.is_dir() and not has_vocabulary_files(base_path):
-                warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")
-            rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance,
-                                     ignore_base_mismatch=ignore_base_mismatch)
-        else:
-            with replacement_files(base_path, base_ckpt.config, tokenizer_ref) as files:
-                rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files,
-                                         ignore_base_mismatch=ignore_base_mismatch)
+        if tokenizer_ref is None and base_path.is_dir() and not has_vocabulary_files(base_path):
+            warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")
+        replacing = (replacement_files(base_path, base_ckpt.config, tokenizer_ref) if tokenizer_ref is not None
+                     else contextlib.nullcontext(None))
+        with replacing as files, progress_bar() as bar:
+            task = bar.add_task("apply (merged tensors)", total=len(delta.entries))
+            rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files,
+                                     ignore_base_mismatch=ignore_base_mismatch,
+                                     progress=lambda _name: bar.advance(task))
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
                    "tensors": list(delta.entries), "rewritten_files": rewritten, "tokenizer": tokenizer_ref}
         if json_out:

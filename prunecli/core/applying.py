@@ -8,7 +8,7 @@ same model. Each merged tensor is computed only when the writer reaches it: memo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,15 +24,19 @@ APPLIED_KEY = "prunecli.applied"
 class MergedTensors(Mapping[str, torch.Tensor]):
     """W + D for every tensor a delta touches, computed on access (in the stored layout and dtype)."""
 
-    def __init__(self, base: Checkpoint, delta: Delta) -> None:
+    def __init__(self, base: Checkpoint, delta: Delta, progress: Callable[[str], None] | None = None) -> None:
         self.base = base
         self.delta = delta
+        self.progress = progress  # called with each tensor's name once it is merged
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.delta.entries[name]
         w = self.base.get(name)
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        return add_update(name, w, entry.stored_update(compute))
+        merged = add_update(name, w, entry.stored_update(compute))
+        if self.progress is not None:
+            self.progress(name)
+        return merged
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.delta.entries)
@@ -43,7 +47,7 @@ class MergedTensors(Mapping[str, torch.Tensor]):
 
 def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
                  provenance: Sequence[str] = (), files: Mapping[str, Path | None] | None = None,
-                 ignore_base_mismatch: bool = False) -> list[str]:
+                 ignore_base_mismatch: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
     """Write `base` + `delta` to `out`; returns the rewritten weight files (the others are hard-linked).
 
     The delta must fit the base: every target present with its shape, and (unless `ignore_base_mismatch`) the very
@@ -51,8 +55,9 @@ def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
     hold or sit inside the base or a delta file of `provenance`, which is recorded under `prunecli.applied` in the
     rewritten files. No tensor with NaN/Inf is written (checked in the stored dtype). `files` replaces non-weight
     files of a folder base (name -> file to copy instead, or None to leave it out), e.g. to ship another tokenizer.
+    `progress(name)` is called after each merged tensor.
     """
     delta.check_base(base, ignore_base_mismatch)
     metadata = {APPLIED_KEY: json.dumps([str(p) for p in provenance])}
-    return base.write_updated(Path(out), MergedTensors(base, delta), force=force, metadata=metadata, files=files,
+    return base.write_updated(Path(out), MergedTensors(base, delta, progress), force=force, metadata=metadata, files=files,
                               inputs=labelled("delta", provenance))
