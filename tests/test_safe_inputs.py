@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from editing_helpers import RECORDS, TINY_SETS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
@@ -103,8 +104,7 @@ def test_apply_evaluate_edit_inspect_export_refuse_non_finite_results(base: Path
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"prompt": "The capital of France is", "subject": "France",
-                                    "target_new": "Rome"}) + "\n")
+    requests.write_text(json.dumps(RECORDS[0]) + "\n")  # a request the tiny models' edits take
     for label, (bad, named) in bad_updates(base, tmp_path).items():
         out = tmp_path / "out"
         one_error_line(run("apply", base, bad, "-o", out), named)
@@ -165,11 +165,10 @@ def test_adapters_are_accepted_wherever_a_delta_is(base: Path, tmp_path: Path) -
                  "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"prompt": "The capital of France is", "subject": "France",
-                                    "target_new": "Rome"}) + "\n")
+    requests.write_text(json.dumps(RECORDS[0]) + "\n")  # a request the tiny models' edits take
     out = tmp_path / "e.safetensors"
-    result = run("edit", base, "--requests", requests, "--delta", adapter, "--set", "layers=1", "--set",
-                 "v_num_grad_steps=1", "--set", "context_template_length_params=[]", "-o", out)
+    result = run("edit", base, "--requests", requests, "--delta", adapter, "--set", "layers=1",
+                 *[a for s in TINY_SETS for a in ("--set", s)], "-o", out)  # settings under which the edit takes
     assert result.exit_code == 0, result.output
     assert [op["op"] for op in Delta.load(out).history] == ["import-peft", "edit"]
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from editing_helpers import RECORDS, TINY_SETS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
@@ -161,10 +162,9 @@ def test_evaluate_and_edit_need_ignore_base_mismatch(setup: dict[str, Path], tmp
     result = run(*evaluate, "--ignore-base-mismatch", "--json")
     assert result.exit_code == 0 and WEIGHT in result.stderr, result.output
     requests = tmp_path / "r.jsonl"
-    requests.write_text(json.dumps({"prompt": "The capital of France is", "subject": "France",
-                                    "target_new": "Rome"}) + "\n")
-    edit = ["edit", edited, "--requests", requests, "--delta", setup["delta"], "--set", "layers=1", "--set",
-            "v_num_grad_steps=1", "--set", "context_template_length_params=[]", "-o", tmp_path / "e.safetensors"]
+    requests.write_text(json.dumps(RECORDS[0]) + "\n")  # a request the tiny models' edits take
+    edit = ["edit", edited, "--requests", requests, "--delta", setup["delta"], "--set", "layers=1",
+            *[a for s in TINY_SETS for a in ("--set", s)], "-o", tmp_path / "e.safetensors"]
     one_error_line(run(*edit, "--force"), "another base", "--ignore-base-mismatch")
     result = run(*edit, "--ignore-base-mismatch")
     assert result.exit_code == 0 and WEIGHT in result.stderr, result.output
