@@ -132,7 +132,9 @@ def test_sigterm_and_ctrl_c_clean_up_and_say_nothing_was_written(big: dict[str, 
         if proc.returncode == 0:
             pytest.skip("the write finished before the signal arrived")
         assert proc.returncode == code, err
-        assert err.strip().splitlines() == [f"{words}: no output was written"]
+        # The base of this test has no tokenizer: apply's warning about that may come first; nothing else may.
+        lines = [line for line in err.strip().splitlines() if "has no tokenizer files" not in line]
+        assert lines == [f"{words}: no output was written"], err
         assert not out.exists() and leftovers(tmp_path, out.name) == []
 
 
