@@ -94,4 +94,6 @@ def test_large_vocabulary_memory_is_bounded(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.txt")], capture_output=True, text=True,
                          check=True)
     peak_mib = int(out.stdout.split()[-1])
-    assert peak_mib < 1500, f"peak RSS {peak_mib} MiB (full logits of one batch alone would be 4,096 MiB)"
+    # Alone this peaks at ~1.2 GiB; in the full suite once at 2.2 GiB (allocator state). Unchunked scoring needs the
+    # 4 GiB of one batch's logits on top of everything else, so 3 GiB still tells the two apart.
+    assert peak_mib < 3072, f"peak RSS {peak_mib} MiB (full logits of one batch alone would be 4,096 MiB)"
