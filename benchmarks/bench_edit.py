@@ -113,7 +113,7 @@ def naive_stats(model: Any, tok: Any, adapter: ModelAdapter, layers: list[int], 
                 batch_size: int) -> None:
     """One full forward pass per layer and batch, as the published statistics code does."""
     from prunecli.editors.prompts import right_pad
-    from prunecli.evaluation.scoring import pad_id
+    from prunecli.models.tokens import pad_id
 
     device = next(model.parameters()).device
     for layer in layers:

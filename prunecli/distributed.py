@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from prunecli.errors import PruneCliError
+from prunecli.progress import Progress, no_progress
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,6 +52,16 @@ class Workers:
     def share(self, n: int) -> int:
         start, end = self.bounds(n)
         return end - start
+
+    def progress(self, progress: Progress) -> Progress:
+        """What this process reports of a task: in a parallel run the main process counts its own share (and says
+        so), the others report nothing."""
+        if not self.parallel:
+            return progress
+        if not self.is_main:
+            return no_progress
+        return lambda description, total=None: progress(f"{description} [process 1 of {self.world_size}]",
+                                                         None if total is None else self.share(int(total)))
 
     def map(self, fn: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[R]:
         """`fn` (a list of items -> one result per item) on this process's share; all results, in item order."""

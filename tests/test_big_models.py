@@ -68,13 +68,20 @@ def test_device_map_offloads_and_matches_plain_load(llama_dir: Path, tmp_path: P
     torch.testing.assert_close(_logits(mapped), _logits(plain))
 
 
+def _edited(delta: Delta, *args: object, **kwargs: object) -> tuple[object, object, Checkpoint]:
+    """load_model, then the delta added (as `evaluate` and `edit` do)."""
+    model, tok, base = load_model(*args, **kwargs)
+    add_delta_to_model(model, delta)
+    return model, tok, base
+
+
 def test_delta_reaches_disk_offloaded_parameters(llama_dir: Path, tmp_path: Path) -> None:
     """Deltas on a resident and a disk-offloaded matrix change the outputs exactly as on a plain load, and the
     checkpoint the offloaded weights are read from is not written."""
     delta = _delta(llama_dir, [RESIDENT, ON_DISK])
     before = (llama_dir / "model.safetensors").read_bytes()
-    plain, _, _ = load_model(llama_dir, delta=delta)
-    mapped, _, _ = load_model(llama_dir, delta=delta, offload_folder=tmp_path / "off", **OFFLOAD)
+    plain, _, _ = _edited(delta, llama_dir)
+    mapped, _, _ = _edited(delta, llama_dir, offload_folder=tmp_path / "off", **OFFLOAD)
     assert mapped.get_parameter(ON_DISK).device.type == "meta"
     for name in (RESIDENT, ON_DISK):
         torch.testing.assert_close(read_tensor(mapped, name), plain.get_parameter(name).detach())
@@ -89,7 +96,7 @@ def test_delta_reaches_cpu_offloaded_parameters(llama_dir: Path) -> None:
     from accelerate import cpu_offload
 
     delta = _delta(llama_dir, [ON_DISK])
-    plain, _, _ = load_model(llama_dir, delta=delta)
+    plain, _, _ = _edited(delta, llama_dir)
     offloaded, _, _ = load_model(llama_dir)
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert offloaded.get_parameter(ON_DISK).device.type == "meta"

@@ -18,14 +18,8 @@ from prunecli.core.applying import APPLIED_KEY, apply_deltas
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
+from helpers import one_line_error
 from prunecli.models.loading import add_delta_to_model
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo[PruneCliError], *words: str) -> None:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    for w in words:
-        assert w in msg, msg
 
 
 def all_stored(folder: Path) -> dict[str, torch.Tensor]:

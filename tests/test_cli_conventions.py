@@ -142,12 +142,12 @@ def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_export_lora_takes_base_then_delta_and_select(llama_dir: Path, tmp_path: Path) -> None:
-    from test_evaluate_cli import make_delta
+    from helpers import random_delta
 
     from prunecli.core.delta import Delta
 
-    first = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
-    second = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    first = random_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors", 7)
+    second = random_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors", 7)
     both = Delta.load(first).compose(Delta.load(second))
     both.save(tmp_path / "ab.safetensors")
     new = runner.invoke(app, ["export-lora", str(llama_dir), str(tmp_path / "ab.safetensors"), "--select",
@@ -162,12 +162,12 @@ def test_export_lora_takes_base_then_delta_and_select(llama_dir: Path, tmp_path:
 
 
 def test_prune_takes_base_then_delta_select_and_usage_errors(llama_dir: Path, tmp_path: Path) -> None:
-    from test_evaluate_cli import make_delta
+    from helpers import random_delta
 
     from prunecli.core.delta import Delta
 
-    a = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
-    b = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    a = random_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors", 7)
+    b = random_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors", 7)
     both = Delta.load(a).compose(Delta.load(b))
     both.save(tmp_path / "ab.safetensors")
     out = tmp_path / "p.safetensors"
@@ -190,13 +190,13 @@ def torch_equal(x, y) -> bool:  # noqa: ANN001
 
 
 def test_apply_select_merges_only_matching_entries(llama_dir: Path, tmp_path: Path) -> None:
-    from test_evaluate_cli import make_delta
+    from helpers import random_delta
 
     from prunecli.core.checkpoint import Checkpoint
     from prunecli.core.delta import Delta
 
-    a = make_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors")
-    b = make_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors")
+    a = random_delta(llama_dir, "model.layers.1.mlp.down_proj.weight", tmp_path / "a.safetensors", 7)
+    b = random_delta(llama_dir, "model.layers.2.mlp.down_proj.weight", tmp_path / "b.safetensors", 7)
     Delta.load(a).compose(Delta.load(b)).save(tmp_path / "ab.safetensors")
     result = runner.invoke(app, ["apply", str(llama_dir), str(tmp_path / "ab.safetensors"), "--select",
                                  "*.layers.2.*", "-o", str(tmp_path / "out")])

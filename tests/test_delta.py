@@ -13,17 +13,11 @@ from safetensors.torch import load_file, save_file
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry, load_deltas
 from prunecli.errors import PruneCliError, PruneCliWarning
+from helpers import one_line_error
 
 C_FC = "transformer.h.0.mlp.c_fc.weight"  # Conv1D, stored [32, 128]: math [out 128, in 32]
 C_PROJ = "transformer.h.1.attn.c_proj.weight"  # Conv1D, stored [32, 32]
 WTE = "transformer.wte.weight"  # embedding, stored [vocab, 32] like nn.Linear
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo[PruneCliError], *words: str) -> None:
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg
-    for w in words:
-        assert w in msg, msg
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:

@@ -19,16 +19,10 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta
 from prunecli.core.diffing import diff_checkpoints
 from prunecli.errors import PruneCliError
+from helpers import assert_clean_failure, with_singular_values
 
 GPT2_EDITS = {"transformer.h.1.mlp.c_proj.weight": [3.0], "transformer.h.2.attn.c_attn.weight": [4.0, 2.0, 1.0]}
 LLAMA_EDITS = {"model.layers.1.mlp.down_proj.weight": [3.0], "model.layers.2.self_attn.q_proj.weight": [4.0, 2.0, 1.0]}
-
-
-def with_singular_values(out: int, inp: int, singular: list[float], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(out, len(singular), generator=gen, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(inp, len(singular), generator=gen, dtype=torch.float64))
-    return u @ torch.diag(torch.tensor(singular, dtype=torch.float64)) @ v.T
 
 
 def math_shape(ck: Checkpoint, name: str) -> tuple[int, int]:
@@ -195,19 +189,6 @@ runner = CliRunner()
 
 def run(*args: object) -> object:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_failure(result: object, *words: str, absent: Path | None = None) -> None:
-    """Exit 1, exactly one `error:` line on stderr, no traceback, and (if given) no output left behind."""
-    assert result.exit_code == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    if absent is not None:
-        assert not absent.exists()
-        assert not [p for p in absent.parent.iterdir() if p.name.startswith(f".{absent.name}.")]  # no temp files
 
 
 def test_cli_diff_then_apply(tmp_path: Path, gpt2_edit: tuple[Path, Path, dict[str, torch.Tensor]]) -> None:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.delta import Delta, load_deltas
 from prunecli.evaluation.scoring import score_targets
-from prunecli.models.loading import load_model
+from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,8 @@ def stats(smollm2, shared_data, tmp_path_factory):
 
 def _efficacy(model_dir, delta_path, counterfact) -> float:
     requests = load_requests(counterfact, 0, 10)
-    model, tok, _ = load_model(model_dir, delta=load_deltas([delta_path]))
+    model, tok, _ = load_model(model_dir)
+    add_delta_to_model(model, load_deltas([delta_path]))
     texts = [r.text for r in requests]
     new = score_targets(model, tok, texts, [r.target_new for r in requests])
     true = score_targets(model, tok, texts, [r.target_true for r in requests])

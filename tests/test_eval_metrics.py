@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import EvalContext
+from prunecli.evaluation.base import EvalContext, EvalOptions
 from prunecli.evaluation.choice import TASKS as CHOICE_TASKS
 from prunecli.evaluation.choice import run_choice
 from prunecli.evaluation.counterfact import evaluate_counterfact
@@ -208,7 +208,8 @@ def test_label_word_classification_arithmetic(tmp_path: Path) -> None:
     data.write_text("\n".join('{"sentence": "x", "label": %d}' % y for y in (1, 1, 1, 0)) + "\n")
     # Every sst2 prompt ends in ":"; its row prefers "positive", so every review is predicted positive.
     model = Bigram({":": {"positive": 1 / 2, "negative": 1 / 4}})
-    outcome = run_choice(CHOICE_TASKS["glue:sst2"], EvalContext(model, WordTokenizer(), batch_size=3), str(data))
+    ctx = EvalContext(model, WordTokenizer(), EvalOptions(batch_size=3))
+    outcome = run_choice(CHOICE_TASKS["glue:sst2"], ctx, str(data))
     m = outcome.groups[0].metrics
     assert m["glue_sst2_acc"] == MetricValue(pytest.approx(0.75), 4, 0)
     assert m["glue_sst2_f1"].value == pytest.approx(float(F(3, 4) * F(6, 7)))  # class 1: tp 3, fp 1 -> F1 6/7

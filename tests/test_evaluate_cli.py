@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta, DeltaEntry
+from prunecli.core.delta import Delta
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
+from helpers import random_delta
 from tiny_models import CORPUS
 
 runner = CliRunner()
@@ -51,21 +50,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"cf": root / "cf.json", "zsre": root / "zsre.jsonl", "text": root / "corpus.txt", "root": root}
 
 
-def make_delta(model_dir: Path, name: str, path: Path, requests: list[dict] | None = None) -> Path:
-    """A rank-2 random delta on one MLP output matrix, big enough to move the predictions."""
-    ck = Checkpoint(model_dir)
-    shape = ck.info(name).shape
-    out, inp = shape if ck.layout(name) == "out_in" else (shape[1], shape[0])
-    gen = torch.Generator().manual_seed(7)
-    delta = Delta.for_base(ck)
-    delta.add(name, DeltaEntry.lowrank(torch.randn(out, 2, generator=gen), torch.randn(inp, 2, generator=gen),
-                                       ck.layout(name)), ck)
-    if requests is not None:
-        delta.history.append({"op": "edit", "method": "test", "requests": requests})
-    delta.save(path)
-    return path
-
-
 def evaluate(*args: str) -> dict:
     result = runner.invoke(app, ["evaluate", *args, "--json"])
     assert result.exit_code == 0, (result.stdout, result.stderr)
@@ -98,7 +82,7 @@ def test_json_report_has_every_metric_with_its_protocol(llama_dir: Path, files: 
 def test_delta_in_memory_equals_the_applied_checkpoint(family: str, request: pytest.FixtureRequest,
                                                        files: dict[str, Path], tmp_path: Path) -> None:
     base = request.getfixturevalue(f"{family}_dir")
-    delta = make_delta(base, TARGETS[family], tmp_path / "d.safetensors")
+    delta = random_delta(base, TARGETS[family], tmp_path / "d.safetensors", 7)
     applied = tmp_path / "applied"
     result = runner.invoke(app, ["apply", str(base), str(delta), "-o", str(applied)])
     assert result.exit_code == 0, result.stderr
@@ -118,7 +102,7 @@ def test_zsre_locality_is_measured_against_the_model_without_deltas(llama_dir: P
     assert list(alone["metrics"]) == ["zsre_edit_acc", "zsre_rephrase_acc", "zsre_locality_agreement",
                                       "zsre_locality_gold_acc"]
     assert alone["metrics"]["zsre_locality_agreement"] == 1.0 and "itself" in alone["locality_reference"]
-    delta = make_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors")
+    delta = random_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors", 7)
     edited = evaluate(str(llama_dir), "-e", str(files["zsre"]), "-d", str(delta))
     assert edited["locality_reference"] == f"{llama_dir} without deltas"
     # The same numbers computed by hand: reference = the base model, evaluated = base + delta.
@@ -141,14 +125,14 @@ def test_zsre_locality_is_measured_against_the_model_without_deltas(llama_dir: P
 def test_requests_recorded_in_the_delta_are_evaluated(llama_dir: Path, files: dict[str, Path],
                                                        tmp_path: Path) -> None:
     recorded = [r.to_json() for r in load_requests(files["cf"])]
-    delta = make_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors", recorded)
+    delta = random_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors", 7, requests=recorded)
     from_delta = evaluate(str(llama_dir), "-d", str(delta))
     from_file = evaluate(str(llama_dir), "-d", str(delta), "-e", str(files["cf"]))
     assert from_delta["edits"]["file"] == "recorded in the deltas" and from_delta["metrics"] == from_file["metrics"]
 
 
 def test_compare_reports(llama_dir: Path, files: dict[str, Path], tmp_path: Path) -> None:
-    delta = make_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors")
+    delta = random_delta(llama_dir, TARGETS["llama"], tmp_path / "d.safetensors", 7)
     common = ["-e", str(files["cf"]), "-t", "counterfact,perplexity", "--text", str(files["text"])]
     base, edited, other = tmp_path / "base.json", tmp_path / "edited.json", tmp_path / "other.json"
     evaluate(str(llama_dir), *common, "--window", "32", "-o", str(base))

@@ -26,8 +26,9 @@ from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors import memit
 from prunecli.editors.memit import residual_targets
-from prunecli.editors.mend import (MendConfig, MendEditor, MendNetworks, encode_targets, gradient_factors,
-                                   mlp_targets, sequence_nll)
+from prunecli.editors.mend import (MendConfig, MendNetworks, encode_targets, gradient_factors, mlp_targets,
+                                   sequence_nll)
+from prunecli.editors.mend_editor import MendEditor
 from prunecli.editors.mend_archive import MendArchive
 from prunecli.editors.residual import projection_shift
 from prunecli.editors.rome import RomeEditor
@@ -173,12 +174,12 @@ def test_unknown_post_mlp_norm_is_refused():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_output_layer_at_chosen_positions_equals_the_models_logits(family):
     """The value optimisation applies the head only where its loss reads (Gemma-2: with its final soft-capping)."""
-    from prunecli.editors.value import _split_head
+    from prunecli.models.logits import output_head
 
     model = build_tiny_model(family).requires_grad_(False)
     ids = tiny_tokenizer()("The Eiffel Tower is located in Paris", return_tensors="pt")["input_ids"]
-    head = _split_head(model)
+    head = output_head(model)
     assert head is not None
     rows, cols = torch.tensor([0, 0]), torch.tensor([2, ids.shape[1] - 1])
-    ours = head.logits(head.decoder(input_ids=ids).last_hidden_state[rows, cols])
+    ours = head(head.decoder(input_ids=ids).last_hidden_state[rows, cols])
     torch.testing.assert_close(ours, model(input_ids=ids).logits[rows, cols], rtol=1e-5, atol=1e-5)

@@ -17,11 +17,16 @@ def test_known_depths_use_published_layers():
 
 
 def test_other_depths_follow_the_fraction_rule():
+    # ROME: round(0.2 x (L - 1)); MEMIT/AlphaEdit: 5 consecutive layers ending at round(0.25 x (L - 1)), cut at 0.
     rome = default_values("rome", "llama", 4)["layers"]
     memit = default_values("memit", "llama", 4)["layers"]
     assert len(rome) == 1 and 0 <= rome[0] < 4
     assert memit == list(range(memit[0], memit[-1] + 1)) and memit[-1] < 4  # consecutive, in range
     assert len(default_values("memit", "gpt2", 24)["layers"]) == 5
+    assert rome == [1] and memit == [0, 1]  # round(0.6) = 1; round(0.75) = 1, only layers 0-1 exist below it
+    assert default_values("rome", "gpt2", 24)["layers"] == [5]  # round(4.6)
+    assert default_values("memit", "gpt2", 24)["layers"] == [2, 3, 4, 5, 6]  # ending at round(5.75) = 6
+    assert default_values("alphaedit", "llama", 4)["layers"] == [0, 1]
 
 
 def test_easyedit_file_with_yaml11_floats(tmp_path):

@@ -64,7 +64,7 @@ def test_unknown_output_transform_falls_back_to_full_logits(tmp_path: Path, monk
     text.write_text(" ".join(CORPUS))
     ids = list(tiny_tokenizer()(text.read_text())["input_ids"])[:200]
     reference = _reference(model, ids, 64, 40)
-    monkeypatch.setattr(perplexity.ChunkedHead, "__call__",
+    monkeypatch.setattr(perplexity.OutputHead, "__call__",
                         lambda self, hidden: self.head(hidden).float())  # our head forgets the cap
     got = evaluate_perplexity(model, tiny_tokenizer(), text, window=64, stride=40, max_tokens=200)
     assert got.groups[0].metrics["perplexity"].value == pytest.approx(reference, rel=1e-6)

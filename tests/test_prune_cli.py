@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
+from helpers import assert_clean_failure
 
 runner = CliRunner()
 EDITS = {
@@ -48,19 +49,6 @@ def make_delta(ckpt_dir: Path, family: str, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def llama_delta(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_delta(llama_dir, "llama", tmp_path_factory.mktemp("delta") / "llama.safetensors")
-
-
-def assert_clean_failure(result: object, *words: str, absent: Path | None = None) -> None:
-    """Exit 1, exactly one `error:` line on stderr, no traceback, and (if given) no output left behind."""
-    assert result.exit_code == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], lines[0]
-    if absent is not None:
-        assert not absent.exists()
-        assert not [p for p in absent.parent.iterdir() if p.name.startswith(f".{absent.name}.")]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

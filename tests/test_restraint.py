@@ -16,6 +16,7 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.restraint import base_sigma_max, restrain_delta, restrain_entry, restraint_values
 from prunecli.errors import PruneCliError
+from helpers import RecordingProgress, factors_with_singular_values
 
 
 # ------------------------------------------------------------------------------------------ dense reference
@@ -38,16 +39,6 @@ def rel_err(x: torch.Tensor | np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def with_singular_values(out: int, inp: int, singular: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (a, b) of an update with exactly these singular values (a b^T, not orthogonal factors)."""
-    gen = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(out, len(singular), generator=gen, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(inp, len(singular), generator=gen, dtype=torch.float64))
-    mix = torch.randn(len(singular), len(singular), generator=gen, dtype=torch.float64) + 3 * torch.eye(len(singular))
-    a = u * torch.tensor(singular, dtype=torch.float64)
-    return (a @ mix).float(), (v @ torch.linalg.inv(mix).T).float()
-
-
 def random_base(out: int, inp: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) / math.sqrt(inp) * 3
 
@@ -58,7 +49,7 @@ def random_base(out: int, inp: int, seed: int = 0) -> torch.Tensor:
 def test_restrain_entry_equals_dense_reference(fn: str, dense: bool) -> None:
     w = random_base(40, 90)
     smax = float(torch.linalg.svdvals(w.double())[0])
-    a, b = with_singular_values(40, 90, [80.0, 30.0, 9.0, smax * 1.01, 0.5 * smax, 0.01], seed=1)
+    a, b = factors_with_singular_values(40, 90, [80.0, 30.0, 9.0, smax * 1.01, 0.5 * smax, 0.01], seed=1)
     entry = DeltaEntry.lowrank(a, b, "out_in")
     if dense:
         entry = DeltaEntry.from_dense(entry.to_dense(), "out_in")
@@ -76,7 +67,7 @@ def test_restrain_entry_equals_dense_reference(fn: str, dense: bool) -> None:
 
 
 def test_numerical_rank_truncation_drops_rounding_noise() -> None:
-    a, b = with_singular_values(50, 70, [40.0, 5.0, 1e-9], seed=2)
+    a, b = factors_with_singular_values(50, 70, [40.0, 5.0, 1e-9], seed=2)
     new, info = restrain_entry(DeltaEntry.lowrank(a, b, "in_out"), 3.0, "linear")
     assert info.rank == 2 and new.rank == 2 and new.layout == "in_out"
 
@@ -116,7 +107,7 @@ def test_log_f_enlarges_when_sigma_max_ln_alpha_below_one() -> None:
     s = torch.tensor([40.0, 6.0, 2.5, 2.1, 1.0], dtype=torch.float64)
     f = restraint_values(s, smax, "log", alpha)
     assert f[1] > s[1] and f[2] > s[2] and f[4] == s[4]
-    a, b = with_singular_values(30, 40, s.tolist(), seed=5)
+    a, b = factors_with_singular_values(30, 40, s.tolist(), seed=5)
     new, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, "log", alpha)
     assert info.enlarges and info.n_enlarged == 3 and info.n_restrained == 4 and not info.clamped
     assert info.warning is not None and "log F enlarges" in info.warning and "3 singular value(s)" in info.warning
@@ -125,7 +116,7 @@ def test_log_f_enlarges_when_sigma_max_ln_alpha_below_one() -> None:
     assert cinfo.clamped and cinfo.warning is not None and "clamped" in cinfo.warning
     assert cinfo.top_after == pytest.approx(torch.minimum(f, s).tolist(), rel=1e-6)
     assert cinfo.top_after[0] < 40.0 and cinfo.top_after[1:4] == pytest.approx([6.0, 2.5, 2.1], rel=1e-6)
-    far, _ = with_singular_values(30, 40, [40.0], seed=5)
+    far, _ = factors_with_singular_values(30, 40, [40.0], seed=5)
     _, finfo = restrain_entry(DeltaEntry.lowrank(far, b[:, :1], "out_in"), smax, "log", alpha)
     assert finfo.enlarges and finfo.n_enlarged == 0 and "no singular value" in str(finfo.warning)
 
@@ -135,7 +126,7 @@ def test_no_warning_when_f_only_shrinks(fn: str, alpha: float) -> None:
     smax = 2.0  # 2 * ln(e) = 2 >= 1; linear never enlarges
     s = torch.linspace(2.01, 50, 200, dtype=torch.float64)
     assert bool((restraint_values(s, smax, fn, alpha) < s).all())
-    a, b = with_singular_values(30, 40, [50.0, 10.0, 2.05], seed=6)
+    a, b = factors_with_singular_values(30, 40, [50.0, 10.0, 2.05], seed=6)
     _, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, fn, alpha)
     assert not info.enlarges and info.n_enlarged == 0 and info.warning is None
 
@@ -143,14 +134,14 @@ def test_no_warning_when_f_only_shrinks(fn: str, alpha: float) -> None:
 @pytest.mark.parametrize("kwargs", [{"alpha": 1.0}, {"alpha": 0.5}, {"alpha": float("nan")}, {"beta": 1.0},
                                     {"beta": float("inf")}, {"fn": "sqrt"}])
 def test_bad_parameters_are_user_errors(kwargs: dict[str, object]) -> None:
-    a, b = with_singular_values(10, 12, [5.0], seed=7)
+    a, b = factors_with_singular_values(10, 12, [5.0], seed=7)
     with pytest.raises(PruneCliError):
         restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), 1.0, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("smax", [0.0, float("nan")])
 def test_bad_sigma_max_is_a_user_error(smax: float) -> None:
-    a, b = with_singular_values(10, 12, [5.0], seed=7)
+    a, b = factors_with_singular_values(10, 12, [5.0], seed=7)
     with pytest.raises(PruneCliError, match="sigma_max"):
         restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax)
 
@@ -226,7 +217,7 @@ def add_edits(ckpt: Checkpoint, edits: dict[str, list[float]]) -> Delta:
     for i, (name, singular) in enumerate(edits.items()):
         shape = ckpt.info(name).shape
         out, inp = (shape[0], shape[1]) if ckpt.layout(name) == "out_in" else (shape[1], shape[0])
-        a, b = with_singular_values(out, inp, singular, seed=20 + i)
+        a, b = factors_with_singular_values(out, inp, singular, seed=20 + i)
         delta.add(name, DeltaEntry.lowrank(a, b, ckpt.layout(name)), ckpt)
     return delta
 
@@ -243,9 +234,9 @@ EDITS = {
 def test_restrain_delta_equals_dense_reference(request: pytest.FixtureRequest, family: str, fn: str) -> None:
     ckpt = Checkpoint(request.getfixturevalue(f"{family}_dir"))
     delta = add_edits(ckpt, EDITS[family])
-    seen: list[str] = []
-    pruned, reports = restrain_delta(delta, ckpt, fn, alpha=2.0, beta=3.0, progress=seen.append)
-    assert seen == list(EDITS[family]) and [r.name for r in reports] == seen
+    seen = RecordingProgress()
+    pruned, reports = restrain_delta(delta, ckpt, fn, alpha=2.0, beta=3.0, progress=seen)
+    assert seen.advances == {"prune": len(EDITS[family])} and [r.name for r in reports] == list(EDITS[family])
     for r in reports:
         entry, new = delta.entries[r.name], pruned.entries[r.name]
         stored = ckpt.get(r.name).double()

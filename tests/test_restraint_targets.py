@@ -251,8 +251,8 @@ def test_kappa_trigger_restrains_exactly_when_passed(llama_dir: Path, target: bo
     settings = (RestraintSettings("scale-free", target_kappa=0.9 * trigger) if target
                 else RestraintSettings("scale-free", strength=0.6))
     requests = [REQUESTS[i % 3] for i in range(len(sizes))]
-    run = run_edits(lm, tokenizer, base, requests, "rome", hp, prune=PruneSchedule(settings, kappa_trigger=trigger),
-                    editor=ScriptedEditor(updates, 1))
+    run = run_edits(lm, tokenizer, base, requests, ScriptedEditor(updates, 1), hp,
+                    prune=PruneSchedule(settings, kappa_trigger=trigger))
     points = [p["after_edits"] for p in run.restraint_points]
     ops = [op for op in run.delta.history if op["op"] == "prune"]
     assert [op["after_edits"] for op in ops] == points and all(op["trigger"] == "kappa" for op in ops)

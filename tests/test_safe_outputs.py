@@ -20,6 +20,7 @@ from editing_helpers import RECORDS, TINY_SETS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
+from helpers import random_delta
 
 runner = CliRunner()
 WEIGHT = "model.layers.1.mlp.down_proj.weight"
@@ -48,25 +49,13 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, bytes]]:
     return seen
 
 
-def make_delta(base: Path, path: Path, scale: float = 1.0) -> Path:
-    ck = Checkpoint(base)
-    out, inp = ck.info(WEIGHT).shape
-    gen = torch.Generator().manual_seed(3)
-    delta = Delta.for_base(ck)
-    delta.add(WEIGHT, DeltaEntry.lowrank(torch.randn(out, 2, generator=gen) * scale,
-                                         torch.randn(inp, 2, generator=gen), "out_in"), ck)
-    delta.history.append({"op": "edit", "method": "test", "requests": []})
-    delta.save(path)
-    return path
-
-
 @pytest.fixture()
 def setup(tmp_path: Path, llama_dir: Path) -> Iterator[dict[str, Path]]:
     base = tmp_path / "base"
     shutil.copytree(llama_dir, base)
     work = tmp_path / "work"
     work.mkdir()
-    delta = make_delta(base, work / "d.safetensors")
+    delta = random_delta(base, WEIGHT, work / "d.safetensors", 3, requests=[])
     folder = tmp_path / "dir"
     folder.mkdir()
     shutil.copy(delta, folder / "d.safetensors")

@@ -5,6 +5,7 @@ Commands import torch/transformers inside their bodies, never at module level, s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -19,11 +20,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 
 from prunecli.commands._progress import LineProgress
 from prunecli.errors import PruneCliError, PruneCliWarning
 from prunecli.jsonio import dumps_json
+from prunecli.progress import Progress as ProgressProtocol
+from prunecli.progress import track as track_items
 
 T = TypeVar("T")
 
@@ -179,20 +183,62 @@ def cell(value: object) -> Text:
     return Text(str(value))
 
 
-def progress_bar(extra_columns: Iterable[Any] = ()) -> Progress | LineProgress:
-    """Progress on stderr: a rich bar on a terminal, plain lines in a log file (`_progress.LineProgress`), nothing
-    when PRUNECLI_NO_PROGRESS is set."""
+def _progress_display() -> Progress | LineProgress:
+    """A rich bar on a terminal, plain lines in a log file (`_progress.LineProgress`), nothing when
+    PRUNECLI_NO_PROGRESS is set."""
     if not err_console.is_terminal and not os.environ.get("PRUNECLI_NO_PROGRESS"):
         return LineProgress(err_console)
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), *extra_columns, console=err_console,
+                    TimeElapsedColumn(), TimeRemainingColumn(), _RateColumn(), _FieldsColumn(), console=err_console,
                     transient=False, disable=bool(os.environ.get("PRUNECLI_NO_PROGRESS")))
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second (seconds per item when slow), the throughput of the task."""
+
+    def render(self, task: Task) -> Text:
+        if not task.speed:
+            return Text("")
+        rate = f"{1 / task.speed:.1f} s/item" if task.speed < 1 else f"{task.speed:,.1f}/s"
+        return Text(rate, style="progress.data.speed")
+
+
+class _FieldsColumn(ProgressColumn):
+    """The text fields a task reports (`task.advance(loss="...")`)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(" ".join(str(v) for v in task.fields.values() if str(v)))
+
+
+class _DisplayTask:
+    """A `prunecli.progress.ProgressTask` drawn by the display."""
+
+    def __init__(self, display: Progress | LineProgress, task_id: Any) -> None:
+        self.display, self.task_id = display, task_id
+
+    def advance(self, n: float = 1, **fields: str) -> None:
+        self.display.update(self.task_id, advance=n, **fields)
+
+    def update(self, *, completed: float | None = None, total: float | None = None, **fields: str) -> None:
+        self.display.update(self.task_id, completed=completed, total=total, **fields)
+
+    def log(self, message: str, *, warning: bool = False) -> None:
+        (warn if warning else say)(message)
+
+
+@contextlib.contextmanager
+def cli_progress() -> Iterator[ProgressProtocol]:
+    """The CLI's renderer of the library's progress protocol (`prunecli.progress`): a command opens it around the
+    library call and passes it down; every task the library opens becomes a bar (a log line in a file)."""
+    with _progress_display() as display:
+        @contextlib.contextmanager
+        def open_task(description: str, total: float | None = None) -> Iterator[_DisplayTask]:
+            yield _DisplayTask(display, display.add_task(description, total=total or None))
+
+        yield open_task
 
 
 def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
     """Iterate with a progress bar on stderr."""
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)
+    with cli_progress() as progress:
+        yield from track_items(progress, items, description, total)

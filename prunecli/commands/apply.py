@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, IgnoreBaseMismatchOpt, JsonOpt,
-                                       SelectOpt, TokenizerOpt, emit_json, guarded, note, progress_bar, warn)
+                                       SelectOpt, TokenizerOpt, emit_json, guarded, note, cli_progress, warn)
 from prunecli.errors import PruneCliError
 
 
@@ -70,11 +70,9 @@ def main(
             warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")
         replacing = (replacement_files(base_path, base_ckpt.config, tokenizer_ref) if tokenizer_ref is not None
                      else contextlib.nullcontext(None))
-        with replacing as files, progress_bar() as bar:
-            task = bar.add_task("apply (merged tensors)", total=len(delta.entries))
+        with replacing as files, cli_progress() as progress:
             rewritten = apply_deltas(base_ckpt, delta, output, force, provenance=provenance, files=files,
-                                     ignore_base_mismatch=ignore_base_mismatch,
-                                     progress=lambda _name: bar.advance(task))
+                                     ignore_base_mismatch=ignore_base_mismatch, progress=progress)
         summary = {"output": str(output), "base": str(base_ckpt.path), "deltas": [str(p) for p in deltas],
                    "tensors": list(delta.entries), "rewritten_files": rewritten, "tokenizer": tokenizer_ref}
         if json_out:

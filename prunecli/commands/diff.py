@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, ForceOpt, JsonOpt, cell, emit_json, guarded, note,
-                                       track, warn)
+                                       cli_progress, warn)
 
 
 def main(
@@ -52,8 +52,8 @@ def main(
                           inputs=[("base checkpoint", base_path), ("edited checkpoint", edited_path)])
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
         edited_ckpt = Checkpoint(edited_path, allow_pickle=allow_pickle)
-        delta = diff_checkpoints(base_ckpt, edited_ckpt, select or (), rank, tol,
-                                 progress=lambda names, n: track(names, n, "diff"))
+        with cli_progress() as progress:
+            delta = diff_checkpoints(base_ckpt, edited_ckpt, select or (), rank, tol, progress=progress)
         op = delta.history[-1]
         if op["skipped"]:
             warn(f"{len(op['skipped'])} changed tensor(s) are not 2-D and are not in the delta "

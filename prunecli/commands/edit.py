@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt,
                                        IgnoreBaseMismatchOpt, JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt,
-                                       cell, emit_json, guarded, note, progress_bar, say, warn)
+                                       cell, cli_progress, emit_json, guarded, note, say, warn)
 from prunecli.commands._restraint import (AlphaOpt, BetaOpt, ClampOpt, FnOpt, StrengthOpt, TargetKappaOpt,
                                           restraint_settings)
+from prunecli.editors.registry import METHODS
 from prunecli.errors import PruneCliError
 
 
@@ -21,8 +21,8 @@ def main(
     requests: Annotated[Path, typer.Option("--requests", help="Edit requests: JSON list or JSONL (CounterFact, "
                                            "zsRE MEND or minimal format); - reads standard input.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write (.safetensors).")],
-    method: Annotated[str | None, typer.Option("--method", help="rome, memit, alphaedit or mend (default: the "
-                                               "--hparams file's alg_name, else rome).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"{', '.join(METHODS)} (default: the --hparams "
+                                               "file's alg_name, else rome).")] = None,
     archive: Annotated[Path | None, typer.Option("--archive", help="MEND: the trained networks (from `prunecli "
                                                  "train-mend` on this same base model).")] = None,
     start: Annotated[int, typer.Option("--start", help="First record to use (0-based).", min=0)] = 0,
@@ -95,8 +95,9 @@ def main(
         from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
         from prunecli.core.delta import load_deltas
-        from prunecli.editors.base import editor_for
-        from prunecli.editors.hparams import ModelModules, check_file, file_method, resolve_hparams
+        from prunecli.editors.base import EditorInputs
+        from prunecli.editors.hparams import file_method
+        from prunecli.editors.registry import editor_for
         from prunecli.editors.session import PruneSchedule, run_edits
         from prunecli.editors.stats import KeyStats, load_moments
         from prunecli.models.adapters import resolve_adapter
@@ -106,9 +107,7 @@ def main(
 
         # Everything that can be checked without the model is checked before loading it.
         chosen = method or (file_method(hparams) if hparams is not None else None) or "rome"
-        if hparams is not None and chosen != "mend":
-            check_file(chosen, hparams)
-        editor = editor_for(chosen, archive)
+        editor = editor_for(chosen, EditorInputs(hparams, overrides, archive))
         model_path = resolve_model_path(model)
         check_output_path(output, force, is_dir=False, inputs=[
             ("model", model_path), ("requests file", requests), ("statistics file", stats), ("archive", archive),
@@ -118,7 +117,8 @@ def main(
                                 f"--method {chosen} --text FILE -o STATS` and pass --stats STATS")
         settings = restraint_settings(fn, alpha, beta, strength, clamp, target_kappa)
         if prune_every is None and kappa_trigger is None and target_kappa is not None:
-            raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger", param_hint="--target-kappa")
+            raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger",
+                                     param_hint="--target-kappa")
         if kappa_trigger is not None and not kappa_trigger >= 1:
             raise PruneCliError(f"--kappa-trigger must be a number >= 1 (a condition number), got {kappa_trigger}")
         if kappa_trigger is not None and target_kappa is not None and target_kappa > kappa_trigger:
@@ -130,10 +130,7 @@ def main(
         # PEFT adapters among the deltas are read against the base
         prior = load_deltas(delta or [], Checkpoint(model_path, allow_pickle) if delta else None)
         key_stats = KeyStats.load(stats) if stats is not None else None  # read once, before the model loads
-        if chosen == "mend":
-            if hparams is not None or overrides:
-                raise PruneCliError("--hparams/--set do not apply to mend: its settings are in the archive")
-            editor.archive.check_base(Checkpoint(model_path, allow_pickle), archive)  # type: ignore[attr-defined]
+        editor.check_base(Checkpoint(model_path, allow_pickle))
 
         lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,
                                          offload_folder=offload_folder, tokenizer=tokenizer_ref,
@@ -141,24 +138,18 @@ def main(
         if prior is not None:
             prior.check_base(base, ignore_base_mismatch)
         adapter = resolve_adapter(lm)
-        hp = (editor.hparams(str(archive)) if chosen == "mend"  # type: ignore[attr-defined]
-              else resolve_hparams(chosen, adapter.family, adapter.num_layers, hparams, overrides, note,
-                                   ModelModules(frozenset(n for n, _ in lm.named_modules()), adapter.module_name,
-                                                adapter.num_layers, adapter.model_type)))
+        hp = editor.resolve_hparams(lm, adapter, note)
         moments = load_moments(key_stats, base, adapter, hp.layers) if key_stats is not None else None
-        if chosen == "rome" and hp.mom2_adjustment and moments is None:
-            note("no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method")
-        if chosen == "rome" and not hp.mom2_adjustment and moments is not None:
-            note("mom2_adjustment is false: the statistics are not used")
+        for line in editor.notes(hp, moments is not None):
+            note(line)
         provenance = {"stats": {"path": str(stats), "corpus": key_stats.corpus}} if key_stats is not None else {}
         if tokenizer_ref is not None:
             provenance["tokenizer"] = tokenizer_ref  # the edits were computed with this tokenizer
         schedule = (PruneSchedule(settings, prune_every, kappa_trigger)
                     if prune_every is not None or kappa_trigger is not None else None)
-
-        run = _with_progress(len(edit_requests), lambda on_step, on_value_step: run_edits(
-            lm, tokenizer, base, edit_requests, chosen, hp, moments, prior, batch_size, schedule, seed, provenance,
-            on_step, editor, on_value_step))
+        with cli_progress() as progress:
+            run = run_edits(lm, tokenizer, base, edit_requests, editor, hp, moments, prior, batch_size, schedule,
+                            seed, provenance, progress)
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)
@@ -185,30 +176,6 @@ def main(
                    if failed else "; every edit took"))
 
     guarded(debug, body)
-
-
-def _with_progress(total: int, run: Callable[..., Any]) -> Any:
-    """Call `run(on_step, on_value_step)` under a progress bar over the requests (showing the last value-optimisation
-    loss) and one over the steps of the value optimisation in progress, so the display moves during an edit too."""
-    from rich.progress import TextColumn
-
-    with progress_bar([TextColumn("{task.fields[loss]}")]) as bar:
-        task = bar.add_task("editing", total=total, loss="")
-        inner = bar.add_task("  value optimisation (steps)", total=None, loss="")
-
-        def on_value_step(step: int, steps: int, nll: float) -> None:
-            bar.update(inner, completed=step, total=steps, loss=f"target NLL {nll:.3f}")
-
-        def on_step(done: int, reports: list[Any]) -> None:
-            for r in reports:
-                if not r.took:
-                    true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
-                    warn(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
-                         f"(mean token probability)")
-            last = reports[-1]
-            bar.update(task, completed=done, loss=f"loss {last.initial_loss:.2f} -> {last.loss:.2f}")
-
-        return run(on_step, on_value_step)
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt,
                                        JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, either, emit_json,
-                                       guarded, note, progress_bar, warn)
+                                       cli_progress, guarded, note, warn)
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
-
-if TYPE_CHECKING:
-    from rich.progress import Task
-
-
-def _rate_column() -> Any:  # noqa: ANN401 - a rich ProgressColumn
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        """Items per second, the throughput of the current task."""
-
-        def render(self, task: Task) -> Text:
-            return Text("" if task.speed is None else f"{task.speed:.1f}/s", style="progress.data.speed")
-
-    return RateColumn()
-
-
-@contextlib.contextmanager
-def _bar(description: str, total: int) -> Iterator[Any]:
-    with progress_bar([_rate_column()]) as bar:
-        task = bar.add_task(description, total=total or None)
-        yield lambda n: bar.advance(task, n)
-
 
 def _metrics_table(report: dict[str, Any]) -> None:
     from rich.console import Console
@@ -83,8 +57,8 @@ def main(
         "--window", min=2, help="Perplexity window in tokens (default min(1024, model context)).")] = None,
     stride: Annotated[int | None, typer.Option("--stride", min=1, help="Perplexity stride (default window/2).")] = None,
     max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", min=2, help="Score the first N tokens of the perplexity text (8192: about a minute for a "
-        "135M model on 2 CPU cores; the report states the count).")] = DEFAULT_PPL_TOKENS,
+        "--max-tokens", min=2, help="Score the first N tokens of the perplexity text (the report states the "
+        "count and the seconds it took).")] = DEFAULT_PPL_TOKENS,
     data_dir: Annotated[Path, typer.Option(
         "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files.")] = DEFAULT_DATA_DIR,
     seed: Annotated[int | None, typer.Option(
@@ -143,7 +117,8 @@ def main(
         from prunecli.models.default_model import resolve_model_path
         from prunecli.distributed import workers
         from prunecli.evaluation.report import write_report
-        from prunecli.evaluation.runner import EvalOptions, run_evaluation
+        from prunecli.evaluation.base import EvalOptions
+        from prunecli.evaluation.runner import run_evaluation
 
         if output is not None:
             inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("requests file", edits),
@@ -156,8 +131,8 @@ def main(
                               ignore_base_mismatch=ignore_base_mismatch,
                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                               tokenizer=tokenizer_ref, allow_pickle=allow_pickle)
-        with workers(device, device_map) as group:
-            report = run_evaluation(paths[0], options, _bar, group)
+        with workers(device, device_map) as group, cli_progress() as progress:
+            report = run_evaluation(paths[0], options, progress, group)
             if not group.is_main:
                 return  # rank 0 reports for every process
         for task, t in report["timing"].items():

@@ -10,7 +10,7 @@ import typer
 
 from prunecli.commands._common import (AllowPickleOpt, BaseDeltaArgs, BaseOldOpt, DebugOpt, DeviceOpt, ForceOpt,
                                        IgnoreBaseMismatchOpt, JsonOpt, SelectOpt, base_and_delta, cell, emit_json,
-                                       guarded, note, progress_bar, warn)
+                                       guarded, note, cli_progress, warn)
 from prunecli.commands._restraint import (AlphaOpt, BetaOpt, ClampOpt, FnOpt, StrengthOpt, TargetKappaOpt,
                                           restraint_settings)
 
@@ -84,11 +84,9 @@ def main(
             warn(f"{delta_path} was already restrained {len(delta.restraints)} time(s) (its history records "
                  f"prune with fn={delta.restraints[-1].get('fn')}); restraining it again")
         chosen = select_names([(n,) for n in delta.entries], select) if select else list(delta.entries)
-        with progress_bar() as bar:
-            task = bar.add_task("prune", total=len(chosen))
+        with cli_progress() as progress:
             pruned, reports = restrain_delta(replace(delta, entries={n: delta.entries[n] for n in chosen}), base_ckpt,
-                                             **settings.kwargs(), kappa=not no_kappa,
-                                             progress=lambda _name: bar.advance(task), device=dev)
+                                             **settings.kwargs(), kappa=not no_kappa, progress=progress, device=dev)
         if select:  # the entries not selected are kept as they were
             pruned = replace(pruned, entries={n: pruned.entries.get(n, e) for n, e in delta.entries.items()},
                              history=[*pruned.history[:-1], {**pruned.history[-1], "select": list(select)}])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +10,7 @@ import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, ForceOpt, JsonOpt,
                                        MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, emit_json, guarded, note,
-                                       progress_bar)
+                                       cli_progress)
 from prunecli.errors import PruneCliError
 
 
@@ -20,23 +18,6 @@ def _parse_layers(text: str) -> list[int]:
     from prunecli.editors.hparams import coerce
 
     return list(coerce("layers", text))
-
-
-@contextlib.contextmanager
-def _token_bar(label: str, total: int, shown: bool) -> Iterator[Callable[[int], None]]:
-    """`advance(tokens)` for a bar with the token rate in its description (nothing drawn when not `shown`)."""
-    if not shown:
-        yield lambda n: None
-        return
-    started = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task(label, total=total)
-
-        def advance(n: int) -> None:
-            rate = (bar.tasks[0].completed + n) / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, description=f"{label} ({rate:,.0f} tokens/s)")
-
-        yield advance
 
 
 def main(
@@ -89,6 +70,7 @@ def main(
         from prunecli.editors.hparams import default_values
         from prunecli.editors.stats import STATS_DTYPES, collect_key_stats
         from prunecli.models.adapters import resolve_adapter
+        from prunecli.models.forward import max_context
         from prunecli.models.loading import load_model
 
         if (layers is None) == (method is None):
@@ -115,16 +97,15 @@ def main(
                 assert method is not None
                 wanted = list(default_values(method, adapter.family, adapter.num_layers)["layers"])
                 say(f"layers {wanted} (default {method} layers for this {adapter.family} model)")
-            limit = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+            limit = max_context(lm)
             length = min(seq_len, limit) if limit else seq_len
             if length < seq_len:
                 say(f"--seq-len {seq_len} exceeds the model's {limit} positions; using {length}")
             chunks = corpora.token_chunks(tokenizer, source.texts, length, tokens)
             started = time.perf_counter()
-            label = f"key statistics [process 1 of {group.world_size}]" if group.parallel else "key statistics"
-            with _token_bar(label, group.share(tokens), group.is_main) as advance:
+            with cli_progress() as progress:
                 stats = collect_key_stats(lm, tokenizer, base, adapter, wanted, chunks, source.description,
-                                          batch_size, STATS_DTYPES[dtype], length, advance, group)
+                                          batch_size, STATS_DTYPES[dtype], length, tokens, progress, group)
             seconds = time.perf_counter() - started
             if not group.is_main:
                 return

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, TokenizerOpt, either,
-                                       emit_json, guarded, progress_bar, say, warn)
+                                       cli_progress, emit_json, guarded, say, warn)
 
 
 def main(
@@ -106,9 +106,9 @@ def main(
         config = TrainConfig(tuple(chosen), steps, batch_size, val_fraction, lr, lr_lr, edit_weight, loc_weight,
                              val_every, patience, seed, MendConfig(rank, edit_lr_init))
         torch.manual_seed(seed)
-        result = _with_progress(steps, lambda on_step, on_validate: train_mend(
-            lm, tokenizer, base, targets, records, config, checkpoint, resume, data_info,
-            None if max_minutes is None else max_minutes * 60, on_step, on_validate))
+        with cli_progress() as progress:
+            result = train_mend(lm, tokenizer, base, targets, records, config, checkpoint, resume, data_info,
+                                None if max_minutes is None else max_minutes * 60, progress)
         result.archive.save(output, force=True)
         summary = {"output": str(output), "checkpoint": str(checkpoint), "model": str(base.path),
                    "weights": [t.name for t in targets], "train_records": result.n_train,
@@ -129,28 +129,6 @@ def main(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _with_progress(total: int, run: Any) -> Any:
-    """Call `run(on_step, on_validate)` under a progress bar that shows the running training losses."""
-    from rich.progress import TextColumn
-
-    with progress_bar([TextColumn("{task.fields[losses]}")]) as bar:
-        task = bar.add_task("training", total=total, losses="")
-        smooth: dict[str, float] = {}
-
-        def on_step(state: Any, metrics: dict[str, float]) -> None:
-            for key in ("loss", "edit_nll", "loc_kl", "edit_acc"):
-                smooth[key] = metrics[key] if key not in smooth else 0.9 * smooth[key] + 0.1 * metrics[key]
-            bar.update(task, completed=state.step, losses=f"loss {smooth['loss']:.3f} edit {smooth['edit_nll']:.3f} "
-                       f"loc {smooth['loc_kl']:.4f} acc {smooth['edit_acc']:.2f}")
-
-        def on_validate(state: Any, metrics: dict[str, float]) -> None:
-            bar.console.print(f"step {state.step}: val loss {metrics['loss']:.4f}, edit acc {metrics['edit_acc']:.3f}, "
-                              f"rephrase acc {metrics['rephrase_acc']:.3f}, loc agree {metrics['loc_agree']:.3f}",
-                              highlight=False)
-
-        return run(on_step, on_validate)
 
 
 def _print_validation(history: list[dict[str, Any]]) -> None:

@@ -8,7 +8,7 @@ same model. Each merged tensor is computed only when the writer reaches it: memo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from prunecli.core.atomic import labelled
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, add_update
+from prunecli.progress import Progress, ProgressTask, no_progress
 
 APPLIED_KEY = "prunecli.applied"
 """Shard metadata key of rewritten files: JSON list of the delta files merged into them, in order."""
@@ -24,18 +25,18 @@ APPLIED_KEY = "prunecli.applied"
 class MergedTensors(Mapping[str, torch.Tensor]):
     """W + D for every tensor a delta touches, computed on access (in the stored layout and dtype)."""
 
-    def __init__(self, base: Checkpoint, delta: Delta, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, base: Checkpoint, delta: Delta, task: ProgressTask | None = None) -> None:
         self.base = base
         self.delta = delta
-        self.progress = progress  # called with each tensor's name once it is merged
+        self.task = task  # advanced once per merged tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.delta.entries[name]
         w = self.base.get(name)
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
         merged = add_update(name, w, entry.stored_update(compute))
-        if self.progress is not None:
-            self.progress(name)
+        if self.task is not None:
+            self.task.advance()
         return merged
 
     def __iter__(self) -> Iterator[str]:
@@ -47,7 +48,7 @@ class MergedTensors(Mapping[str, torch.Tensor]):
 
 def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
                  provenance: Sequence[str] = (), files: Mapping[str, Path | None] | None = None,
-                 ignore_base_mismatch: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
+                 ignore_base_mismatch: bool = False, progress: Progress = no_progress) -> list[str]:
     """Write `base` + `delta` to `out`; returns the rewritten weight files (the others are hard-linked).
 
     The delta must fit the base: every target present with its shape, and (unless `ignore_base_mismatch`) the very
@@ -55,9 +56,10 @@ def apply_deltas(base: Checkpoint, delta: Delta, out: Path, force: bool = False,
     hold or sit inside the base or a delta file of `provenance`, which is recorded under `prunecli.applied` in the
     rewritten files. No tensor with NaN/Inf is written (checked in the stored dtype). `files` replaces non-weight
     files of a folder base (name -> file to copy instead, or None to leave it out), e.g. to ship another tokenizer.
-    `progress(name)` is called after each merged tensor.
+    `progress` gets one task, advanced per merged tensor.
     """
     delta.check_base(base, ignore_base_mismatch)
     metadata = {APPLIED_KEY: json.dumps([str(p) for p in provenance])}
-    return base.write_updated(Path(out), MergedTensors(base, delta, progress), force=force, metadata=metadata, files=files,
-                              inputs=labelled("delta", provenance))
+    with progress("apply (merged tensors)", len(delta.entries)) as task:
+        return base.write_updated(Path(out), MergedTensors(base, delta, task), force=force, metadata=metadata,
+                                  files=files, inputs=labelled("delta", provenance))

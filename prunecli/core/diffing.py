@@ -11,7 +11,7 @@ as zero: a rank-1 edit saved in bf16 then diffs to rank 1, not to a full-rank ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -21,9 +21,8 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.core.lowrank import compress_dense_report
 from prunecli.errors import PruneCliError
+from prunecli.progress import Progress, no_progress, track
 
-Progress = Callable[[Iterable[str], int], Iterable[str]]
-"""Wraps the iteration over tensor names (e.g. with a progress bar): (names, count) -> names."""
 
 
 def canonical_names(ckpt: Checkpoint) -> dict[str, str]:
@@ -83,7 +82,7 @@ def _storage_noise(t: torch.Tensor) -> float:
 
 
 def diff_checkpoints(base: Checkpoint, edited: Checkpoint, select: Sequence[str] = (), rank: int | None = None,
-                     tol: float | None = None, progress: Progress | None = None) -> Delta:
+                     tol: float | None = None, progress: Progress = no_progress) -> Delta:
     """The delta that turns `base` into `edited` on the selected matrices (see the module docstring for the rank).
 
     `rank` keeps that many singular directions per matrix, `tol` the fewest whose relative Frobenius error is <= tol.
@@ -98,7 +97,7 @@ def diff_checkpoints(base: Checkpoint, edited: Checkpoint, select: Sequence[str]
     delta = Delta.for_base(base)
     per_tensor: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for name in (progress(compared, len(compared)) if progress else compared):
+    for name in track(progress, compared, "diff"):
         w, e = base.get(name), edited.get(name)
         if _same_bytes(w, e):
             continue

@@ -40,6 +40,7 @@ from prunecli.core.lowrank import entry_svd
 from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, matrix_stats, numerical_rank,
                                    single_cpu_thread, singular_values)
 from prunecli.errors import PruneCliError
+from prunecli.progress import Progress, no_progress, track
 
 RestraintFn = Literal["log", "linear", "scale-free"]
 MAX_STRENGTH = 2.0
@@ -452,7 +453,7 @@ class BaseSpectra:
 
 
 def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alpha: float = 1.2, beta: float = 2.0,
-                   kappa: bool = True, progress: Callable[[str], None] | None = None, *, clamp: bool = False,
+                   kappa: bool = True, progress: Progress = no_progress, *, clamp: bool = False,
                    strength: float = 0.5, target_kappa: float | None = None,
                    sigma_cache: dict[str, float] | None = None, spectra: BaseSpectra | None = None,
                    record: dict[str, Any] | None = None,
@@ -462,7 +463,7 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
     Base matrices are read one at a time. `kappa=True` also reports kappa(W), kappa(W + D), kappa(W + D') (float64
     Gram spectra of W formed once per matrix, low-rank updates added on the Gram matrix; `UpdatedSpectra`).
     `target_kappa` searches, per matrix, the mildest scale-free strength with kappa(W + D') <= target (kappas are
-    then always reported). `progress(name)` is called after each tensor. `spectra` (a `BaseSpectra` of `base`) or the
+    then always reported). `progress` gets one task, advanced per tensor. `spectra` (a `BaseSpectra` of `base`) or the
     older `sigma_cache` (name -> sigma_max) is read and filled, so repeated restraints against the same base compute
     each base quantity once. The caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned
     delta's history ends with {"op": "prune", "fn", "alpha", "beta", "strength", "clamp", "target_kappa", **record,
@@ -476,7 +477,7 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
         cache.sigma = sigma_cache
     entries: dict[str, DeltaEntry] = {}
     reports: list[TensorReport] = []
-    for name, entry in delta.entries.items():
+    for name, entry in track(progress, delta.entries.items(), "prune"):
         smax = cache.sigma_max(name)
         matrix = cache.spectra(name, entry) if (kappa or target_kappa is not None) else None
         new_entry, info = restrain_entry(entry, smax, fn, alpha, beta, clamp, device, strength=strength,
@@ -487,8 +488,6 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
             kappas = {"kappa_base": cache.kappa(name, entry, updated=False), "kappa_edited": cache.kappa(name, entry),
                       "kappa_pruned": cache.kappa(name, new_entry)}
         reports.append(TensorReport(name, info, **kappas))
-        if progress is not None:
-            progress(name)
     op = {"op": "prune", "fn": "scale-free" if target_kappa is not None else fn, "alpha": alpha, "beta": beta,
           "strength": strength, "clamp": clamp, "target_kappa": target_kappa, **(record or {}),
           "per_tensor": {r.name: {"sigma_max_base": r.info.sigma_max, "rank": r.info.rank,

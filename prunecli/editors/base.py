@@ -11,11 +11,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from prunecli.editors.hparams import EditHParams
+from prunecli.core.checkpoint import Checkpoint
+from prunecli.editors.hparams import ModelModules, check_file, resolve_hparams
+from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
+from prunecli.progress import ProgressTask, silent_task
 from prunecli.requests import EditRequest
 
 
@@ -40,51 +44,78 @@ class RequestOutcome:
     steps: int
 
 
+class HParams(Protocol):
+    """What the sequential driver reads of an editor's hyper-parameters (`EditHParams`, `MendHParams`)."""
+
+    layers: tuple[int, ...]
+    context_template_length_params: tuple[tuple[int, int], ...]  # context prefixes to generate; () for none
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class EditorInputs:
+    """What the user gave an editor besides requests and statistics: a hyper-parameter file, `--set` overrides,
+    a trained archive (MEND). Each editor says which of them it accepts."""
+
+    hparams_file: Path | None = None
+    overrides: Sequence[str] = ()
+    archive: Path | None = None
+
+
 @dataclass
 class EditContext:
     """Everything an editor needs besides the model and the requests."""
 
-    hparams: EditHParams
+    hparams: Any  # the editor's own hyper-parameters (EditHParams for the key/value editors)
     prefixes: list[str]  # context prefixes; prefixes[0] == "" (the bare prompt)
     moments: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> C = E[k k^T] (float64)
     # State an editor carries from delta to delta (`Delta.extras`): editors read and update it in place, the driver
     # starts it from the previous deltas' extras and stores it in the output delta.
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
     continues: bool = False  # True when editing continues previous deltas (`--delta`): `carried` came from them
-    # Called after each step of a value optimisation with (step, steps planned, target NLL): progress within an edit.
-    on_value_step: Callable[[int, int, float], None] | None = None
+    # The steps of the value optimisation in progress (`update(completed=step, total=steps, ...)`).
+    value_task: ProgressTask = field(default_factory=silent_task)
 
 
 class Editor(ABC):
-    """A knowledge-editing method."""
+    """A knowledge-editing method. The `edit` command and the sequential driver know editors only through this
+    class: adding one is a module with a subclass plus a line in `editors.registry`."""
 
-    method: str
-    needs_stats: bool
-    batched: bool = False  # edits a batch of requests at once (--batch-size) rather than one after another
+    method: ClassVar[str]
+    needs_stats: ClassVar[bool] = False  # key statistics (`prunecli stats`) are required
+    batched: ClassVar[bool] = False  # edits a batch of requests at once (--batch-size) rather than one after another
+
+    inputs: EditorInputs = EditorInputs()
+
+    @classmethod
+    def from_inputs(cls, inputs: EditorInputs) -> Editor:
+        """The editor for the user's inputs, checked as far as they can be without the model (the hyper-parameter
+        file is parsed; an archive is refused: only MEND takes one)."""
+        if inputs.archive is not None:
+            raise PruneCliError(f"--archive is only used by --method mend, not {cls.method}")
+        if inputs.hparams_file is not None:
+            check_file(cls.method, inputs.hparams_file)
+        editor = cls()
+        editor.inputs = inputs
+        return editor
+
+    def check_base(self, base: Checkpoint) -> None:
+        """Checks of the editor's own inputs against the base checkpoint, before the model loads (none by default)."""
+
+    def resolve_hparams(self, model: torch.nn.Module, adapter: ModelAdapter,
+                        on_note: Callable[[str], None] | None = None) -> HParams:
+        """Packaged defaults for this model < the hyper-parameter file < overrides, checked against the model."""
+        modules = ModelModules(frozenset(n for n, _ in model.named_modules()), adapter.module_name,
+                               adapter.num_layers, adapter.model_type)
+        return resolve_hparams(self.method, adapter.family, adapter.num_layers, self.inputs.hparams_file,
+                               self.inputs.overrides, on_note, modules)
+
+    def notes(self, hparams: HParams, has_moments: bool) -> list[str]:  # noqa: ARG002 - editors override
+        """Lines worth telling the user about this configuration before editing (none by default)."""
+        return []
 
     @abstractmethod
     def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001 - HF tokenizer
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
         """Edit `requests` into `model` (in place) and return the updates and one outcome per request."""
-
-
-def editor_for(method: str, archive: str | Path | None = None) -> Editor:
-    """The editor of `method`; MEND's needs its trained `archive` (from `prunecli train-mend`), the others none."""
-    from prunecli.editors.alphaedit import AlphaEditEditor
-    from prunecli.editors.memit import MemitEditor
-    from prunecli.editors.rome import RomeEditor
-    from prunecli.errors import PruneCliError
-
-    editors: dict[str, type[Editor]] = {"rome": RomeEditor, "memit": MemitEditor, "alphaedit": AlphaEditEditor}
-    if method == "mend":
-        if archive is None:
-            raise PruneCliError("mend needs a trained archive: pass --archive FILE (made by `prunecli train-mend`)")
-        from prunecli.editors.mend import MendEditor
-        from prunecli.editors.mend_archive import MendArchive
-
-        return MendEditor(MendArchive.load(archive))
-    if method not in editors:
-        raise PruneCliError(f"unknown editing method {method!r}; use one of {', '.join([*editors, 'mend'])}")
-    if archive is not None:
-        raise PruneCliError(f"--archive is only used by --method mend, not {method}")
-    return editors[method]()

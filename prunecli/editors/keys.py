@@ -13,8 +13,8 @@ import torch
 
 from prunecli.editors.prompts import SubjectPrompt, request_prompts, right_pad
 from prunecli.editors.tracing import Kind, record
-from prunecli.evaluation.scoring import pad_id
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import pad_id
 from prunecli.requests import EditRequest
 
 

@@ -50,7 +50,7 @@ def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, l
     norm = adapter.mlp_output_norm(layer)
     site = adapter.layer_module(layer) if norm is None else adapter.projection(layer)
     values = [optimize_value(model, tokenizer, site, adapter.value_size(layer), r, ctx.prefixes, ctx.hparams,
-                             on_step=ctx.on_value_step)
+                             task=ctx.value_task)
               for r in requests]
     outcomes = [RequestOutcome(v.loss, v.initial_loss, v.steps) for v in values]
     shifted = torch.stack([v.initial + v.delta for v in values])  # [n, hidden]

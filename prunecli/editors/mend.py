@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunecli.core.checkpoint import Layout
-from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.prompts import right_pad
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.scoring import encode_pair, pad_id
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.placement import add_to_tensor, input_device
+from prunecli.models.tokens import encode_pair, pad_id
 from prunecli.requests import EditRequest
 
-if TYPE_CHECKING:
-    from prunecli.editors.mend_archive import MendArchive
 
 
 # ------------------------------------------------------------------------------------------------ edited weights
@@ -319,54 +316,3 @@ def edit_factors(model: nn.Module, tokenizer, networks: MendNetworks,  # noqa: A
     device = input_device(model)
     batch = encode_targets(tokenizer, [r.text for r in requests], [r.target_new for r in requests], device)
     return gradient_factors(model, networks.targets, lambda: sequence_nll(model(**batch.inputs()).logits, batch).sum())
-
-
-# ------------------------------------------------------------------------------------------------ the editor
-@dataclass(frozen=True)
-class MendHParams:
-    """What `edit --method mend` records in the delta history (the sequential driver asks the same fields of every
-    method's hyper-parameters: no context prefixes, the edited layers, a JSON form)."""
-
-    layers: tuple[int, ...]
-    archive: str
-    archive_info: dict[str, Any] = field(default_factory=dict)
-    method: str = "mend"
-    context_template_length_params: tuple[tuple[int, int], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "layers": list(self.layers), "archive": self.archive, **self.archive_info}
-
-
-class MendEditor(Editor):
-    """Edits one request at a time with a trained archive's networks (on the model with earlier edits applied)."""
-
-    method = "mend"
-    needs_stats = False
-
-    def __init__(self, archive: MendArchive) -> None:
-        self.archive = archive
-        self.networks = archive.networks.eval()
-
-    def hparams(self, archive_path: str) -> MendHParams:
-        info = {"trained_steps": self.archive.training.get("steps"), "rank": self.networks.config.rank,
-                "weights": [t.name for t in self.networks.targets]}
-        return MendHParams(self.archive.layers, archive_path, info)
-
-    def apply(self, model: nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
-              requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
-        device = input_device(model)
-        self.networks.to(device)
-        updates, outcomes = [], []
-        for request in requests:
-            loss, factors = edit_factors(model, tokenizer, self.networks, [request])
-            with torch.no_grad():
-                per_weight = self.networks.updates(factors)
-            for t in self.networks.targets:
-                a, b = per_weight[t.name]
-                add_to_weight(model, t, a, b)
-                updates.append(LayerUpdate(t.layer, a.float(), b.float(), weight=t.name))
-            with torch.no_grad():
-                batch = encode_targets(tokenizer, [request.text], [request.target_new], device)
-                after = float(sequence_nll(model(**batch.inputs()).logits, batch)[0])
-            outcomes.append(RequestOutcome(after, loss, 1))
-        return updates, outcomes

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from prunecli.editors.mend import (MendConfig, MendNetworks, MendTarget, edit_fa
 from prunecli.editors.mend_archive import (MendArchive, base_fingerprints, read_safetensors,
                                            write_safetensors_atomic)
 from prunecli.errors import PruneCliError
+from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
 
 CKPT_FORMAT = "prunecli-mend-checkpoint"
@@ -235,9 +236,10 @@ def load_checkpoint(path: Path, networks: MendNetworks, optimizer: torch.optim.A
 def train_mend(model: torch.nn.Module, tokenizer, base: Checkpoint, targets: list[MendTarget],  # noqa: ANN001
                records: Sequence[EditRequest], config: TrainConfig, checkpoint: Path, resume: bool,
                data_info: dict[str, Any], max_seconds: float | None = None,
-               on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
-               on_validate: Callable[[TrainState, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train networks for `targets` of the (frozen, unedited) `model`; returns the archive of the best networks."""
+               progress: Progress = no_progress) -> TrainResult:
+    """Train networks for `targets` of the (frozen, unedited) `model`; returns the archive of the best networks.
+
+    `progress` gets one task over the steps, showing smoothed training losses, with a line per validation."""
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     device = next(model.parameters()).device
@@ -266,31 +268,35 @@ def train_mend(model: torch.nn.Module, tokenizer, base: Checkpoint, targets: lis
             else:
                 state.bad_evals += 1
             state.history.append({"step": state.step, **metrics})
-            if on_validate is not None:
-                on_validate(state, metrics)
+            task.log(f"step {state.step}: val loss {metrics['loss']:.4f}, edit acc {metrics['edit_acc']:.3f}, "
+                     f"rephrase acc {metrics['rephrase_acc']:.3f}, loc agree {metrics['loc_agree']:.3f}")
         state.seconds = time.perf_counter() - started
         save_checkpoint(checkpoint, networks, best, optimizer, state, config, meta)
         return bool(val) and state.bad_evals >= config.patience
 
-    while state.step < config.steps:
-        if max_seconds is not None and time.perf_counter() - started >= max_seconds:
-            state.stopped = "time limit"
-            break
-        indices = batch_indices(state.step, config.batch_size, len(train), config.seed)
-        chunk = [train[i] for i in indices]
-        others = [train[(i + 1) % len(train)] for i in indices]
-        loss, metrics = step_losses(model, tokenizer, networks, chunk, others, config, observe=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        state.step += 1
-        if on_step is not None:
-            on_step(state, metrics)
-        if state.step % config.val_every == 0 and state.step < config.steps and evaluate_and_keep():
-            state.stopped = "early stop"
-            break
-    if not state.history or state.history[-1]["step"] != state.step:
-        evaluate_and_keep()  # the final networks are validated (and checkpointed) too
+    smooth: dict[str, float] = {}  # exponentially smoothed training metrics, for the progress line
+    with progress("training", config.steps) as task:
+        while state.step < config.steps:
+            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                state.stopped = "time limit"
+                break
+            indices = batch_indices(state.step, config.batch_size, len(train), config.seed)
+            chunk = [train[i] for i in indices]
+            others = [train[(i + 1) % len(train)] for i in indices]
+            loss, metrics = step_losses(model, tokenizer, networks, chunk, others, config, observe=True)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state.step += 1
+            for key in ("loss", "edit_nll", "loc_kl", "edit_acc"):
+                smooth[key] = metrics[key] if key not in smooth else 0.9 * smooth[key] + 0.1 * metrics[key]
+            task.update(completed=state.step, losses=f"loss {smooth['loss']:.3f} edit {smooth['edit_nll']:.3f} "
+                        f"loc {smooth['loc_kl']:.4f} acc {smooth['edit_acc']:.2f}")
+            if state.step % config.val_every == 0 and state.step < config.steps and evaluate_and_keep():
+                state.stopped = "early stop"
+                break
+        if not state.history or state.history[-1]["step"] != state.step:
+            evaluate_and_keep()  # the final networks are validated (and checkpointed) too
     state.stopped = state.stopped or "steps"
     if best is not None:
         networks.load_state_dict(best)

@@ -1,6 +1,6 @@
 """Prompt plumbing shared by the editors: subject positions, context prefixes, padded batches.
 
-Tokenisation follows `prunecli.evaluation.scoring.encode_pair` (prompt with special tokens, target without and with a
+Tokenisation follows `prunecli.models.tokens.encode_pair` (prompt with special tokens, target without and with a
 leading space), so the loss an editor minimises is the quantity the evaluation measures.
 
 ROME and MEMIT read and write the model at the *last token of the subject*. It is located with the tokenizer's
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecli.editors.kvcache import cache_argument, returned_cache
-from prunecli.evaluation.scoring import encode_pair
+from prunecli.models.forward import forward_keywords, returned_cache
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import encode_pair
 from prunecli.requests import EditRequest
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -97,7 +97,7 @@ def generate_prefixes(model: torch.nn.Module, tokenizer, length_params: Sequence
     """
     device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
-    cache_kw = cache_argument(model)
+    cache_kw = forward_keywords(model)[0]
     prefixes = [""]
     for n_tokens, count in length_params:
         for s, starter in enumerate(_STARTERS):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
+from prunecli.editors.base import EditContext, Editor, HParams, LayerUpdate, RequestOutcome
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.value import optimize_value
 from prunecli.errors import PruneCliError
@@ -40,7 +40,13 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
 
 class RomeEditor(Editor):
     method = "rome"
-    needs_stats = False
+
+    def notes(self, hparams: HParams, has_moments: bool) -> list[str]:
+        if hparams.mom2_adjustment and not has_moments:  # type: ignore[attr-defined] - ROME's EditHParams
+            return ["no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method"]
+        if not hparams.mom2_adjustment and has_moments:  # type: ignore[attr-defined]
+            return ["mom2_adjustment is false: the statistics are not used"]
+        return []
 
     def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
@@ -52,7 +58,7 @@ class RomeEditor(Editor):
             keys, _ = subject_keys(model, tokenizer, projection, [request], ctx.prefixes)
             w = adapter.weight_matrix(layer)
             value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams,
-                                   on_step=ctx.on_value_step)
+                                   task=ctx.value_task)
             v_star = w.double() @ keys[0].double() + value.delta.double()
             a, b = rank_one_update(w, keys[0], v_star, moment)
             adapter.add_update(layer, a @ b.T)

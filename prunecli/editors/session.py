@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,14 +27,14 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
-from prunecli.editors.base import EditContext, Editor, editor_for
-from prunecli.editors.hparams import EditHParams
+from prunecli.editors.base import EditContext, Editor, HParams
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import check_edits
 from prunecli.evaluation.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
 from prunecli.models.placement import input_device, write_tensor
+from prunecli.progress import Progress, ProgressTask, no_progress
 from prunecli.requests import EditRequest
 
 
@@ -101,6 +101,16 @@ def _target_probs(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
     return [math.exp(sum(s.token_logprobs)) for s in scores]
 
 
+def _report(task: ProgressTask, reports: list[RequestReport]) -> None:
+    """Progress after a step: the requests done, the last loss, and a warning line per edit that did not take."""
+    for r in reports:
+        if not r.took:
+            true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
+            task.log(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
+                     "(mean token probability)", warning=True)
+    task.advance(len(reports), loss=f"loss {reports[-1].initial_loss:.2f} -> {reports[-1].loss:.2f}")
+
+
 def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta) -> None:
     """Set every parameter the delta touches to base + D (undoing whatever was added before), offloaded ones too."""
     for name, entry in delta.entries.items():
@@ -113,23 +123,18 @@ def _copy(delta: Delta) -> Delta:
 
 
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
-              method: str, hparams: EditHParams, moments: dict[int, torch.Tensor] | None = None,
+              editor: Editor, hparams: HParams, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
-              provenance: dict[str, Any] | None = None,
-              on_step: Callable[[int, list[RequestReport]], None] | None = None,
-              editor: Editor | None = None,
-              on_value_step: Callable[[int, int, float], None] | None = None) -> EditRun:
+              provenance: dict[str, Any] | None = None, progress: Progress = no_progress) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
-    editors (MEMIT, AlphaEdit) edit `batch_size` requests at a time; ROME one at a time. `provenance` is merged into
-    each edit op of the history.
-    `editor` replaces `editor_for(method)` (MEND's carries its trained networks). `on_value_step` reports the steps of
-    each value optimisation (progress within one edit).
+    editors (MEMIT, AlphaEdit) edit `batch_size` requests at a time, the others one at a time. `provenance` is merged
+    into each edit op of the history. `progress` gets two tasks: the requests (with the last value-optimisation
+    loss; an edit that did not take is logged as a warning) and the steps of the value optimisation in progress.
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
-    editor = editor or editor_for(method)
     model.requires_grad_(False)
     device = input_device(model)
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
@@ -137,7 +142,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     if prior is not None:
         add_delta_to_model(model, prior)
     ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()},
-                      dict(prior.extras) if prior is not None else {}, prior is not None, on_value_step)
+                      dict(prior.extras) if prior is not None else {}, prior is not None)
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     pending: list[dict[str, Any]] = []
@@ -145,43 +150,44 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
 
     def flush() -> None:
         if pending:
-            op = {"op": "edit", "method": method, "hparams": hparams.to_json(), "seed": seed, **(provenance or {}),
-                  "requests": list(pending)}
+            op = {"op": "edit", "method": editor.method, "hparams": hparams.to_json(), "seed": seed,
+                  **(provenance or {}), "requests": list(pending)}
             run.delta = run.delta.with_entries(run.delta.entries, op)
             pending.clear()
 
-    for start in range(0, len(requests), step):
-        batch = requests[start:start + step]
-        t0 = time.perf_counter()
-        before = _target_probs(model, tokenizer, batch)
-        updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
-        checks = check_edits(model, tokenizer, batch)
-        for u in updates:
-            name = u.weight or adapter.weight_name(u.layer)
-            run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
-        edits_before = len(run.delta.requests) + len(pending)
-        pending.extend(r.to_json() for r in batch)
-        seconds = (time.perf_counter() - t0) / len(batch)
-        reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
-                                 c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took)
-                   for r, o, p0, c in zip(batch, outcomes, before, checks)]
-        run.reports.extend(reports)
-        if prune is not None:
-            edits_after = edits_before + len(batch)
-            kappas = ({name: spectra.kappa(name, entry) for name, entry in run.delta.entries.items()}
-                      if prune.kappa_trigger is not None else {})
-            reason = prune.reason(edits_before, edits_after, kappas)
-            if reason is not None:
-                flush()
-                record = {"after_edits": edits_after, "trigger": reason,
-                          **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
-                run.delta, tensor_reports = restrain_delta(run.delta, base, **prune.restraint.kwargs(),
-                                                           spectra=spectra, record=record)
-                run.restraints.append(tensor_reports)
-                run.restraint_points.append(record)
-                reset_to(model, base, run.delta)
-        if on_step is not None:
-            on_step(len(run.reports), reports)
+    with progress("editing", len(requests)) as requests_task, \
+            progress("  value optimisation (steps)") as ctx.value_task:
+        for start in range(0, len(requests), step):
+            batch = requests[start:start + step]
+            t0 = time.perf_counter()
+            before = _target_probs(model, tokenizer, batch)
+            updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
+            checks = check_edits(model, tokenizer, batch)
+            for u in updates:
+                name = u.weight or adapter.weight_name(u.layer)
+                run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
+            edits_before = len(run.delta.requests) + len(pending)
+            pending.extend(r.to_json() for r in batch)
+            seconds = (time.perf_counter() - t0) / len(batch)
+            reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
+                                     c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took)
+                       for r, o, p0, c in zip(batch, outcomes, before, checks)]
+            run.reports.extend(reports)
+            if prune is not None:
+                edits_after = edits_before + len(batch)
+                kappas = ({name: spectra.kappa(name, entry) for name, entry in run.delta.entries.items()}
+                          if prune.kappa_trigger is not None else {})
+                reason = prune.reason(edits_before, edits_after, kappas)
+                if reason is not None:
+                    flush()
+                    record = {"after_edits": edits_after, "trigger": reason,
+                              **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
+                    run.delta, tensor_reports = restrain_delta(run.delta, base, **prune.restraint.kwargs(),
+                                                               spectra=spectra, record=record)
+                    run.restraints.append(tensor_reports)
+                    run.restraint_points.append(record)
+                    reset_to(model, base, run.delta)
+            _report(requests_task, reports)
     flush()
     run.delta.extras = dict(ctx.carried)
     run.seconds = time.perf_counter() - started

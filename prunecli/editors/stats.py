@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,10 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.editors.prompts import right_pad
 from prunecli.editors.tracing import Kind, record
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.scoring import pad_id
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import pad_id
+from prunecli.progress import Advance, Progress, no_progress
 
 FORMAT = "prunecli-stats"
 VERSION = 1
@@ -141,8 +142,7 @@ def load_moments(stats: KeyStats, base: Checkpoint, adapter: ModelAdapter,
 @torch.no_grad()
 def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers: Sequence[int],  # noqa: ANN001
                chunks: Iterable[list[int]], batch_size: int = 8, dtype: torch.dtype = torch.float64,
-               on_batch: Callable[[int], None] | None = None,
-               workers: Workers = SINGLE) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+               on_batch: Advance | None = None, workers: Workers = SINGLE) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """Sum of k k^T and token count per layer over the chunks (one forward pass per batch, padding excluded); in a
     parallel run each process takes every W-th batch and the sums and counts are added over processes."""
     device = input_device(model)
@@ -183,13 +183,16 @@ def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers:
 def collect_key_stats(model: torch.nn.Module, tokenizer, base: Checkpoint, adapter: ModelAdapter,  # noqa: ANN001
                       layers: Sequence[int], chunks: Iterable[list[int]], corpus: str, batch_size: int = 8,
                       dtype: torch.dtype = torch.float64, seq_len: int | None = None,
-                      on_batch: Callable[[int], None] | None = None, workers: Workers = SINGLE) -> KeyStats:
+                      tokens: int | None = None, progress: Progress = no_progress,
+                      workers: Workers = SINGLE) -> KeyStats:
     """Statistics of `layers` over the chunks, tied to the base checkpoint by the edited weights' fingerprints (in a
-    parallel run: over all processes' batches, the same on every process)."""
+    parallel run: over all processes' batches, the same on every process). `tokens`, the chunks' token budget, is
+    the progress total."""
     layers = sorted(set(layers))
     for L in layers:
         adapter.check_layer(L)
-    sums, counts = accumulate(model, tokenizer, adapter, layers, chunks, batch_size, dtype, on_batch, workers)
+    with workers.progress(progress)("key statistics (tokens)", tokens) as task:
+        sums, counts = accumulate(model, tokenizer, adapter, layers, chunks, batch_size, dtype, task.advance, workers)
     described = {L: {"module": adapter.module_name(L), "weight": adapter.weight_name(L),
                      "fingerprint": base.fingerprint(adapter.weight_name(L))} for L in layers}
     return KeyStats(sums, counts, described, corpus, base.model_type, str(base.path),

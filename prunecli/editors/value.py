@@ -22,19 +22,19 @@ the largest cost of a step, and `logits_to_keep` would compute it for every row 
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from prunecli.editors.hparams import EditHParams
-from prunecli.editors.kvcache import cache_argument, returned_cache
 from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
 from prunecli.editors.tracing import shifted_output
-from prunecli.evaluation.scoring import pad_id
+from prunecli.models.forward import forward_keywords, returned_cache
+from prunecli.models.logits import OutputHead, output_head
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import pad_id
+from prunecli.progress import ProgressTask
 from prunecli.requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
@@ -47,33 +47,6 @@ class ValueResult:
     loss: float  # mean target NLL with the final delta
     initial_loss: float  # mean target NLL with delta = 0
     steps: int  # Adam steps taken
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-@dataclass(frozen=True)
-class _Head:
-    """A causal LM split into its decoder (`base_model`, ending in the final norm) and its output layer."""
-
-    decoder: torch.nn.Module
-    head: torch.nn.Module
-    softcap: float | None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.head(hidden)
-        return out if not self.softcap else torch.tanh(out / self.softcap) * self.softcap
-
-
-def _split_head(model: torch.nn.Module) -> _Head | None:
-    """The decoder/head split of a transformers causal LM, or None when it has none (then full logits are used)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    decoder = getattr(model, "base_model", None)
-    if not isinstance(head, torch.nn.Module) or decoder is None or decoder is model:
-        return None
-    return _Head(decoder, head, getattr(model.config, "final_logit_softcapping", None))
 
 
 @dataclass(frozen=True)
@@ -119,32 +92,31 @@ def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int]
     return _SplitBatch(cache, mask, suffix_ids, suffix_mask, positions)
 
 
-def _logits_at(model: torch.nn.Module, head: _Head | None, batch: _SplitBatch, rows: torch.Tensor,
+def _logits_at(model: torch.nn.Module, head: OutputHead | None, batch: _SplitBatch, rows: torch.Tensor,
                cols: torch.Tensor) -> torch.Tensor:
     """Logits [len(rows), vocab] of the suffixes at (rows[i], cols[i]), given the cached prefixes (the cache is
     copied: a forward pass appends to it)."""
     runner = model if head is None else head.decoder
     kwargs: dict[str, Any] = {}
     if batch.cache is not None:
-        kwargs[cache_argument(runner)] = copy.deepcopy(batch.cache)
+        kwargs[forward_keywords(runner)[0]] = copy.deepcopy(batch.cache)
     mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
     out = runner(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.position_ids,
                  use_cache=batch.cache is not None, **kwargs)
     if head is None:
         return out.logits[rows, cols]
     hidden = out.last_hidden_state
-    return head.logits(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    return head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
 
 
 def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
                    request: EditRequest, prefixes: list[str], hp: EditHParams,
-                   prefix_cache: bool = True,
-                   on_step: Callable[[int, int, float], None] | None = None) -> ValueResult:
+                   prefix_cache: bool = True, task: ProgressTask | None = None) -> ValueResult:
     """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
     `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).
 
     `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline).
-    `on_step(step, steps, nll)` is called after every step (progress within one edit)."""
+    `task` is told each step (progress within one edit: completed = step, total = planned steps, the target NLL)."""
     device = input_device(model)
     rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
     kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
@@ -160,11 +132,11 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
     # The loss reads the target rows' predicting positions, then the KL prompt's last one.
     rows_read = torch.cat([tgt_rows, torch.tensor([kl_row], device=device)])
     cols_read = torch.tensor([*tgt_pos, kl_pos], device=device)
-    head = _split_head(model)
+    head = output_head(model)
     # Each prompt's NLL is the mean over its target tokens; the loss is the mean over prompts.
     token_weight = torch.tensor([1.0 / len(p.target) / len(rewrites) for p in rewrites for _ in p.target],
                                 device=device)
-    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, _accepts_logits_to_keep(model))
+    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, forward_keywords(model)[1])
     rows = torch.arange(len(prompts), device=device)
     at_subject = torch.tensor([p.subject_index - cut for p, cut in zip(prompts, cuts)], device=device)
 
@@ -184,8 +156,8 @@ def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, wid
         if kl_init is None:
             kl_init = kl_logp.detach()
         losses.append(float(nll.detach()))
-        if on_step is not None:
-            on_step(step, hp.v_num_grad_steps, losses[-1])
+        if task is not None:
+            task.update(completed=step, total=hp.v_num_grad_steps, loss=f"target NLL {losses[-1]:.3f}")
         if last or losses[-1] < hp.v_stop_loss:
             break
         v0 = original["value"][0]

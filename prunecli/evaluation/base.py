@@ -7,8 +7,7 @@ reported without saying which one they are.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,8 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.evaluation.scoring import TargetScore
+from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
-
-Advance = Callable[[int], None]
-ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager[Advance]]
-"""progress(description, total) -> context manager yielding `advance(n)`; the CLI draws a bar, tests pass nothing."""
-
-
-@contextlib.contextmanager
-def no_progress(description: str, total: int) -> Iterator[Advance]:  # noqa: ARG001 - same signature as the bar
-    yield lambda n: None
 
 
 @dataclass(frozen=True)
@@ -47,22 +38,44 @@ class TaskOutcome:
     unit: str = "cases"
 
 
-@dataclass
-class EvalContext:
-    """Everything a task may need; tasks read only their fields (the model is the final, edited one)."""
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything `prunecli evaluate` accepts besides the model (the library-level form of its options); tasks read
+    their settings (batch size, limit, data folder, perplexity window...) from it."""
 
-    model: Any
-    tokenizer: Any
-    batch_size: int = 16
-    limit: int | None = None  # subsample general-ability tasks to this many examples
-    seed: int | None = None  # None: the first `limit` examples; else a seeded random sample
-    data_dir: Path = DEFAULT_DATA_DIR
-    requests: list[EditRequest] | None = None
-    locality_reference: list[list[TargetScore]] | None = None  # per request, per locality prompt (unedited model)
-    reference_name: str | None = None
-    text_path: Path | None = None
+    deltas: Sequence[Path] = ()
+    edits: Path | None = None
+    start: int = 0
+    limit: int | None = None  # edit requests to evaluate; general-ability tasks: subsample to this many examples
+    tasks: str | None = None
+    text: Path | None = None
     window: int | None = None
     stride: int | None = None
     max_tokens: int | None = None
-    progress: ProgressFactory = field(default=no_progress)
+    seed: int | None = None  # None: the first `limit` examples; else a seeded random sample
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "fp32"
+    locality_reference: str | None = None
+    data_dir: Path = field(default=DEFAULT_DATA_DIR)
+    ignore_base_mismatch: bool = False  # evaluate deltas made for a base whose tensors differ (with a warning)
+    device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
+    max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
+    offload_folder: Path | None = None
+    allow_pickle: bool = False  # --allow-pickle: .bin weights (read with weights_only=True)
+    tokenizer: str | None = None  # --tokenizer: for the evaluated model and the locality reference
+
+
+@dataclass
+class EvalContext:
+    """What a task runs on: the final (edited) model, the options, and what the runner prepared once for all tasks
+    (the requests, the locality reference's predictions)."""
+
+    model: Any
+    tokenizer: Any
+    options: EvalOptions = field(default_factory=EvalOptions)
+    requests: list[EditRequest] | None = None
+    locality_reference: list[list[TargetScore]] | None = None  # per request, per locality prompt (unedited model)
+    reference_name: str | None = None
+    progress: Progress = field(default=no_progress)
     workers: Workers = SINGLE  # the processes of a data-parallel run; each scores its share of every task

@@ -86,14 +86,15 @@ TASKS: dict[str, ChoiceTask] = {t.name: t for t in [
 
 def run_choice(task: ChoiceTask, ctx: EvalContext, source: str | None) -> TaskOutcome:
     """Score every label word of every (subsampled) record in one batched pass; accuracy and weighted F1."""
-    records = subsample(load_records(resolve_source(source, task.default_file, ctx.data_dir, task.name), task.name),
-                        ctx.limit, ctx.seed)
+    opts = ctx.options
+    records = subsample(load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name),
+                        opts.limit, opts.seed)
     built = [task.build(rec, i) for i, rec in enumerate(records)]
     prompts = [p for p, _ in built for _ in task.labels]
     words = [w for _ in built for w in task.labels]
-    with ctx.progress(f"{task.name} (label words)", len(prompts)) as advance:
+    with ctx.progress(f"{task.name} (label words)", len(prompts)) as bar:
         scores = ctx.workers.map(lambda part: score_targets(ctx.model, ctx.tokenizer, [p for p, _ in part],
-                                                            [w for _, w in part], ctx.batch_size, advance),
+                                                            [w for _, w in part], opts.batch_size, bar.advance),
                                  list(zip(prompts, words)))
     k = len(task.labels)
     golds, preds, judged = [], [], []

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
-from prunecli.evaluation.base import Advance, MetricGroup
+from prunecli.evaluation.base import MetricGroup
+from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, MetricValue, case_means, flag, lower, prob_gap
 from prunecli.evaluation.scoring import TargetScore, score_targets
 from prunecli.requests import EditRequest

@@ -15,9 +15,10 @@ from prunecli.errors import PruneCliError
 
 HUB_PREFIX = "hub:"
 DEFAULT_DATA_DIR = Path("../shared/data")
-DEFAULT_PPL_TOKENS = 8192
-"""Perplexity's default token budget: about a minute for a 135M model on 2 CPU cores, a few for Gemma-3-270M."""
 """Task data files default to here, relative to the current directory (`--data-dir` overrides)."""
+DEFAULT_PPL_TOKENS = 8192
+"""Perplexity's default token budget: enough text for differences of a few percent to be visible, small enough for
+a CPU (the report states the count and the time it took)."""
 
 
 def resolve_source(source: str | None, default: str | None, data_dir: Path, task: str) -> str:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from prunecli.evaluation.base import Advance
-from prunecli.evaluation.scoring import forward_keywords, max_context, pad_id
+from prunecli.progress import Advance
+from prunecli.models.forward import forward_keywords, max_context
+from prunecli.models.tokens import pad_id
 from prunecli.models.placement import input_device
 
 

@@ -104,12 +104,13 @@ TASKS: dict[str, GenerativeTask] = {t.name: t for t in [
 
 def run_generative(task: GenerativeTask, ctx: EvalContext, source: str | None) -> TaskOutcome:
     """Generate for the (subsampled) records, judge each completion, average per metric."""
-    records = subsample(load_records(resolve_source(source, task.default_file, ctx.data_dir, task.name), task.name),
-                        ctx.limit, ctx.seed)
+    opts = ctx.options
+    records = subsample(load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name),
+                        opts.limit, opts.seed)
     built = [task.build(rec, i) for i, rec in enumerate(records)]
-    with ctx.progress(f"{task.name} (generations)", len(built)) as advance:
+    with ctx.progress(f"{task.name} (generations)", len(built)) as bar:
         outputs = ctx.workers.map(lambda part: greedy_generate(ctx.model, ctx.tokenizer, part, task.max_new_tokens,
-                                                               ctx.batch_size, advance), [p for p, _ in built])
+                                                               opts.batch_size, bar.advance), [p for p, _ in built])
     per_metric: dict[str, list[list[Judgement]]] = {}
     for (_, gold), out in zip(built, outputs):
         for name, value in task.judge(out.text, gold).items():

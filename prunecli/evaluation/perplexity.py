@@ -18,10 +18,11 @@ import torch
 from prunecli.core.textio import read_text
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import Advance, MetricGroup, ProgressFactory, TaskOutcome, no_progress
+from prunecli.evaluation.base import MetricGroup, TaskOutcome
+from prunecli.progress import Advance, Progress, no_progress
 from prunecli.evaluation.metrics import MetricValue
-from prunecli.evaluation.scoring import forward_keywords, max_context
-from prunecli.models.logits import ChunkedHead, capture_last_hidden, chunked_head
+from prunecli.models.forward import forward_keywords, max_context
+from prunecli.models.logits import OutputHead, capture_last_hidden, output_head
 from prunecli.models.placement import input_device
 
 GROUP = "perplexity"
@@ -66,7 +67,7 @@ def window_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: i
     whose logits we cannot reproduce, are scored from their full logits instead."""
     device = input_device(model)
     tokens = torch.tensor(ids)
-    head = chunked_head(model) if forward_keywords(model)[1] else None
+    head = output_head(model) if forward_keywords(model)[1] else None
     chunked = head is not None
     checked = False
     out: list[torch.Tensor] = []
@@ -102,7 +103,7 @@ def window_nlls(model: Any, ids: list[int], windows: list[Window], batch_size: i
     return out
 
 
-def _chunked_nll(head: ChunkedHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _chunked_nll(head: OutputHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """NLL of `target` [n] from hidden states [n, d], the output layer applied to a few positions at a time."""
     step = max(1, LOGIT_BYTES // (12 * head.head.weight.shape[0]))  # fp32 logits + their float64 log-softmax
     parts = []
@@ -114,7 +115,7 @@ def _chunked_nll(head: ChunkedHead, hidden: torch.Tensor, target: torch.Tensor) 
 
 def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | None = None, stride: int | None = None,
                         max_tokens: int | None = None, batch_size: int = 16,
-                        progress: ProgressFactory = no_progress, workers: Workers = SINGLE) -> TaskOutcome:
+                        progress: Progress = no_progress, workers: Workers = SINGLE) -> TaskOutcome:
     """Perplexity of the text file `path` (see the module docstring); defaults: window min(1024, context), stride
     window // 2, the whole file. In a parallel run each process scores its share of the windows."""
     if not path.is_file():
@@ -131,8 +132,8 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
         raise PruneCliError(f"perplexity window {window} exceeds the model's context of {limit} tokens")
     stride = stride or window // 2
     windows = sliding_windows(len(ids), window, stride)
-    with progress("perplexity (windows)", len(windows)) as advance:
-        nll = torch.cat(workers.map(lambda part: window_nlls(model, ids, part, batch_size, advance), windows))
+    with progress("perplexity (windows)", len(windows)) as bar:
+        nll = torch.cat(workers.map(lambda part: window_nlls(model, ids, part, batch_size, bar.advance), windows))
     bad = int((~torch.isfinite(nll)).sum())
     ppl = math.exp(float(nll.sum()) / len(nll)) if not bad else math.nan
     budget = f"the first {len(ids)} tokens" if max_tokens is not None else f"all {len(ids)} tokens"

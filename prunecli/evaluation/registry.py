@@ -36,9 +36,9 @@ def _requests(ctx: EvalContext, task: str) -> list[EditRequest]:
 
 def _run_counterfact(ctx: EvalContext, source: str | None) -> TaskOutcome:
     requests = _requests(ctx, "counterfact")
-    with ctx.progress("counterfact (prompt/target pairs)", len(counterfact.needed_pairs(requests))) as advance:
-        groups = counterfact.evaluate_counterfact(ctx.model, ctx.tokenizer, requests, ctx.batch_size, advance,
-                                                  ctx.workers)
+    with ctx.progress("counterfact (prompt/target pairs)", len(counterfact.needed_pairs(requests))) as bar:
+        groups = counterfact.evaluate_counterfact(ctx.model, ctx.tokenizer, requests, ctx.options.batch_size,
+                                                  bar.advance, ctx.workers)
     return TaskOutcome(groups, len(requests))
 
 
@@ -46,9 +46,9 @@ def _run_zsre(ctx: EvalContext, source: str | None) -> TaskOutcome:
     requests = _requests(ctx, "zsre")
     if ctx.locality_reference is None:
         raise PruneCliError("zsre needs the reference model's locality predictions (computed before deltas)")
-    with ctx.progress("zsre (prompt/target pairs)", len(zsre.needed_pairs(requests))) as advance:
+    with ctx.progress("zsre (prompt/target pairs)", len(zsre.needed_pairs(requests))) as bar:
         groups = zsre.evaluate_zsre(ctx.model, ctx.tokenizer, requests, ctx.locality_reference,
-                                    ctx.reference_name or "reference", ctx.batch_size, advance, ctx.workers)
+                                    ctx.reference_name or "reference", ctx.options.batch_size, bar.advance, ctx.workers)
     return TaskOutcome(groups, len(requests))
 
 
@@ -57,9 +57,10 @@ def _perplexity_text(data_dir: Path, text: Path | None, source: str | None) -> s
 
 
 def _run_perplexity(ctx: EvalContext, source: str | None) -> TaskOutcome:
-    path = Path(_perplexity_text(ctx.data_dir, ctx.text_path, source))
-    return evaluate_perplexity(ctx.model, ctx.tokenizer, path, ctx.window, ctx.stride, ctx.max_tokens,
-                               ctx.batch_size, ctx.progress, ctx.workers)
+    opts = ctx.options
+    path = Path(_perplexity_text(opts.data_dir, opts.text, source))
+    return evaluate_perplexity(ctx.model, ctx.tokenizer, path, opts.window, opts.stride, opts.max_tokens,
+                               opts.batch_size, ctx.progress, ctx.workers)
 
 
 def _data_file(name: str, default: str | None) -> Callable[[Path, Path | None, str | None], str]:

@@ -14,50 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, load_deltas
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import EvalContext, ProgressFactory, TaskOutcome, no_progress
-from prunecli.evaluation.data import DEFAULT_DATA_DIR
+from prunecli.evaluation.base import EvalContext, EvalOptions, TaskOutcome
+from prunecli.progress import Progress, no_progress
 from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.evaluation.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
 from prunecli.models.default_model import resolve_model_path
 from prunecli.requests import EditRequest, load_requests, parse_record
-
-
-@dataclass
-class EvalOptions:
-    """Everything `prunecli evaluate` accepts besides the model (the library-level form of its options)."""
-
-    deltas: Sequence[Path] = ()
-    edits: Path | None = None
-    start: int = 0
-    limit: int | None = None
-    tasks: str | None = None
-    text: Path | None = None
-    window: int | None = None
-    stride: int | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "fp32"
-    locality_reference: str | None = None
-    data_dir: Path = field(default=DEFAULT_DATA_DIR)
-    ignore_base_mismatch: bool = False  # evaluate deltas made for a base whose tensors differ (with a warning)
-    device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
-    max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
-    offload_folder: Path | None = None
-    allow_pickle: bool = False  # --allow-pickle: .bin weights (read with weights_only=True)
-    tokenizer: str | None = None  # --tokenizer: for the evaluated model and the locality reference
 
 
 def requests_from_history(delta: Delta) -> list[EditRequest]:
@@ -113,31 +83,21 @@ def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, A
                       tokenizer=options.tokenizer, allow_pickle=options.allow_pickle)
 
 
-def _shared_progress(progress: ProgressFactory, workers: Workers) -> ProgressFactory:
-    """The main process's bar counts its own share of each task; the other processes draw nothing."""
-    if not workers.parallel:
-        return progress
-    if not workers.is_main:
-        return no_progress
-    return lambda description, total: progress(f"{description} [process 1 of {workers.world_size}]",
-                                               workers.share(total))
-
-
 def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
-               has_delta: bool, progress: ProgressFactory, workers: Workers) -> tuple[list[list[TargetScore]], str]:
+               has_delta: bool, progress: Progress, workers: Workers) -> tuple[list[list[TargetScore]], str]:
     """Locality predictions of the reference model: --locality-reference, else the base model before the deltas."""
     total = sum(min(len(r.locality_prompts), len(r.locality_answers)) for r in requests)
     if options.locality_reference:
         ref_model, ref_tok, _ = _load(options.locality_reference, options, workers)
-        with progress("zsre locality reference", total) as advance:
-            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, advance, workers)
+        with progress("zsre locality reference", total) as bar:
+            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, bar.advance, workers)
         return scores, options.locality_reference
-    with progress("zsre locality reference", total) as advance:
-        scores = reference_scores(model, tokenizer, requests, options.batch_size, advance, workers)
+    with progress("zsre locality reference", total) as bar:
+        scores = reference_scores(model, tokenizer, requests, options.batch_size, bar.advance, workers)
     return scores, (f"{model_ref} without deltas" if has_delta else f"{model_ref} (the evaluated model itself)")
 
 
-def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFactory = no_progress,
+def run_evaluation(model_ref: str, options: EvalOptions, progress: Progress = no_progress,
                    workers: Workers = SINGLE) -> dict[str, Any]:
     """Evaluate `model_ref` plus `options.deltas` on the planned tasks; returns the report object (the same one on
     every process of a parallel run). Every input file is checked before the model is loaded; when one of several
@@ -147,7 +107,7 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
 
     if options.batch_size < 1:
         raise PruneCliError("--batch-size must be at least 1")
-    progress = _shared_progress(progress, workers)
+    progress = workers.progress(progress)
     # The checkpoint is opened (lazily) first: PEFT adapter folders among the deltas are read against it.
     delta = load_deltas(options.deltas, Checkpoint(resolve_model_path(model_ref), options.allow_pickle)
                         if options.deltas else None)
@@ -162,10 +122,7 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: ProgressFacto
                                                progress, workers)
     if delta is not None:
         add_delta_to_model(model, delta)
-    ctx = EvalContext(model, tokenizer, batch_size=options.batch_size, limit=options.limit, seed=options.seed,
-                      data_dir=options.data_dir, requests=requests, locality_reference=reference,
-                      reference_name=reference_name, text_path=options.text, window=options.window,
-                      stride=options.stride, max_tokens=options.max_tokens, progress=progress, workers=workers)
+    ctx = EvalContext(model, tokenizer, options, requests, reference, reference_name, progress, workers)
     outcomes: list[tuple[str, TaskOutcome, float]] = []
     failed: dict[str, str] = {}
     for task, source in tasks:

@@ -7,21 +7,20 @@ repeated once per target, and only the target tokens (all but the last) run a se
 masked and position ids count real tokens only, so a score does not depend on the batch it was computed in; the
 vocabulary projection is only computed where a target token is predicted.
 
-Tokenisation convention (used everywhere in prunecli): the prompt is encoded with the tokenizer's special tokens
-(e.g. LLaMA's BOS), the target without them and with one leading space unless the prompt already ends in whitespace.
+Prompts and targets are tokenised by `models.tokens.encode_pair`, the convention every part of prunecli shares.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from prunecli.models.forward import forward_keywords
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import encode_pair, pad_id
 
 
 @dataclass(frozen=True)
@@ -51,42 +50,6 @@ class TargetScore:
     @property
     def token_accuracy(self) -> float:
         return sum(self.token_correct) / len(self.token_correct)
-
-
-def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:  # noqa: ANN001 - HF tokenizer
-    """Token ids of the prompt (with special tokens) and of the target (without, leading space added)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    sep = "" if (not prompt or prompt[-1].isspace()) else " "
-    target_ids = tokenizer(sep + target.strip(), add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise ValueError(f"target {target!r} tokenizes to nothing")
-    if not prompt_ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes to nothing (nothing to predict the target from)")
-    return list(prompt_ids), list(target_ids)
-
-
-def pad_id(tokenizer) -> int:  # noqa: ANN001
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-def max_context(model: Any) -> int | None:
-    """The model's context length from its config (None when the config does not say)."""
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def forward_keywords(model: Any) -> tuple[str, bool]:
-    """(name of the key/value cache argument, whether `logits_to_keep` exists): transformers renamed
-    `past_key_values` to `cache` in 5.x, and older versions have no `logits_to_keep`."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import Advance, MetricGroup
+from prunecli.evaluation.base import MetricGroup
+from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, case_means
 from prunecli.evaluation.scoring import TargetScore, score_targets
 from prunecli.requests import EditRequest

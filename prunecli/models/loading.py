@@ -101,12 +101,12 @@ def placement_kwargs(device_map: str | None, max_memory: str | dict[int | str, i
     return kwargs
 
 
-def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta: Delta | None = None,
-               ignore_base_mismatch: bool = False, *, device_map: str | None = None,
+def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", *, device_map: str | None = None,
                max_memory: str | dict[int | str, int | str] | None = None,
                offload_folder: str | Path | None = None,
                tokenizer: str | Path | None = None, allow_pickle: bool = False) -> tuple[Any, Any, Checkpoint]:
-    """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name, deltas applied.
+    """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name. Deltas are added
+    by the caller (`add_delta_to_model`) after whatever it needs of the unedited model (prefixes, references).
 
     The tokenizer is the model folder's own, or `tokenizer` (a folder, a tokenizer.json file or a built-in name);
     it is checked before the weights load (it must encode text) and after (its ids must fit the embedding), so a
@@ -125,8 +125,6 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
     base = Checkpoint(path, allow_pickle=allow_pickle)  # pickle weights are refused here unless the user opted in
     if not base.is_folder or not base.config:
         raise PruneCliError(f"{path} is not a model folder with config.json (needed to build the model)")
-    if delta is not None:
-        delta.check_base(base, ignore_base_mismatch)
     target = None if placement else resolve_device(device)
     source = tokenizer_source(path, tokenizer)
     tok = load_tokenizer(source)
@@ -138,8 +136,6 @@ def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", delta:
     if target is not None:
         model.to(target)
     model.eval()
-    if delta is not None:
-        add_delta_to_model(model, delta)
     return model, tok, base
 
 

@@ -3,7 +3,8 @@
 A causal LM's forward pass returns fp32 logits for every position: tokens x vocabulary x 4 bytes, 4.3 GB for 4,096
 tokens of a 262k-vocabulary model (Gemma-3). Scoring needs them only a few hundred positions at a time, so the
 decoder runs once (its last hidden state captured by a hook) and the output layer is applied to chunks of positions.
-`ChunkedHead.check` compares the result with the model's own logits at the last position (asked for with
+The value optimisation of the editors uses the same split (decoder once, head only where its loss reads).
+`OutputHead.check` compares the result with the model's own logits at the last position (asked for with
 `logits_to_keep=1`, which costs one position), so an architecture whose output layer does more than we reproduce
 (a scale we do not know of) is detected instead of silently mis-scored.
 """
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 
 
-class ChunkedHead:
-    """The output layer of `model` (lm_head, then Gemma-2/3's final logit soft-capping when the config sets it)."""
+class OutputHead:
+    """A causal LM split into its decoder (`base_model`, ending in the final norm) and its output layer (lm_head,
+    then Gemma-2/3's final logit soft-capping when the config sets it; computed in fp32)."""
 
     def __init__(self, model: Any, head: torch.nn.Module) -> None:
+        self.decoder = model.base_model
         self.head = head
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
@@ -37,14 +40,15 @@ class ChunkedHead:
         return bool(torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-6))
 
 
-def chunked_head(model: Any) -> ChunkedHead | None:
-    """The chunked output layer of a transformers causal LM; None for a model without one (no output embeddings or
-    no base model to hook)."""
+def output_head(model: Any) -> OutputHead | None:
+    """The decoder/output-layer split of a transformers causal LM; None for a model without one (no output
+    embeddings, or no base model distinct from the model): callers then use the model's full logits."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Module) or getattr(model, "base_model", None) is None:
+    decoder = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Module) or decoder is None or decoder is model:
         return None
-    return ChunkedHead(model, head)
+    return OutputHead(model, head)
 
 
 @contextmanager
