@@ -16,6 +16,21 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
 
 
+# CounterFact-format records a tiny model can be evaluated on (each with rephrase and locality prompts).
+COUNTERFACT = [
+    {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+     "target_new": "English", "ground_truth": "French",
+     "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+     "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"},
+    {"case_id": 1, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Seattle",
+     "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower can be found in the city of",
+     "locality_prompt": "The Louvre is located in", "locality_ground_truth": "Paris"},
+    {"case_id": 2, "prompt": "Michael Jordan plays the sport of", "subject": "Michael Jordan", "target_new": "guitar",
+     "ground_truth": "basketball", "rephrase_prompt": "Michael Jordan is a professional",
+     "locality_prompt": "The Chicago Bulls play", "locality_ground_truth": "basketball"},
+]
+
+
 def one_line_error(excinfo: pytest.ExceptionInfo[PruneCliError], *words: str) -> None:
     """The error is one non-empty line containing every word."""
     msg = str(excinfo.value)
@@ -98,3 +113,24 @@ class RecordingProgress:
                 recorder.logged.append(message)
 
         yield Task()
+
+
+def assert_gradient_factors_match_autograd(model: torch.nn.Module, targets: list[Any], batch: Any) -> dict[str, Any]:
+    """MEND's gradient factors (u, delta) of each target weight give exactly autograd's weight gradient
+    (delta^T u, in the stored orientation); returns the factors."""
+    from prunecli.editors.mend import gradient_factors, sequence_nll
+
+    def loss() -> torch.Tensor:
+        return sequence_nll(model(**batch.inputs()).logits, batch).sum()
+
+    _, factors = gradient_factors(model, targets, loss)
+    for t in targets:
+        model.get_parameter(t.name).requires_grad_(True)
+    loss().backward()
+    for t in targets:
+        u, d = factors[t.name]
+        grad = model.get_parameter(t.name).grad
+        torch.testing.assert_close(d.T @ u, grad if t.layout == "out_in" else grad.T, atol=1e-6, rtol=1e-4)
+        model.get_parameter(t.name).requires_grad_(False)
+        model.get_parameter(t.name).grad = None
+    return factors

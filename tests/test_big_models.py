@@ -22,20 +22,12 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
 from prunecli.models.loading import add_delta_to_model, load_model, parse_max_memory, placement_kwargs
 from prunecli.models.placement import input_device, read_tensor, write_tensor
+from helpers import COUNTERFACT
 
 runner = CliRunner()
 # 160 kB of "CPU memory" for the 250 kB tiny LLaMA: embeddings and layer 0 stay in RAM, layers 1-3 go to disk.
 OFFLOAD = {"device_map": "auto", "max_memory": "cpu=160000"}
 RESIDENT, ON_DISK = "model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"
-COUNTERFACT = [
-    {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-     "target_new": "English", "ground_truth": "French",
-     "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
-     "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"},
-    {"case_id": 1, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Seattle",
-     "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower can be found in the city of",
-     "locality_prompt": "The Louvre is located in", "locality_ground_truth": "Paris"},
-]
 
 
 def _delta(model_dir: Path, names: list[str], seed: int = 3) -> Delta:
@@ -139,7 +131,7 @@ def _evaluate(args: list[str]) -> dict:
 
 def test_evaluate_with_device_map_matches_plain_load(llama_dir: Path, tmp_path: Path) -> None:
     edits = tmp_path / "cf.json"
-    edits.write_text(json.dumps(COUNTERFACT))
+    edits.write_text(json.dumps(COUNTERFACT[:2]))
     text = tmp_path / "text.txt"
     from tiny_models import CORPUS
 

@@ -69,7 +69,7 @@ def test_compare_command_reads_reports_without_torch(tmp_path: Path) -> None:
 
 
 def test_requests_from_standard_input(llama_dir: Path) -> None:
-    from test_evaluate_cli import COUNTERFACT
+    from helpers import COUNTERFACT
 
     text = "\n".join(json.dumps(r) for r in COUNTERFACT) + "\n"
     piped = runner.invoke(app, ["evaluate", str(llama_dir), "-e", "-", "-t", "counterfact", "--json"], input=text)
@@ -113,7 +113,7 @@ def test_commands_that_load_models_have_the_allow_pickle_their_messages_name(tmp
 
 
 def test_one_name_per_concept_old_spellings_still_work(llama_dir: Path, tmp_path: Path) -> None:
-    from test_evaluate_cli import COUNTERFACT
+    from helpers import COUNTERFACT
 
     edits = tmp_path / "cf.json"
     edits.write_text(json.dumps(COUNTERFACT))

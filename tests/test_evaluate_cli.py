@@ -14,23 +14,11 @@ from prunecli.core.delta import Delta
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
-from helpers import random_delta
+from helpers import COUNTERFACT, random_delta
 from tiny_models import CORPUS
 
 runner = CliRunner()
 
-COUNTERFACT = [
-    {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-     "target_new": "English", "ground_truth": "French",
-     "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
-     "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"},
-    {"case_id": 1, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Seattle",
-     "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower can be found in the city of",
-     "locality_prompt": "The Louvre is located in", "locality_ground_truth": "Paris"},
-    {"case_id": 2, "prompt": "Michael Jordan plays the sport of", "subject": "Michael Jordan", "target_new": "guitar",
-     "ground_truth": "basketball", "rephrase_prompt": "Michael Jordan is a professional",
-     "locality_prompt": "The Chicago Bulls play", "locality_ground_truth": "basketball"},
-]
 ZSRE = [
     {"subject": "Apple A5", "src": "Who created Apple A5?", "pred": "Apple", "rephrase": "Apple A5 was made by whom?",
      "alt": "Microsoft", "answers": ["Apple"], "loc": "nq question: where is the space needle", "loc_ans": "Seattle"},

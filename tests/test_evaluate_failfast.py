@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from test_evaluate_cli import COUNTERFACT
+from helpers import COUNTERFACT
 
 runner = CliRunner()
 

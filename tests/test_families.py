@@ -26,8 +26,7 @@ from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors import memit
 from prunecli.editors.memit import residual_targets
-from prunecli.editors.mend import (MendConfig, MendNetworks, encode_targets, gradient_factors, mlp_targets,
-                                   sequence_nll)
+from prunecli.editors.mend import MendConfig, MendNetworks, encode_targets, mlp_targets
 from prunecli.editors.mend_editor import MendEditor
 from prunecli.editors.mend_archive import MendArchive
 from prunecli.editors.residual import projection_shift
@@ -38,17 +37,10 @@ from prunecli.errors import PruneCliError
 from prunecli.evaluation.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from tiny_models import CORPUS, FAMILIES, POST_MLP_NORM_FAMILIES, build_tiny_model, tiny_tokenizer
+from helpers import assert_gradient_factors_match_autograd
 
 LAYERS = [0, 1, 2]
 FAST = ["v_num_grad_steps=30"]  # enough for the targets to make the new object more likely
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _setup(family: str):
@@ -135,19 +127,7 @@ def test_mend_gradient_factors_and_edit(family):
     model, tok, adapter, _ = _setup(family)
     targets = mlp_targets(adapter, [adapter.num_layers - 1])
     batch = encode_targets(tok, [REQUESTS[0].text], [REQUESTS[0].target_new], torch.device("cpu"))
-
-    def loss():
-        return sequence_nll(model(**batch.inputs()).logits, batch).sum()
-
-    _, factors = gradient_factors(model, targets, loss)
-    for t in targets:
-        model.get_parameter(t.name).requires_grad_(True)
-    loss().backward()
-    for t in targets:
-        u, d = factors[t.name]
-        grad = model.get_parameter(t.name).grad
-        torch.testing.assert_close(d.T @ u, grad if t.layout == "out_in" else grad.T, atol=1e-6, rtol=1e-4)
-        model.get_parameter(t.name).requires_grad_(False)
+    factors = assert_gradient_factors_match_autograd(model, targets, batch)
     networks = MendNetworks(targets, MendConfig(rank=4, edit_lr_init=0.05))
     for t in targets:
         u, d = factors[t.name]

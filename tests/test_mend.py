@@ -14,11 +14,12 @@ from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.editors.mend import (MendConfig, MendNetworks, add_to_weight, default_layers, encode_targets,
-                                   factored_update, gradient_factors, low_rank_added, mlp_targets, sequence_nll)
+                                   factored_update, low_rank_added, mlp_targets)
 from prunecli.editors.mend_archive import MendArchive, base_fingerprints
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
 from tiny_models import build_tiny_model, save_tiny_model, tiny_tokenizer
+from helpers import assert_gradient_factors_match_autograd
 
 runner = CliRunner()
 
@@ -36,15 +37,6 @@ RECORDS = [
     {"src": "Windows was created by", "subject": "Windows", "alt": "Apple", "answers": ["Microsoft"],
      "rephrase": "Windows was made by", "loc": "Michael Jordan played for the", "loc_ans": "Chicago Bulls"},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _setup(family: str):
@@ -95,19 +87,9 @@ def test_gradient_rows_reproduce_autograd_weight_gradient(family):
     batch = encode_targets(tiny_tokenizer(), ["The Eiffel Tower is in", "Michael Jordan plays"],
                            ["Paris", "basketball"], torch.device("cpu"))
 
-    def loss():
-        return sequence_nll(model(**batch.inputs()).logits, batch).sum()
-
-    _, factors = gradient_factors(model, targets, loss)
+    factors = assert_gradient_factors_match_autograd(model, targets, batch)
     for t in targets:
-        model.get_parameter(t.name).requires_grad_(True)
-    loss().backward()
-    for t in targets:
-        u, d = factors[t.name]
-        grad = model.get_parameter(t.name).grad
-        expected = grad if t.layout == "out_in" else grad.T
-        assert torch.allclose(d.T @ u, expected, atol=1e-6, rtol=1e-4), t.name
-        assert u.shape[0] <= batch.input_ids.numel()
+        assert factors[t.name][0].shape[0] <= batch.input_ids.numel()
     last = [t for t in targets if t.layer == 3]
     assert all(factors[t.name][0].shape[0] == len(batch.tokens) for t in last)  # only target-predicting tokens
 
