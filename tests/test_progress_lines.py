@@ -37,6 +37,22 @@ def test_lines_at_start_first_item_interval_and_end() -> None:
     assert lines[-1].endswith("elapsed 16 s, loss 3")
 
 
+
+def test_a_busy_inner_task_does_not_silence_the_outer_one() -> None:
+    """Edits update the optimisation-steps task every second; the edits task still gets its line per interval."""
+    out, clock = io.StringIO(), Clock()
+    with LineProgress(Console(file=out, width=200), every=10.0, clock=clock) as progress:
+        outer = progress.add_task("editing", total=3)
+        inner = progress.add_task("steps", total=20)
+        for edit in range(3):
+            for step in range(20):
+                clock.now += 1.0
+                progress.update(inner, completed=step)
+            progress.update(outer, completed=edit + 1)
+    outer_lines = [line for line in out.getvalue().splitlines() if line.startswith("editing")]
+    assert [line.split(",")[0] for line in outer_lines] == ["editing 0/3 (0%)", "editing 1/3 (33%)",
+                                                           "editing 2/3 (67%)", "editing 3/3 (100%)"]
+
 def test_heartbeat_during_one_long_item() -> None:
     out = io.StringIO()
     with LineProgress(Console(file=out, width=200), every=0.05) as progress:

@@ -3,8 +3,9 @@
 rich draws nothing until the end when stderr is not a terminal, so `make > log 2> err` showed an empty `err` through
 a 16-minute edit. `LineProgress` offers the subset of rich's `Progress` API the commands use (`add_task`, `advance`,
 `update`, `tasks`) and prints one line per task update at most every `PRUNECLI_PROGRESS_INTERVAL` seconds
-(default 15), always at the first and the last item, plus a heartbeat line when an item runs longer than that, so a
-log shows that a long step is alive: `editing 12/200 (6%), 4.1 s/item, elapsed 49 s, eta 12.9 min, loss 3.10 -> 0.04`.
+(default 15) per task (a busy inner task, e.g. the optimisation steps within an edit, does not silence the outer one),
+always at the first and the last item, plus a heartbeat line when an item runs longer than that, so a log shows that
+a long step is alive: `editing 12/200 (6%), 4.1 s/item, elapsed 49 s, eta 12.9 min, loss 3.10 -> 0.04`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LineTask:
     completed: float = 0.0
     first_reported: bool = False
     fields: dict[str, Any] = field(default_factory=dict)
+    last_printed: float = float("-inf")
 
     def line(self, now: float) -> str:
         """`description done/total (pct), rate, elapsed, eta, fields...` (rate as s/item when items are slow)."""
@@ -116,9 +118,9 @@ class LineProgress:
 
     def _print(self, task: LineTask, force: bool) -> None:
         now = self.clock()
-        if force or now - self._last_line >= self.every:
+        if force or now - task.last_printed >= self.every:
             self.console.print(task.line(now), highlight=False, markup=False, soft_wrap=True)
-            self._last_line = now
+            self._last_line = task.last_printed = now
 
     def _beat(self) -> None:
         """A line for the running task when nothing was printed for a whole interval (one long item)."""
