@@ -131,8 +131,30 @@ def workers(device: str = "auto", device_map: str | None = None) -> Iterator[Wor
     device_name = "cpu" if state.device.type == "cpu" else str(state.device)
     try:
         yield Workers(state.process_index, state.num_processes, device_name)
-        # Leave together: a process that tears the group down while a peer's last collective is still talking to it
-        # makes gloo abort the peer.
-        state.wait_for_everyone()
+        _leave_together(state.process_index, state.num_processes)
     finally:
         state.destroy_process_group()
+
+
+def _leave_together(rank: int, world_size: int) -> None:
+    """Return only when no process's group can still be talking to another, so tearing it down aborts no peer.
+
+    A barrier alone is not enough: gloo lets a process leave a barrier while its last message to a peer is still
+    queued, and destroying its group then closes that connection under the peer, which aborts (SIGABRT) with
+    "connection closed by peer" (gloo issue 155: barrier followed by context destruction). `test_multiprocess` saw it
+    once in about a dozen runs. So after the barrier every process says so through the launcher's key-value store
+    (not through gloo) and waits until all have: by then every barrier message has been received. The store's server
+    lives in process 0, so process 0 also waits until the others have read that, and leaves last.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store; no public accessor exists
+    if store.add("prunecli/left-barrier", 1) == world_size:
+        store.set("prunecli/all-left-barrier", "1")
+    store.wait(["prunecli/all-left-barrier"])
+    if rank != 0:
+        if store.add("prunecli/released", 1) == world_size - 1:
+            store.set("prunecli/all-released", "1")
+    elif world_size > 1:
+        store.wait(["prunecli/all-released"])
