@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from prunecli.evaluation.counterfact import counterfact_metrics, evaluate_counterfact, needed_pairs
-from prunecli.evaluation.scoring import TargetScore
+from prunecli.models.scoring import TargetScore
 from prunecli.models.tokens import encode_pair
 from prunecli.models.loading import load_model
 from prunecli.requests import load_requests

@@ -19,7 +19,7 @@ from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.memit import MemitEditor
 from prunecli.editors.stats import KeyStats, accumulate
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
 from tiny_models import CORPUS

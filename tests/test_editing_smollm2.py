@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from prunecli.cli import app
 from prunecli.core.delta import Delta, load_deltas
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
 

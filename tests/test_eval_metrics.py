@@ -19,7 +19,7 @@ from prunecli.evaluation.counterfact import evaluate_counterfact
 from prunecli.evaluation.generation import greedy_generate
 from prunecli.evaluation.metrics import MetricValue, case_means, lower, prob_gap, weighted_f1
 from prunecli.evaluation.perplexity import evaluate_perplexity, sliding_windows
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
 from prunecli.requests import EditRequest
 

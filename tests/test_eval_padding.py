@@ -11,7 +11,7 @@ import torch
 from prunecli.evaluation.counterfact import evaluate_counterfact
 from prunecli.evaluation.generation import greedy_generate
 from prunecli.evaluation.perplexity import evaluate_perplexity
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest
 from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 

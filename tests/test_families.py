@@ -34,7 +34,7 @@ from prunecli.editors.rome import RomeEditor
 from prunecli.editors.stats import accumulate
 from prunecli.editors.value import optimize_value
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from tiny_models import CORPUS, FAMILIES, POST_MLP_NORM_FAMILIES, build_tiny_model, tiny_tokenizer
 from helpers import assert_gradient_factors_match_autograd

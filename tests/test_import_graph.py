@@ -58,6 +58,14 @@ def test_imports_go_down_the_layers() -> None:
     assert not upward, upward
 
 
+def test_editors_and_evaluation_are_siblings() -> None:
+    """Both sit on models/ (scoring, tokenisation, forward-pass plumbing); neither imports the other."""
+    crossing = [f"{a} -> {b}" for a, deps in GRAPH.items() for b in deps
+                for x, y in (("editors", "evaluation"), ("evaluation", "editors"))
+                if a.startswith(f"prunecli.{x}") and b.startswith(f"prunecli.{y}")]
+    assert not crossing, crossing
+
+
 def test_the_library_never_imports_the_cli() -> None:
     bad = [f"{a} -> {b}" for a, deps in GRAPH.items() for b in deps
            if (b.startswith("prunecli.commands") or b == "prunecli.cli")

@@ -12,7 +12,7 @@ from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.memit import MemitEditor, spread_update
 from prunecli.editors.stats import accumulate
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
 from tiny_models import CORPUS

@@ -14,7 +14,7 @@ from prunecli.editors.prompts import encode_subject_prompt, generate_prefixes, r
 from prunecli.editors.rome import RomeEditor, rank_one_update
 from prunecli.editors.tracing import shifted_output
 from prunecli.editors.value import optimize_value
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
 

@@ -30,7 +30,7 @@ from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport
 from prunecli.editors.base import EditContext, Editor, HParams
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import check_edits
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
 from prunecli.models.placement import input_device, write_tensor

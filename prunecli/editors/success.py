@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest
 
 MIN_PROB_WITHOUT_TRUE = 0.1  # mean token probability of the new target, for requests that name no true object

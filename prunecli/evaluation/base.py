@@ -15,7 +15,7 @@ from typing import Any
 from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.metrics import MetricValue
-from prunecli.evaluation.scoring import TargetScore
+from prunecli.models.scoring import TargetScore
 from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
 

@@ -17,7 +17,7 @@ from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, MetricGroup, TaskOutcome
 from prunecli.evaluation.data import field, load_records, resolve_source, subsample
 from prunecli.evaluation.metrics import MetricValue, case_means, weighted_f1
-from prunecli.evaluation.scoring import score_targets
+from prunecli.models.scoring import score_targets
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.base import MetricGroup
 from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, MetricValue, case_means, flag, lower, prob_gap
-from prunecli.evaluation.scoring import TargetScore, score_targets
+from prunecli.models.scoring import TargetScore, score_targets
 from prunecli.requests import EditRequest
 
 GROUP_PROB = "counterfact_rome"

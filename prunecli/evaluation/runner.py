@@ -24,7 +24,7 @@ from prunecli.evaluation.base import EvalContext, EvalOptions, TaskOutcome
 from prunecli.progress import Progress, no_progress
 from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
-from prunecli.evaluation.scoring import TargetScore
+from prunecli.models.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
 from prunecli.models.default_model import resolve_model_path
 from prunecli.requests import EditRequest, load_requests, parse_record

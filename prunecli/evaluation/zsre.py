@@ -19,7 +19,7 @@ from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import MetricGroup
 from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, case_means
-from prunecli.evaluation.scoring import TargetScore, score_targets
+from prunecli.models.scoring import TargetScore, score_targets
 from prunecli.requests import EditRequest
 
 GROUP = "zsre"
