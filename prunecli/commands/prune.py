@@ -86,10 +86,10 @@ def main(
         chosen = select_names([(n,) for n in delta.entries], select) if select else list(delta.entries)
         with cli_progress() as progress:
             pruned, reports = restrain_delta(replace(delta, entries={n: delta.entries[n] for n in chosen}), base_ckpt,
-                                             **settings.kwargs(), kappa=not no_kappa, progress=progress, device=dev)
+                                             **settings.kwargs(), kappa=not no_kappa, progress=progress, device=dev,
+                                             record={"select": list(select)} if select else None)
         if select:  # the entries not selected are kept as they were
-            pruned = replace(pruned, entries={n: pruned.entries.get(n, e) for n, e in delta.entries.items()},
-                             history=[*pruned.history[:-1], {**pruned.history[-1], "select": list(select)}])
+            pruned = replace(pruned, entries={n: pruned.entries.get(n, e) for n, e in delta.entries.items()})
         for r in reports:
             if r.info.warning:
                 warn(f"{r.name}: {r.info.warning}")

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from prunecli.core.atomic import atomic_file
 from prunecli.core.checkpoint import Checkpoint, Layout
 from prunecli.core.safetensors_stream import TensorSource, write_safetensors
+from prunecli.core.history import HistoryOp, entry_problem
 from prunecli.errors import PruneCliError, PruneCliWarning
 
 FORMAT = "prunecli-delta"
@@ -167,9 +168,9 @@ class Delta:
                      self.source or other.source, self.history + other.history,
                      _concat_extras(self.extras, other.extras))
 
-    def with_entries(self, entries: dict[str, DeltaEntry], op: dict[str, Any]) -> Delta:
+    def with_entries(self, entries: dict[str, DeltaEntry], op: HistoryOp) -> Delta:
         """A copy with new entries (e.g. restrained) and `op` appended to the history."""
-        return replace(self, entries=entries, history=[*self.history, op])
+        return replace(self, entries=entries, history=[*self.history, op.to_json()])
 
     # ------------------------------------------------------------------------------------------- base checks
     def check_base(self, base: Checkpoint, ignore_mismatch: bool = False) -> list[str]:
@@ -280,7 +281,7 @@ class Delta:
         if not isinstance(history, list):
             raise bad("history is not a list")
         for i, op in enumerate(history):
-            problem = history_entry_problem(op)
+            problem = entry_problem(op)
             if problem:
                 raise bad(f"history entry {i}: {problem}")
         if not isinstance(specs, dict) or not specs:
@@ -353,19 +354,6 @@ def _concat_extras(first: dict[str, torch.Tensor], then: dict[str, torch.Tensor]
         else:
             out[name] = t
     return out
-
-
-def history_entry_problem(op: Any) -> str | None:
-    """What is wrong with one history entry, or None: a JSON object with a string `op`; `edit` entries list their
-    requests as objects; `prune` entries carry their settings as an object (read back by `evaluate` and `prune`)."""
-    if not isinstance(op, dict):
-        return f"is a {type(op).__name__}, not a JSON object"
-    if not isinstance(op.get("op"), str):
-        return "has no string 'op'"
-    requests = op.get("requests", [])
-    if op["op"] == "edit" and (not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests)):
-        return "'requests' is not a list of JSON objects"
-    return None
 
 
 def add_update(name: str, weight: torch.Tensor, update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
+from prunecli.core.history import DiffOp
 from prunecli.core.lowrank import compress_dense_report
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
@@ -119,6 +120,4 @@ def diff_checkpoints(base: Checkpoint, edited: Checkpoint, select: Sequence[str]
     if not delta.entries:
         hint = f" (only tensors that are not 2-D changed: {', '.join(skipped)})" if skipped else ""
         raise PruneCliError(f"no selected matrix differs between {base.path} and {edited.path}: nothing to write{hint}")
-    delta.history.append({"op": "diff", "edited": str(edited.path), "rank": rank, "tol": tol,
-                          "per_tensor": per_tensor, "skipped": skipped})
-    return delta
+    return delta.with_entries(delta.entries, DiffOp(str(edited.path), rank, tol, per_tensor, skipped))

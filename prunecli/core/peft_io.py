@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from prunecli.core.atomic import Inputs, atomic_directory
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry, add_update
+from prunecli.core.history import ImportPeftOp
 from prunecli.core.lowrank import entry_svd
 from prunecli.core.safetensors_stream import TensorSource, write_safetensors
 from prunecli.errors import PruneCliError
@@ -198,5 +199,4 @@ def delta_from_peft(path: Path, base: Checkpoint) -> Delta:
             if not bool(torch.isfinite(t.float()).all()):
                 raise PruneCliError(f"{path}: {module}: {what} contains NaN or Inf values")
         delta.add(base.canonical(module + ".weight"), DeltaEntry.lowrank(a, lora_a.float().T, layout), base)
-    delta.history.append({"op": "import-peft", "adapter": str(path)})
-    return delta
+    return delta.with_entries(delta.entries, ImportPeftOp(str(path)))

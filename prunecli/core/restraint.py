@@ -39,6 +39,7 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.lowrank import entry_svd
 from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, matrix_stats, numerical_rank,
                                    single_cpu_thread, singular_values)
+from prunecli.core.history import PruneOp
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
 
@@ -488,13 +489,12 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
             kappas = {"kappa_base": cache.kappa(name, entry, updated=False), "kappa_edited": cache.kappa(name, entry),
                       "kappa_pruned": cache.kappa(name, new_entry)}
         reports.append(TensorReport(name, info, **kappas))
-    op = {"op": "prune", "fn": "scale-free" if target_kappa is not None else fn, "alpha": alpha, "beta": beta,
-          "strength": strength, "clamp": clamp, "target_kappa": target_kappa, **(record or {}),
-          "per_tensor": {r.name: {"sigma_max_base": r.info.sigma_max, "rank": r.info.rank,
-                                  "n_restrained": r.info.n_restrained, "n_enlarged": r.info.n_enlarged,
-                                  "strength": r.info.strength, "kappa_base": r.kappa_base,
-                                  "kappa_before": r.kappa_edited, "kappa_after": r.kappa_pruned}
-                         for r in reports}}
+    op = PruneOp("scale-free" if target_kappa is not None else fn, alpha, beta, strength, clamp, target_kappa,
+                 {r.name: {"sigma_max_base": r.info.sigma_max, "rank": r.info.rank,
+                           "n_restrained": r.info.n_restrained, "n_enlarged": r.info.n_enlarged,
+                           "strength": r.info.strength, "kappa_base": r.kappa_base,
+                           "kappa_before": r.kappa_edited, "kappa_after": r.kappa_pruned} for r in reports},
+                 record or {})
     return delta.with_entries(entries, op), reports
 
 

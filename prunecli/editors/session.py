@@ -26,6 +26,7 @@ import torch
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
+from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, Editor, HParams
 from prunecli.editors.prompts import generate_prefixes
@@ -150,8 +151,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
 
     def flush() -> None:
         if pending:
-            op = {"op": "edit", "method": editor.method, "hparams": hparams.to_json(), "seed": seed,
-                  **(provenance or {}), "requests": list(pending)}
+            op = EditOp(editor.method, hparams.to_json(), seed, list(pending), provenance or {})
             run.delta = run.delta.with_entries(run.delta.entries, op)
             pending.clear()
 
