@@ -14,6 +14,7 @@ from prunecli.editors.prompts import encode_subject_prompt, generate_prefixes, r
 from prunecli.editors.rome import RomeEditor, rank_one_update
 from prunecli.editors.tracing import shifted_output
 from prunecli.editors.value import optimize_value
+from prunecli.errors import PruneCliError
 from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
@@ -116,3 +117,37 @@ def test_subject_last_token_is_found_when_it_merges_with_what_follows(llama_dir)
     start, end = offsets[p.subject_index]
     assert start < text.index("Lyon") + 4 <= end  # the token holding "n", the subject's last character
     assert p.ids[:p.n_prompt] == tok(text)["input_ids"] and len(p.target) == 1
+
+
+def test_original_key_handling_maps_the_bare_key_and_the_averaged_one_otherwise(llama_dir):
+    """`rome_key: original` is the published ROME code's update: u = C^-1 k* (averaged key) but the denominator
+    u^T k of the bare prompt's key, so W' k = W k + delta holds for the bare key k and not for k*; the default
+    (`averaged`, R-ROME) maps k* to v* = W k* + delta. Same delta and same direction u in both."""
+    prefixes = ["", "A short text. ", "Another one here. "]
+    req = REQUESTS[0]
+    runs = {}
+    for mode in ("averaged", "original"):
+        model, tok, adapter, hp = _setup(llama_dir, [f"rome_key={mode}", "v_num_grad_steps=5"])
+        moments = {LAYER: _spd(adapter.key_size(LAYER))}
+        k_star = subject_keys(model, tok, adapter.projection(LAYER), [req], prefixes)[0][0].double()
+        k_bare = subject_keys(model, tok, adapter.projection(LAYER), [req], [""])[0][0].double()
+        value = optimize_value(model, tok, adapter.projection(LAYER), adapter.value_size(LAYER), req, prefixes, hp)
+        w0 = adapter.weight_matrix(LAYER).double()
+        (update,), _ = RomeEditor().apply(model, tok, adapter, [req], EditContext(hp, prefixes, moments))
+        runs[mode] = (adapter.weight_matrix(LAYER).double() - w0, k_star, k_bare, value.delta.double(), update)
+    (d_avg, k_star, k_bare, delta, u_avg), (d_orig, _, _, delta_orig, u_orig) = runs["averaged"], runs["original"]
+    torch.testing.assert_close(delta_orig, delta)  # the same value optimisation
+    assert not torch.allclose(k_star, k_bare, rtol=1e-3)  # the prefixes change the key
+    torch.testing.assert_close(d_avg @ k_star, delta, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d_orig @ k_bare, delta, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(d_orig @ k_star, delta, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(u_orig.b / u_orig.b.norm(), u_avg.b / u_avg.b.norm(), rtol=1e-5, atol=1e-6)
+
+
+def test_rome_key_is_checked():
+    with pytest.raises(PruneCliError, match="rome_key must be one of averaged, original"):
+        resolve_hparams("rome", "llama", 4, sets=["rome_key=paper"])
+    with pytest.raises(PruneCliError, match="rome_key only applies to rome"):
+        resolve_hparams("memit", "llama", 4, sets=["rome_key=original"])
+    assert resolve_hparams("rome", "llama", 4).rome_key == "averaged"
+    assert "rome_key" not in resolve_hparams("memit", "llama", 4).to_json()

@@ -46,6 +46,10 @@ MODULE_TEMPLATES = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", 
 MODULE_NAMES = ("ln_f_module", "lm_head_module")
 # Keys only AlphaEdit has; None (and absent from `to_json`) for the other methods, so their records are unchanged.
 ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
+# ROME's key handling: "averaged" (R-ROME: the prefix-averaged key k* in the update and its denominator) or
+# "original" (the published ROME code: u = C^-1 k* but the denominator u^T k of the bare prompt's key), which the
+# R-ROME paper blames for the collapse of long sequential runs. None (and absent from `to_json`) for other methods.
+ROME_KEYS = ("averaged", "original")
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
@@ -68,9 +72,11 @@ class EditHParams:
     fact_token: str = "subject_last"
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of the mean C below this span the null space
     L2: float | None = None  # AlphaEdit: ridge term L2 I added after projecting (the official key name)
+    rome_key: str | None = None  # ROME: "averaged" | "original" (see ROME_KEYS)
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in ALPHAEDIT_KEYS and v is None)}
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if not ((k in ALPHAEDIT_KEYS or k == "rome_key") and v is None)}
         d["layers"] = list(self.layers)
         d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
         return d
@@ -133,7 +139,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
-    "nullspace_threshold": _as_float, "L2": _as_float,
+    "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -310,6 +316,10 @@ def validate(hp: EditHParams, num_layers: int) -> None:
         given = [key for key in ALPHAEDIT_KEYS if getattr(hp, key) is not None]
         if given:
             raise PruneCliError(f"{', '.join(given)} only apply to alphaedit, not {hp.method}")
+    if hp.method == "rome" and hp.rome_key not in ROME_KEYS:
+        raise PruneCliError(f"rome_key must be one of {', '.join(ROME_KEYS)}, got {hp.rome_key!r}")
+    if hp.method != "rome" and hp.rome_key is not None:
+        raise PruneCliError(f"rome_key only applies to rome, not {hp.method}")
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),

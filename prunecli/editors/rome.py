@@ -5,7 +5,9 @@ v* = W k* + delta, delta from the value optimisation at the projection's output 
 u  = C^-1 k* (C = E[k k^T] from `prunecli stats`; C = I without statistics);
 Delta W = (v* - W k*) u^T / (u^T k*), so W' k* = v* exactly.
 The same k* appears in both places (R-ROME, Gupta et al. 2024): the original code mixed the averaged key with the
-bare prompt's key, which makes long sequential runs collapse.
+bare prompt's key k (denominator u^T k, so W' k = W k + delta on the bare prompt but W' k* != v*), which makes long
+sequential runs collapse. `rome_key: original` reproduces that code's update for comparison; the default is
+`averaged`.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from prunecli.requests import EditRequest
 
 
 def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
-                    moment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (a [out, 1], b [in, 1]) of Delta W = (v* - W k) (C^-1 k)^T / ((C^-1 k)^T k), computed in float64."""
+                    moment: torch.Tensor | None = None,
+                    denominator_key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a [out, 1], b [in, 1]) of Delta W = (v* - W k) (C^-1 k)^T / ((C^-1 k)^T k'), computed in float64,
+    with k' = k unless `denominator_key` is given (the original ROME code's bare-prompt key)."""
     k = key.double()
     try:
         u = torch.linalg.solve(moment.double(), k) if moment is not None else k
     except torch.linalg.LinAlgError:
         raise PruneCliError("the key statistics are singular (too few tokens?); recompute them with more "
                             "--tokens") from None
-    denom = u @ k
+    denom = u @ (k if denominator_key is None else denominator_key.double())
     if not torch.isfinite(denom) or denom <= 0:
         raise PruneCliError(f"degenerate ROME update (u^T k = {float(denom):.3g}); the statistics may be broken")
     residual = v_star.double() - w.double() @ k
@@ -56,11 +60,13 @@ class RomeEditor(Editor):
         updates, outcomes = [], []
         for request in requests:  # one after another, each on the model with the previous ones applied
             keys, _ = subject_keys(model, tokenizer, projection, [request], ctx.prefixes)
+            bare = (subject_keys(model, tokenizer, projection, [request], [""])[0][0]
+                    if ctx.hparams.rome_key == "original" else None)
             w = adapter.weight_matrix(layer)
             value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams,
                                    task=ctx.value_task)
             v_star = w.double() @ keys[0].double() + value.delta.double()
-            a, b = rank_one_update(w, keys[0], v_star, moment)
+            a, b = rank_one_update(w, keys[0], v_star, moment, bare)
             adapter.add_update(layer, a @ b.T)
             updates.append(LayerUpdate(layer, a, b))
             outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
