@@ -1,0 +1,132 @@
+"""`prunecli prune` reproduces outputs recorded with the code before the core refactor (issue 12).
+
+The base checkpoint (GPT-2 layout: Conv1D matrices stored [in, out]) and the delta are generated from fixed seeds;
+the sha256 of every generated tensor was recorded with them, so a change in the generator is caught before the
+outputs are compared. `tests/data/prune_recorded.safetensors` holds the pruned factors that `prunecli prune` wrote at
+commit 4e44346 (main before the refactor) for three settings, and their per-tensor reports in its metadata. The
+matrices cover the three sigma_max regimes of that code: smaller side <= 256 (float64 Gram eigenvalues), 257-2048
+(Lanczos on a float32 Gram matrix) and > 2048 (block Lanczos on W), plus a dense entry.
+
+Recording (only ever with the code the file is meant to pin): `python tests/test_prune_recorded.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from prunecli.cli import app
+from prunecli.core.checkpoint import Checkpoint
+from prunecli.core.delta import Delta, DeltaEntry
+
+RECORDED = Path(__file__).parent / "data" / "prune_recorded.safetensors"
+META = "prune_recorded"
+# name -> (stored shape, delta kind, singular values of the delta relative to sigma_max(W) ~ the scale below)
+MATRICES: dict[str, tuple[tuple[int, int], str, list[float]]] = {
+    "transformer.h.0.attn.c_attn.weight": ((32, 48), "dense", [3.0, 1.5, 0.5]),
+    "transformer.h.0.mlp.c_proj.weight": ((1200, 300), "lowrank", [4.0, 1.6, 0.3]),
+    "transformer.h.1.mlp.c_fc.weight": ((2100, 2200), "lowrank", [2.5, 0.7]),
+}
+SETTINGS: dict[str, list[str]] = {
+    "log": [],  # the default path: log F, alpha 1.2, with kappas
+    "scale-free-no-kappa": ["--fn", "scale-free", "--strength", "0.7", "--no-kappa"],
+    "linear-clamp": ["--fn", "linear", "--beta", "3", "--clamp", "--select", "transformer.h.0.*"],
+}
+REPORT_FIELDS = ("sigma_max_base", "n_restrained", "rank", "kappa_base", "kappa_edited", "kappa_pruned",
+                 "strength", "top_before", "top_after")
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def make_inputs(folder: Path) -> tuple[Path, Path, dict[str, str]]:
+    """(base folder, delta file, sha256 of every generated tensor) from fixed seeds."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(12)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    weights = {name: torch.randn(*shape, generator=gen) * 0.2 for name, (shape, _, _) in MATRICES.items()}
+    save_file(weights, str(base / "model.safetensors"))
+    ckpt = Checkpoint(base)
+    delta = Delta.for_base(ckpt)
+    hashes = {f"base:{n}": _sha(w) for n, w in weights.items()}
+    for name, (shape, kind, rel) in MATRICES.items():
+        inp, out = shape  # Conv1D: stored [in, out]
+        scale = 0.2 * (inp**0.5 + out**0.5)  # ~ sigma_max of a Gaussian matrix with that entry scale
+        u, _ = torch.linalg.qr(torch.randn(out, len(rel), generator=gen, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(inp, len(rel), generator=gen, dtype=torch.float64))
+        a = (u * (scale * torch.tensor(rel, dtype=torch.float64))).float()
+        entry = (DeltaEntry.from_dense(a @ v.float().T, "in_out") if kind == "dense"
+                 else DeltaEntry.lowrank(a, v.float(), "in_out"))
+        delta.add(name, entry, ckpt)
+        hashes.update({f"delta:{name}:{i}": _sha(t) for i, t in enumerate(entry.tensors())})
+    delta_path = folder / "delta.safetensors"
+    delta.save(delta_path)
+    return base, delta_path, hashes
+
+
+def run_prune(base: Path, delta: Path, out: Path, options: list[str]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The pruned factors (`<name>::A|B|D`) and the per-tensor JSON reports of one `prunecli prune` run."""
+    result = CliRunner().invoke(app, ["prune", str(base), str(delta), "-o", str(out), "--json", *options])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    pruned = Delta.load(out)
+    tensors = {f"{n}::{s}": t for n, e in pruned.entries.items()
+               for s, t in zip(("A", "B") if e.is_lowrank else ("D",), e.tensors())}
+    return tensors, json.loads(result.stdout)["tensors"]
+
+
+def record() -> None:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base, delta, hashes = make_inputs(Path(tmp))
+        tensors: dict[str, torch.Tensor] = {}
+        reports: dict[str, list[dict]] = {}
+        for label, options in SETTINGS.items():
+            found, reports[label] = run_prune(base, delta, Path(tmp) / f"{label}.safetensors", options)
+            tensors.update({f"{label}/{k}": v.contiguous() for k, v in found.items()})
+        meta = {"inputs": hashes, "reports": {k: [{f: r[f] for f in ("name", *REPORT_FIELDS)} for r in v]
+                                              for k, v in reports.items()}}
+        save_file(tensors, str(RECORDED), {META: json.dumps(meta)})
+
+
+@pytest.fixture(scope="module")
+def recorded() -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(RECORDED), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, json.loads(fh.metadata()[META])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, recorded: tuple[dict, dict]) -> tuple[Path, Path]:
+    base, delta, hashes = make_inputs(tmp_path_factory.mktemp("recorded"))
+    assert hashes == recorded[1]["inputs"], "the seeded generator no longer makes the recorded inputs"
+    return base, delta
+
+
+@pytest.mark.parametrize("label", list(SETTINGS))
+def test_prune_reproduces_recorded_output(label: str, inputs: tuple[Path, Path], recorded: tuple[dict, dict],
+                                          tmp_path: Path) -> None:
+    tensors, meta = recorded
+    found, reports = run_prune(*inputs, tmp_path / "out.safetensors", SETTINGS[label])
+    expected = {k.removeprefix(f"{label}/"): v for k, v in tensors.items() if k.startswith(f"{label}/")}
+    assert sorted(found) == sorted(expected)
+    for key, want in expected.items():
+        assert torch.equal(found[key], want), key
+    assert [{f: r[f] for f in ("name", *REPORT_FIELDS)} for r in reports] == meta["reports"][label]
+
+
+if __name__ == "__main__":
+    sys.exit(record())
