@@ -3,7 +3,7 @@
 The base checkpoint (GPT-2 layout: Conv1D matrices stored [in, out]) and the delta are generated from fixed seeds;
 the sha256 of every generated tensor was recorded with them, so a change in the generator is caught before the
 outputs are compared. `tests/data/prune_recorded.safetensors` holds the pruned factors that `prunecli prune` wrote at
-commit 4e44346 (main before the refactor) for three settings, and their per-tensor reports in its metadata. The
+commit 4e44346 (main before the refactor) for four settings, and their per-tensor reports in its metadata. The
 matrices cover the three sigma_max regimes of that code: smaller side <= 256 (float64 Gram eigenvalues), 257-2048
 (Lanczos on a float32 Gram matrix) and > 2048 (block Lanczos on W), plus a dense entry.
 
@@ -38,6 +38,7 @@ SETTINGS: dict[str, list[str]] = {
     "log": [],  # the default path: log F, alpha 1.2, with kappas
     "scale-free-no-kappa": ["--fn", "scale-free", "--strength", "0.7", "--no-kappa"],
     "linear-clamp": ["--fn", "linear", "--beta", "3", "--clamp", "--select", "transformer.h.0.*"],
+    "target-kappa": ["--target-kappa", "100"],  # above kappa(W) of every matrix (83.7 at most)
 }
 REPORT_FIELDS = ("sigma_max_base", "n_restrained", "rank", "kappa_base", "kappa_edited", "kappa_pruned",
                  "strength", "top_before", "top_after")
