@@ -32,20 +32,20 @@ META = "prune_recorded"
 MATRICES: dict[str, tuple[tuple[int, int], str, list[float]]] = {
     "transformer.h.0.attn.c_attn.weight": ((32, 48), "dense", [3.0, 1.5, 0.5]),
     "transformer.h.0.mlp.c_proj.weight": ((1200, 300), "lowrank", [4.0, 1.6, 0.3]),
-    "transformer.h.1.mlp.c_fc.weight": ((2100, 2200), "lowrank", [2.5, 0.7]),
+    "transformer.h.1.mlp.c_fc.weight": ((2100, 2200), "lowrank", [2.5]),
 }
 SETTINGS: dict[str, list[str]] = {
     "log": [],  # the default path: log F, alpha 1.2, with kappas
     "scale-free-no-kappa": ["--fn", "scale-free", "--strength", "0.7", "--no-kappa"],
     "linear-clamp": ["--fn", "linear", "--beta", "3", "--clamp", "--select", "transformer.h.0.*"],
-    "target-kappa": ["--target-kappa", "100"],  # above kappa(W) of every matrix (83.7 at most)
+    "target-kappa": ["--target-kappa", "20", "--select", "transformer.h.0.*"],  # above kappa(W) of both (6.8, 3.0)
 }
 REPORT_FIELDS = ("sigma_max_base", "n_restrained", "rank", "kappa_base", "kappa_edited", "kappa_pruned",
                  "strength", "top_before", "top_after")
 
 
 def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def make_inputs(folder: Path) -> tuple[Path, Path, dict[str, str]]:
