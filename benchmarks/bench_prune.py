@@ -1,6 +1,6 @@
 """PRUNE on one GPT-2 XL c_proj-sized matrix: prunecli's restraint vs the released reference algorithm.
 
-Ours (what `prunecli prune --no-kappa` does per matrix): `base_sigma_max(W)` (Lanczos, no SVD of W) and
+Ours (what `prunecli prune --no-kappa` does per matrix): `largest_singular_value(W)` (Lanczos, no SVD of W) and
 `restrain_entry` (exact SVD on the rank-r factors, never densified). The reference, measured in the same run, is what
 the released PRUNE code does with dense float32 NumPy arrays on the CPU: full SVDs (`full_matrices=True`) of D, of W
 and of W + D, `np.linalg.matrix_rank(D)`, then D' = U diag(s') V^T. Both results are compared.
@@ -9,8 +9,8 @@ and of W + D, `np.linalg.matrix_rank(D)`, then D' = U diag(s') V^T. Both results
     python benchmarks/bench_prune.py --device cuda   # ours on the GPU; the reference stays NumPy on the CPU
 
 The last line is `speedup: <reference seconds / ours seconds>`; the line before it, `target-kappa: <s> per matrix`,
-is what `prune --target-kappa 1.25 x kappa(W)` costs per matrix (sigma_max, W's Gram matrix once, the strength
-bisection on it), measured in the same run.
+is what `prune --target-kappa 1.25 x kappa(W)` costs per matrix (W's Gram matrix once, whose spectrum gives kappa(W)
+and sigma_max, then the strength bisection on it), measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from prunecli.core.delta import DeltaEntry
-from prunecli.core.restraint import base_sigma_max, restrain_entry
-from prunecli.core.spectra import UpdatedSpectra, singular_values
+from prunecli.core.restraint import restrain_entry
+from prunecli.core.spectra import UpdatedSpectra, largest_singular_value, singular_values
 
 
 def make_problem(out: int, inp: int, rank: int, seed: int) -> tuple[torch.Tensor, DeltaEntry]:
@@ -44,7 +44,7 @@ def make_problem(out: int, inp: int, rank: int, seed: int) -> tuple[torch.Tensor
 
 def ours(w: torch.Tensor, entry: DeltaEntry, fn: str, alpha: float, beta: float,
          device: str) -> tuple[DeltaEntry, float]:
-    smax = base_sigma_max(w.to(device))
+    smax = largest_singular_value(w.to(device))
     new, _ = restrain_entry(entry, smax, fn, alpha, beta, device=device)  # factors come back to the CPU: synchronises
     return new, smax
 
@@ -56,7 +56,7 @@ def target_kappa_search(w: torch.Tensor, entry: DeltaEntry, factor: float,
     x = w.to(device)
     spectra = UpdatedSpectra(x)  # W's Gram matrix: the one dense step of the search
     target = factor * spectra.stats().kappa
-    new, info = restrain_entry(entry, base_sigma_max(x), target_kappa=target, spectra=spectra, device=device)
+    new, info = restrain_entry(entry, spectra.stats().sigma_max, target_kappa=target, spectra=spectra, device=device)
     assert info.strength is not None and info.search_steps is not None and new.a is not None and new.b is not None
     return info.strength, info.search_steps, target, spectra.stats(*spectra.orient(new.a, new.b)).kappa
 
@@ -110,11 +110,11 @@ def main() -> None:
         runs.append(time.perf_counter() - t0)
     t_ours = statistics.median(runs)
     t0 = time.perf_counter()
-    smax_sigma_only = base_sigma_max(w.to(args.device))
+    smax_sigma_only = largest_singular_value(w.to(args.device))
     t_sigma = time.perf_counter() - t0
     assert smax_sigma_only == smax
     print(f"ours: {t_ours * 1e3:.1f} ms (median of {args.repeats}: {', '.join(f'{r * 1e3:.0f}' for r in runs)} ms; "
-          f"base_sigma_max alone {t_sigma * 1e3:.1f} ms)")
+          f"largest_singular_value alone {t_sigma * 1e3:.1f} ms)")
 
     d = entry.to_dense().numpy()
     t0 = time.perf_counter()

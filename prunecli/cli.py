@@ -42,12 +42,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version_: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                 help="Print the version and exit.")] = False) -> None:
+                                                 help="Print the version and exit.")] = False,
+          threads: Annotated[int | None, typer.Option(
+              "--threads", envvar="PRUNECLI_THREADS", min=1,
+              help="CPU threads torch uses for the whole command (default: OMP_NUM_THREADS, else all cores). On a "
+              "machine shared with other jobs, 1 is often faster (small eigendecompositions stall when a thread "
+              "is descheduled).")] = None) -> None:
     """Sequential knowledge editing of LLM checkpoints, with the PRUNE perturbation restraint, as shell steps.
 
     Typical pipeline: stats -> edit -> prune -> apply / evaluate; inspect looks at spectra at any point;
     compare lines evaluation reports up.
     """
+    if threads is not None:  # the one place the process-wide thread count is set: library code never changes it
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 for _name, _module in [("inspect", inspect), ("diff", diff), ("prune", prune), ("apply", apply), ("stats", stats),

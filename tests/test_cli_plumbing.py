@@ -27,3 +27,22 @@ def test_usage_errors_raised_in_a_command_body_exit_2():
         guarded(False, body)
 
     assert CliRunner().invoke(app, []).exit_code == 2
+
+
+def test_threads_are_set_once_at_the_cli_boundary(gpt2_dir, monkeypatch):
+    """`prunecli --threads N` (or PRUNECLI_THREADS) sets torch's thread count for the command; nothing below the CLI
+    changes it (issue 12: library code must not flip the process-wide count behind the caller's back)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    result = CliRunner().invoke(app, ["--threads", "3", "inspect", str(gpt2_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("PRUNECLI_THREADS", "2")
+    assert CliRunner().invoke(app, ["inspect", str(gpt2_dir), "--json"]).exit_code == 0
+    assert seen == [3, 2] and torch.get_num_threads() == before
+    assert CliRunner().invoke(app, ["--threads", "0", "inspect", str(gpt2_dir)]).exit_code == 2

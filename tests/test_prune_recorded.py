@@ -125,8 +125,22 @@ def test_prune_reproduces_recorded_output(label: str, inputs: tuple[Path, Path],
     expected = {k.removeprefix(f"{label}/"): v for k, v in tensors.items() if k.startswith(f"{label}/")}
     assert sorted(found) == sorted(expected)
     for key, want in expected.items():
-        assert torch.equal(found[key], want), key
-    assert [{f: r[f] for f in ("name", *REPORT_FIELDS)} for r in reports] == meta["reports"][label]
+        assert torch.equal(found[key], want), key  # bit for bit
+    # The reported float64 numbers may differ in their last digits where sigma_max(W) is now computed another way:
+    # from W's float64 Gram spectrum where kappas are computed (before: Lanczos, certified to 1e-10), by a simpler
+    # Lanczos without kappas. Measured: at most 4e-12 relative (sigma_max_base, top_after); the float32 factors
+    # above do not see it. Counts, ranks and strengths are exact.
+    got = [{f: r[f] for f in ("name", *REPORT_FIELDS)} for r in reports]
+    assert [{k: v for k, v in r.items() if not _floats(v)} for r in got] == \
+        [{k: v for k, v in r.items() if not _floats(v)} for r in meta["reports"][label]]
+    for r, e in zip(got, meta["reports"][label]):
+        for k, v in r.items():
+            if _floats(v):
+                assert v == pytest.approx(e[k], rel=1e-10, abs=0), (r["name"], k)
+
+
+def _floats(v: object) -> bool:
+    return isinstance(v, float) or (isinstance(v, list) and all(isinstance(x, float) for x in v))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import prunecli.core.restraint as restraint
+import prunecli.core.spectra as spectra
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import base_sigma_max, restrain_delta, restrain_entry, restraint_values
+from prunecli.core.restraint import restrain_delta, restrain_entry, restraint_values
+from prunecli.core.spectra import largest_singular_value
 from prunecli.errors import PruneCliError
 from helpers import RecordingProgress, factors_with_singular_values
 
@@ -53,7 +54,7 @@ def test_restrain_entry_equals_dense_reference(fn: str, dense: bool) -> None:
     entry = DeltaEntry.lowrank(a, b, "out_in")
     if dense:
         entry = DeltaEntry.from_dense(entry.to_dense(), "out_in")
-    new, info = restrain_entry(entry, base_sigma_max(w), fn, alpha=1.5, beta=2.0)
+    new, info = restrain_entry(entry, largest_singular_value(w), fn, alpha=1.5, beta=2.0)
     ref = reference_prune(w.double().numpy(), entry.to_dense(torch.float64).numpy(), fn, alpha=1.5, beta=2.0)
     assert rel_err(new.to_dense(), ref) < 1e-5
     assert info.n_restrained == 4 and info.rank == 6 and new.layout == "out_in"
@@ -151,16 +152,13 @@ def exact_smax(w: torch.Tensor) -> float:
     return float(torch.linalg.svdvals(w.double())[0])
 
 
-@pytest.fixture(params=["gram32", "blocks"])
-def krylov_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forbid the float64 fallback, so a test sees the Lanczos paths' own accuracy: on the float32 Gram matrix (the
-    default for these sizes) and blockwise on W (used above _GRAM_UP_TO; forced here by lowering it)."""
+@pytest.fixture
+def krylov_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forbid the float64 fallback, so a test sees the accuracy of Lanczos on the float32 Gram matrix itself."""
     def fail(*_args: object, **_kwargs: object) -> torch.Tensor:
         raise AssertionError("fell back to the float64 Gram eigenvalues")
 
-    monkeypatch.setattr(restraint, "singular_values", fail)
-    if request.param == "blocks":
-        monkeypatch.setattr(restraint, "_GRAM_UP_TO", 0)
+    monkeypatch.setattr(spectra, "singular_values", fail)
 
 
 def test_sigma_max_of_gaussian_matrix(krylov_only: None) -> None:
@@ -168,9 +166,9 @@ def test_sigma_max_of_gaussian_matrix(krylov_only: None) -> None:
     s = torch.linalg.svdvals(w.double())
     assert float((s[0] - s[1]) / s[0]) < 0.01  # the hard case: close top singular values
     exact = float(s[0])
-    assert base_sigma_max(w) == pytest.approx(exact, rel=1e-10)
-    assert base_sigma_max(w.T) == pytest.approx(exact, rel=1e-10)
-    assert base_sigma_max(w.T.contiguous()) == pytest.approx(exact, rel=1e-10)
+    assert largest_singular_value(w) == pytest.approx(exact, rel=1e-10)
+    assert largest_singular_value(w.T) == pytest.approx(exact, rel=1e-10)
+    assert largest_singular_value(w.T.contiguous()) == pytest.approx(exact, rel=1e-10)
 
 
 def test_sigma_max_with_nearly_equal_top_values(krylov_only: None) -> None:
@@ -180,35 +178,35 @@ def test_sigma_max_with_nearly_equal_top_values(krylov_only: None) -> None:
     s = torch.linspace(1.0, 0.2, 400, dtype=torch.float64) * 10
     s[:3] = torch.tensor([10.0, 10.0 * (1 - 1e-4), 10.0 * (1 - 2e-4)])
     w = ((u * s) @ v.T).float()
-    assert base_sigma_max(w) == pytest.approx(exact_smax(w), rel=1e-10)
+    assert largest_singular_value(w) == pytest.approx(exact_smax(w), rel=1e-10)
 
 
 def test_sigma_max_of_low_rank_and_zero_matrices(krylov_only: None) -> None:
     gen = torch.Generator().manual_seed(10)
     low = torch.randn(500, 12, generator=gen) @ torch.randn(12, 800, generator=gen)
-    assert base_sigma_max(low) == pytest.approx(exact_smax(low), rel=1e-10)
-    assert base_sigma_max(low.T) == pytest.approx(exact_smax(low), rel=1e-10)
-    assert base_sigma_max(torch.zeros(300, 400)) == 0.0
+    assert largest_singular_value(low) == pytest.approx(exact_smax(low), rel=1e-10)
+    assert largest_singular_value(low.T) == pytest.approx(exact_smax(low), rel=1e-10)
+    assert largest_singular_value(torch.zeros(300, 400)) == 0.0
 
 
 def test_sigma_max_of_small_matrices_is_exact() -> None:
     small = torch.randn(40, 70, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
-    assert base_sigma_max(small) == pytest.approx(exact_smax(small.float()), rel=1e-12)
-    assert base_sigma_max(small.T) == pytest.approx(exact_smax(small.float()), rel=1e-12)
+    assert largest_singular_value(small) == pytest.approx(exact_smax(small.float()), rel=1e-12)
+    assert largest_singular_value(small.T) == pytest.approx(exact_smax(small.float()), rel=1e-12)
 
 
 def test_sigma_max_falls_back_when_float32_cannot_resolve() -> None:
     """All singular values equal up to float32 rounding: the exact float64 path answers."""
     q, _ = torch.linalg.qr(torch.randn(900, 900, generator=torch.Generator().manual_seed(13)))
     w = 3 * q[:, :400].T.contiguous()
-    assert base_sigma_max(w) == pytest.approx(exact_smax(w), rel=1e-12)
+    assert largest_singular_value(w) == pytest.approx(exact_smax(w), rel=1e-12)
 
 
 def test_sigma_max_of_trained_like_bf16_matrix(krylov_only: None) -> None:
     """Real weights usually have one outlying top value (fast); bf16 storage is read exactly."""
     gen = torch.Generator().manual_seed(11)
     w = (torch.randn(300, 700, generator=gen) + 0.3 * torch.randn(300, 1, generator=gen)).to(torch.bfloat16)
-    assert base_sigma_max(w) == pytest.approx(exact_smax(w.float()), rel=1e-10)
+    assert largest_singular_value(w) == pytest.approx(exact_smax(w.float()), rel=1e-10)
 
 
 # ------------------------------------------------------------------------------------------- whole deltas

@@ -19,9 +19,8 @@ from editing_helpers import REQUESTS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import (RestraintSettings, base_sigma_max, restrain_entry,
-                                     restraint_values)
-from prunecli.core.spectra import UpdatedSpectra
+from prunecli.core.restraint import RestraintSettings, restrain_entry, restraint_values
+from prunecli.core.spectra import UpdatedSpectra, largest_singular_value
 from prunecli.editors.base import Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.session import PruneSchedule, run_edits
@@ -62,13 +61,13 @@ def test_scale_free_restraint_is_scale_invariant(target: bool) -> None:
         wc, dc = c * w, DeltaEntry.lowrank(c * d.a, d.b, "out_in")
         spectra = UpdatedSpectra(wc)
         kw = {"target_kappa": 1.3 * cond(w), "spectra": spectra} if target else {"strength": 0.6}
-        new, info = restrain_entry(dc, base_sigma_max(wc), "scale-free", **kw)
+        new, info = restrain_entry(dc, largest_singular_value(wc), "scale-free", **kw)
         results.append((new.to_dense(torch.float64), info))
     (d1, i1), (d7, i7) = results
     assert torch.allclose(d7, 7 * d1, rtol=0, atol=1e-5 * float(d7.abs().max()))
     assert i1.n_restrained == i7.n_restrained > 0 and i1.strength == pytest.approx(i7.strength, abs=1e-6)
     # The paper's log F is not: the same alpha on 7W, 7D is not 7 times the result on W, D.
-    paper = [restrain_entry(DeltaEntry.lowrank(c * d.a, d.b, "out_in"), c * base_sigma_max(w), "log")[0]
+    paper = [restrain_entry(DeltaEntry.lowrank(c * d.a, d.b, "out_in"), c * largest_singular_value(w), "log")[0]
              for c in (1.0, 7.0)]
     assert not torch.allclose(paper[1].to_dense(), 7 * paper[0].to_dense(), rtol=1e-3)
 
@@ -145,29 +144,29 @@ def test_target_kappa_is_met_and_mildest(shape: tuple[int, int], factor: float) 
     k_w = cond(w)
     target = factor * k_w
     assert cond(w, d.to_dense(torch.float64)) > target
-    new, info = restrain_entry(d, base_sigma_max(w), target_kappa=target, spectra=UpdatedSpectra(w))
+    new, info = restrain_entry(d, largest_singular_value(w), target_kappa=target, spectra=UpdatedSpectra(w))
     reached = cond(w, new.to_dense(torch.float64))
     assert 0.99 * target <= reached <= target * (1 + 1e-9)
     assert info.strength is not None and 0 < info.strength < 2
-    weaker, _ = restrain_entry(d, base_sigma_max(w), "scale-free", strength=info.strength - 0.005)
+    weaker, _ = restrain_entry(d, largest_singular_value(w), "scale-free", strength=info.strength - 0.005)
     assert cond(w, weaker.to_dense(torch.float64)) > target
 
 
 def test_target_kappa_below_kappa_w_is_refused() -> None:
     w = base_matrix(30, 50, 1.0)
     with pytest.raises(PruneCliError, match=r"below kappa\(W\)"):
-        restrain_entry(lowrank_update(30, 50, [9.0], 1), base_sigma_max(w), target_kappa=0.99 * cond(w),
+        restrain_entry(lowrank_update(30, 50, [9.0], 1), largest_singular_value(w), target_kappa=0.99 * cond(w),
                        spectra=UpdatedSpectra(w))
 
 
 def test_target_already_met_or_beyond_restraining_the_large_values() -> None:
     w = base_matrix(30, 50, 1.0)
     small = lowrank_update(30, 50, [0.01], 1)
-    new, info = restrain_entry(small, base_sigma_max(w), target_kappa=2 * cond(w), spectra=UpdatedSpectra(w))
+    new, info = restrain_entry(small, largest_singular_value(w), target_kappa=2 * cond(w), spectra=UpdatedSpectra(w))
     assert info.strength == 0.0 and torch.allclose(new.to_dense(), small.to_dense(), atol=1e-7)
     # A delta whose value below smax alone wrecks kappa: cutting the large values cannot meet the target, strengths
     # in (1, 2] shrink the whole delta (t = 2 removes it) and do.
-    smax = base_sigma_max(w)
+    smax = largest_singular_value(w)
     u, s, vh = torch.linalg.svd(w.double())
     crush = DeltaEntry.lowrank(torch.cat([-u[:, -1:] * 0.999 * s[-1], u[:, :1] * 5 * smax], 1).float(),
                                torch.cat([vh[-1:].T, vh[:1].T], 1).float(), "out_in")

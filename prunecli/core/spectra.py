@@ -8,16 +8,18 @@ The Gram matrix is accumulated over column chunks cast to float64 one at a time,
 full float64 copy in memory, and only its upper triangle is formed (block rows times the columns right of the
 diagonal block: about 5/8 of the flops of a full product), which `eigvalsh(..., UPLO="U")` reads.
 
-On the CPU, eigvalsh of a Gram matrix up to 2048 x 2048 runs on one thread: its tridiagonal reduction is a long chain
-of small memory-bound steps, each a thread synchronisation. Measured on our 2-core box for n = 1600: 0.27 s on one
-thread vs 0.49 s on two when lightly loaded, 1.3-3.6 s on two when other processes compete for the cores. Larger
-matrices keep torch's thread count (not measured here; more work per step should amortise the synchronisation).
+sigma_max alone (what the restraint needs when no kappa is asked for) is `largest_singular_value`: Lanczos on the
+float32 Gram matrix, certified in float64; where kappa is computed, sigma_max comes with the spectrum.
+
+Threads: nothing here changes torch's (process-wide) thread count. On a shared CPU, small eigvalsh calls are much
+faster on one thread (measured on our 2-core box for n = 1600: 0.27 s on one thread vs 0.49 s on two when lightly
+loaded, 1.3-3.6 s on two when other processes compete), so the CLI takes the count once (`prunecli --threads N`,
+or OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,38 +30,38 @@ FAST_KAPPA_LIMIT = 1e6
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 chunk of the long side: 64 MiB
 _ROW_BLOCKS = 4  # upper-triangle blocking of the Gram product
-_SINGLE_THREAD_EIG_MAX = 2048
 
 
-def _gram_upper(w: torch.Tensor, device: torch.device, chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
-    """Upper triangle (diagonal included) of the smaller Gram matrix of `w` in float64; the lower part is garbage."""
-    x = w if w.shape[0] <= w.shape[1] else w.T  # [m, n] with m <= n: gram = x x^T is m x m
-    m, n = x.shape
-    g = torch.zeros(m, m, dtype=torch.float64, device=device)
+def _short_side_rows(w: torch.Tensor) -> torch.Tensor:
+    """W or W^T, whichever is [m, n] with m <= n: the Gram matrix x x^T is then the smaller one."""
+    return w if w.shape[0] <= w.shape[1] else w.T
+
+
+def _column_chunks(x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                   chunk_elements: int = _CHUNK_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first column, columns cast to `dtype` on `device`) of x, a few at a time: never a full converted copy."""
+    cols = max(1, chunk_elements // max(x.shape[0], 1))
+    for j in range(0, x.shape[1], cols):
+        yield j, x[:, j:j + cols].to(device, dtype)
+
+
+def _gram_upper(w: torch.Tensor, device: torch.device, chunk_elements: int = _CHUNK_ELEMENTS,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Upper triangle (diagonal included) of the smaller Gram matrix of `w`; the lower part is garbage."""
+    x = _short_side_rows(w)
+    m = x.shape[0]
+    g = torch.zeros(m, m, dtype=dtype, device=device)
     step = -(-m // _ROW_BLOCKS)
-    cols = max(1, chunk_elements // max(m, 1))
-    for j in range(0, n, cols):
-        c = x[:, j:j + cols].to(device, torch.float64)
+    for _, c in _column_chunks(x, device, dtype, chunk_elements):
         for i in range(0, m, step):
             g[i:i + step, i:].addmm_(c[i:i + step], c[i:].T)
     return g
 
 
-@contextlib.contextmanager
-def single_cpu_thread(device: torch.device | str | None, enabled: bool = True) -> Iterator[None]:
-    """Run small CPU kernels on one thread, restoring torch's (process-wide) thread count afterwards.
-
-    With a thread team per call, a shared CPU stalls each call whenever a team member is descheduled (see the module
-    docstring); at these sizes one thread costs little on an idle machine. CUDA work is not affected."""
-    if not enabled or (device is not None and torch.device(device).type != "cpu"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _gram(w: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The smaller Gram matrix of `w`, exactly symmetric (upper triangle mirrored)."""
+    upper = _gram_upper(w, device, dtype=dtype)
+    return upper.triu() + upper.triu(1).T
 
 
 def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> torch.Tensor:
@@ -68,11 +70,96 @@ def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.de
     if exact:
         s = torch.linalg.svdvals(w.to(dev, torch.float64))
     else:
-        gram = _gram_upper(w, dev)
-        with single_cpu_thread(dev, gram.shape[0] <= _SINGLE_THREAD_EIG_MAX):
-            eig = torch.linalg.eigvalsh(gram, UPLO="U")
-        s = eig.clamp_min(0.0).sqrt().flip(0)
+        s = torch.linalg.eigvalsh(_gram_upper(w, dev), UPLO="U").clamp_min(0.0).sqrt().flip(0)
     return s.cpu()
+
+
+# ------------------------------------------------------------------------------------------------ sigma_max
+_DENSE_UP_TO = 256
+"""Smaller side up to this: the float64 Gram eigenvalues directly (cheap at that size)."""
+_MAX_DIM = 1024
+"""Largest Lanczos basis tried before falling back to the float64 Gram eigenvalues."""
+_CHECK_EVERY = 8
+"""Lanczos steps between convergence checks (each check is an eigendecomposition of the small projected matrix)."""
+_CLUSTER = 1e-3
+"""Ritz values within this relative distance of the top one are resolved together by the float64 Rayleigh-Ritz
+step: float32 Lanczos separates values that close only slowly."""
+
+
+def largest_singular_value(w: torch.Tensor, tol: float = 1e-10, device: str | torch.device | None = None) -> float:
+    """sigma_max(W) to about `tol` relative accuracy, without a full spectrum; the same for W and W^T.
+
+    PRUNE needs only sigma_max of W; a float64 Gram eigendecomposition of a 1600 x 6400 matrix costs about a second.
+    Here: the float32 Gram matrix (one GEMM, the main cost), Lanczos with full reorthogonalisation on it, stopped when
+    the Kato-Temple bound resid^2 / (2 gap top) of its top Ritz value(s) is below `tol`, then Rayleigh-Ritz with W
+    itself in float64 on those Ritz vectors (their float32 errors enter only squared), accepted only if the float64
+    residual confirms the bound. Gaussian matrices, whose top values lie within 0.3 % of each other, are the slow
+    case. Small matrices, and anything float32 cannot resolve, get the float64 Gram eigenvalues. Deterministic.
+    """
+    dev = torch.device(device) if device is not None else w.device
+    if w.ndim != 2:
+        raise ValueError(f"expected a matrix, got shape {list(w.shape)}")
+    x = _short_side_rows(w.detach())
+    if x.shape[0] > _DENSE_UP_TO:
+        found = _lanczos_top(_gram(x, dev, torch.float32), tol)
+        if found is not None:
+            sigma = _rayleigh_ritz(x, dev, *found, tol)
+            if sigma is not None:
+                return sigma
+    return float(singular_values(x, device=dev)[0])
+
+
+def _lanczos_top(gram: torch.Tensor, tol: float) -> tuple[torch.Tensor, float] | None:
+    """(Orthonormal float64 basis [m, c] of the Ritz vectors of the top eigenvalue cluster of the symmetric float32
+    `gram`, gap from the cluster to the next Ritz value), or None when float32 cannot reach `tol`."""
+    m = gram.shape[0]
+    max_dim = min(_MAX_DIM, m)
+    basis = torch.empty(max_dim, m, dtype=torch.float32, device=gram.device)  # one Lanczos vector per row
+    start = torch.randn(m, generator=torch.Generator(device=gram.device).manual_seed(0), device=gram.device)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    t = torch.zeros(max_dim, max_dim, dtype=torch.float64)  # projected matrix Q^T G Q, from the coefficients
+    floor = 4 * torch.finfo(torch.float32).eps
+    for k in range(1, max_dim + 1):
+        q = basis[:k]
+        y = gram @ q[-1]
+        for _ in range(2):  # full Gram-Schmidt, twice: float32 loses orthogonality to the earlier vectors
+            coef = q @ y
+            y -= coef @ q
+            t[:k, k - 1] += coef.double().cpu()
+        t[k - 1, :k - 1] = t[:k - 1, k - 1]
+        beta = float(torch.linalg.vector_norm(y))
+        exhausted = beta <= floor * max(float(t[0, 0]), 0.0)  # an invariant subspace (W of low rank, or W = 0)
+        if exhausted or k % _CHECK_EVERY == 0 or k == max_dim:
+            theta, vecs = torch.linalg.eigh(t[:k, :k])
+            top = float(theta[-1])
+            if top <= 0.0:  # W = 0
+                return q[:1].T.double(), 1.0
+            n_cluster = int((theta >= top * (1 - _CLUSTER)).sum())
+            cluster = vecs[:, k - n_cluster:]
+            resid = 0.0 if exhausted else beta * float(torch.linalg.vector_norm(cluster[-1]))
+            gap = top - float(theta[k - n_cluster - 1]) if n_cluster < k else 0.0
+            if gap > 0 and 0.5 * resid**2 / (gap * top) <= tol:
+                return torch.linalg.qr(q.T.double() @ cluster.to(q.device))[0], gap
+            if exhausted or resid <= floor * top:
+                return None
+        if k < max_dim:
+            basis[k] = y / beta
+    return None
+
+
+def _rayleigh_ritz(x: torch.Tensor, device: torch.device, basis: torch.Tensor, gap: float, tol: float) -> float | None:
+    """sigma_max of x [m, n] on span(basis) [m, c] in float64, if the float64 residual confirms the bound."""
+    z = torch.cat([(basis.T @ c).T for _, c in _column_chunks(x, device, torch.float64)])  # x^T basis: [n, c]
+    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    sigma = float(s[0])
+    if sigma == 0.0:
+        return 0.0
+    xu = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
+    for j, c in _column_chunks(x, device, torch.float64):
+        xu += c @ u[j:j + c.shape[1], 0]
+    residual = sigma * xu - sigma**2 * (basis @ vh[0])  # (x x^T - sigma^2) v with v = basis @ vh[0]
+    est = 0.5 * float(torch.linalg.vector_norm(residual)) ** 2 / (gap * sigma**2)
+    return sigma if est <= tol else None
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, int], eps: float = torch.finfo(torch.float32).eps) -> int:
@@ -130,9 +217,9 @@ class UpdatedSpectra:
     def __init__(self, w: torch.Tensor, device: str | torch.device | None = None) -> None:
         dev = torch.device(device) if device is not None else w.device
         self.transposed = w.shape[0] > w.shape[1]
-        self.x = (w.T if self.transposed else w).to(dev, torch.float64)  # [m, n], m <= n
-        upper = _gram_upper(self.x, dev)
-        self.gram = upper.triu() + upper.triu(1).T
+        self.x = _short_side_rows(w).to(dev, torch.float64)  # [m, n], m <= n
+        self.gram = _gram(self.x, dev)
+        self._base: dict[float, SpectrumStats] = {}  # exact_above -> summary of X alone
 
     def orient(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, Q) of the update a b^T ([out, in], math orientation) in X's orientation, float64."""
@@ -145,16 +232,19 @@ class UpdatedSpectra:
 
     def stats(self, p: torch.Tensor | None = None, q: torch.Tensor | None = None, xq: torch.Tensor | None = None,
               exact_above: float = FAST_KAPPA_LIMIT) -> SpectrumStats:
-        """Spectrum summary of X + P Q^T (of X alone without factors); `xq` = `project(q)` when already known."""
-        g = self.gram
-        if p is not None and q is not None and p.shape[1] > 0:
-            xq = self.project(q) if xq is None else xq
-            cross = p @ xq.T
-            g = g + cross + cross.T + p @ (q.T @ q) @ p.T
-        with single_cpu_thread(g.device, g.shape[0] <= _SINGLE_THREAD_EIG_MAX):
-            eig = torch.linalg.eigvalsh(g)
+        """Spectrum summary of X + P Q^T (of X alone without factors: computed once, it is asked for repeatedly:
+        sigma_max, kappa(W), the strength search's bound); `xq` = `project(q)` when already known."""
+        if p is None or q is None or p.shape[1] == 0:
+            if exact_above not in self._base:
+                self._base[exact_above] = self._summary(self.gram, lambda: self.x, exact_above)
+            return self._base[exact_above]
+        xq = self.project(q) if xq is None else xq
+        cross = p @ xq.T
+        return self._summary(self.gram + cross + cross.T + p @ (q.T @ q) @ p.T, lambda: self.x + p @ q.T, exact_above)
+
+    @staticmethod
+    def _summary(gram: torch.Tensor, dense: Callable[[], torch.Tensor], exact_above: float) -> SpectrumStats:
+        """From the Gram eigenvalues; an exact SVD of the matrix `dense()` builds where kappa is above `exact_above`."""
+        eig = torch.linalg.eigvalsh(gram)
         found = SpectrumStats.from_singular_values(eig.clamp_min(0.0).sqrt().flip(0).cpu())
-        if found.kappa <= exact_above:
-            return found
-        dense = self.x if p is None or q is None else self.x + p @ q.T
-        return matrix_stats(dense, exact=True)
+        return found if found.kappa <= exact_above else matrix_stats(dense(), exact=True)
