@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunecli.core.lowrank import compress_dense, compress_dense_report
+from prunecli.core.lowrank import compress_dense
 
 
 def low_rank(out: int, inp: int, singular: list[float], seed: int = 0) -> torch.Tensor:
@@ -23,7 +23,7 @@ def best_rank_k(d: torch.Tensor, k: int) -> torch.Tensor:
 
 def test_default_is_numerical_rank() -> None:
     d = low_rank(40, 24, [5.0, 2.0, 0.5]).float()
-    c = compress_dense_report(d, "out_in")
+    c = compress_dense(d, "out_in")
     assert c.rank == 3 and c.entry.is_lowrank and c.entry.rank == 3 and c.rel_error < 1e-6
     torch.testing.assert_close(c.entry.to_dense(), d, atol=1e-5, rtol=0)
     assert c.entry.layout == "out_in" and c.entry.shape == (40, 24)
@@ -32,18 +32,18 @@ def test_default_is_numerical_rank() -> None:
 def test_atol_discounts_known_noise() -> None:
     clean = low_rank(40, 24, [5.0, 2.0])
     noise = 1e-4 * torch.randn(40, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert compress_dense_report(clean + noise, "out_in").rank == 24  # noise is rank, in float64
-    c = compress_dense_report(clean + noise, "out_in", atol=float(torch.linalg.matrix_norm(noise, 2)))
+    assert compress_dense(clean + noise, "out_in").rank == 24  # noise is rank, in float64
+    c = compress_dense(clean + noise, "out_in", atol=float(torch.linalg.matrix_norm(noise, 2)))
     assert c.rank == 2 and c.entry.is_lowrank
 
 
 def test_fixed_rank_is_the_best_approximation() -> None:
     d = low_rank(30, 20, [4.0, 3.0, 1.0, 0.5])
-    c = compress_dense_report(d, "in_out", rank=2)
+    c = compress_dense(d, "in_out", rank=2)
     assert c.rank == 2 and c.entry.is_lowrank and c.entry.layout == "in_out"
     torch.testing.assert_close(c.entry.to_dense(torch.float64), best_rank_k(d, 2), atol=1e-5, rtol=0)
     assert c.rel_error == pytest.approx((1.0 + 0.25) ** 0.5 / (16 + 9 + 1 + 0.25) ** 0.5, rel=1e-6)
-    assert compress_dense_report(d, "out_in", rank=500).rank == 20  # capped at min(out, in)
+    assert compress_dense(d, "out_in", rank=500).rank == 20  # capped at min(out, in)
 
 
 def test_tolerance_picks_the_smallest_rank() -> None:
@@ -52,22 +52,22 @@ def test_tolerance_picks_the_smallest_rank() -> None:
     total = sum(x * x for x in s)
     errors = [sum(x * x for x in s[k:]) ** 0.5 / total**0.5 for k in range(5)]  # 1, 0.625, 0.218, 0.098, 0
     for tol, k in [(0.7, 1), (0.5, 2), (0.2, 3), (0.05, 4)]:
-        c = compress_dense_report(d, "out_in", tol=tol)
+        c = compress_dense(d, "out_in", tol=tol)
         assert c.rank == k and c.rel_error == pytest.approx(errors[k], rel=1e-6)
         assert c.rel_error <= tol < errors[k - 1]
-    exact = compress_dense_report(d, "out_in", tol=0.0)  # lossless: the rounding noise of the SVD counts too
+    exact = compress_dense(d, "out_in", tol=0.0)  # lossless: the rounding noise of the SVD counts too
     assert exact.rel_error == 0.0 and torch.equal(exact.entry.to_dense(torch.float64), d.float().double())
 
 
 def test_dense_fallback() -> None:
     full = torch.randn(12, 10, generator=torch.Generator().manual_seed(2))
-    c = compress_dense_report(full, "out_in")
+    c = compress_dense(full, "out_in")
     assert c.rank == 10 and not c.entry.is_lowrank and c.rel_error == 0.0
     assert torch.equal(c.entry.dense, full)  # the update itself, not an SVD reconstruction
-    c6 = compress_dense_report(full, "out_in", rank=6)  # 6 > 10 / 2: truncated but stored dense
+    c6 = compress_dense(full, "out_in", rank=6)  # 6 > 10 / 2: truncated but stored dense
     assert not c6.entry.is_lowrank
     torch.testing.assert_close(c6.entry.to_dense(torch.float64), best_rank_k(full, 6), atol=1e-5, rtol=0)
-    c5 = compress_dense(full, "out_in", rank=5)  # 5 <= 10 / 2: factored
+    c5 = compress_dense(full, "out_in", rank=5).entry  # 5 <= 10 / 2: factored
     assert c5.is_lowrank and c5.rank == 5
 
 

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from prunecli.core.delta import Delta, load_deltas
+from prunecli.core.delta import Delta
+from prunecli.core.peft_io import load_deltas
 from prunecli.models.scoring import score_targets
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests

@@ -261,7 +261,7 @@ def test_disk_full_is_one_line(base: Path, tmp_path: Path) -> None:
 
 
 def test_no_space_left_is_named(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import prunecli.core.delta as delta_module
+    import prunecli.core.artifacts as artifacts  # the one writer of prunecli files
 
     def full(path: Path, *args: object) -> None:
         Path(path).write_bytes(b"partial")
@@ -269,7 +269,7 @@ def test_no_space_left_is_named(base: Path, tmp_path: Path, monkeypatch: pytest.
 
     out, inp = _shape(base)
     d = write_delta(base, tmp_path / "d.safetensors", torch.randn(out, 1) * 50, torch.randn(inp, 1))
-    monkeypatch.setattr(delta_module, "write_safetensors", full)
+    monkeypatch.setattr(artifacts, "write_safetensors", full)
     target = tmp_path / "p.safetensors"
     one_error_line(run("prune", d, "--base", base, "-o", target), "No space left on device", str(target),
                    notes=True)

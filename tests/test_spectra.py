@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunecli.core.artifacts import DELTA, is_artifact
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.inspection import (checkpoint_candidates, checkpoint_reports, delta_reports, delta_singular_values,
-                                      is_delta_file, select_names)
+from prunecli.core.inspection import checkpoint_candidates, checkpoint_reports, delta_reports, delta_singular_values
+from prunecli.core.selection import select_names
 from prunecli.core.spectra import SpectrumStats, _gram_upper, matrix_stats, numerical_rank, singular_values
 from prunecli.errors import PruneCliError, PruneCliWarning
 
@@ -158,7 +159,7 @@ def test_is_delta_file(gpt2_dir: Path, tmp_path: Path) -> None:
     ckpt = Checkpoint(gpt2_dir)
     path = tmp_path / "d.safetensors"
     _rank2_delta(ckpt, ["transformer.h.0.mlp.c_proj.weight"]).save(path)
-    assert is_delta_file(path)
-    assert not is_delta_file(gpt2_dir / "model.safetensors") and not is_delta_file(gpt2_dir)
+    assert is_artifact(path, DELTA)
+    assert not is_artifact(gpt2_dir / "model.safetensors", DELTA) and not is_artifact(gpt2_dir, DELTA)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    assert not is_delta_file(tmp_path / "junk.safetensors")
+    assert not is_artifact(tmp_path / "junk.safetensors", DELTA)

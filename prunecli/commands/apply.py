@@ -46,8 +46,8 @@ def main(
         from prunecli.core.applying import apply_deltas
         from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.delta import load_deltas
-        from prunecli.core.inspection import select_names
+        from prunecli.core.peft_io import load_deltas
+        from prunecli.core.selection import select_entries
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.tokenizer import has_vocabulary_files, replacement_files
 
@@ -64,7 +64,7 @@ def main(
         assert delta is not None  # typer requires at least one DELTA
         if select:  # only the matching entries are merged; the other tensors are written as the base has them
             delta = replace(delta, entries={n: delta.entries[n]
-                                            for n in select_names([(n,) for n in delta.entries], select)})
+                                            for n in select_entries(delta.entries, select, delta.model_type)})
         provenance = [str(p.resolve()) for p in deltas]
         if tokenizer_ref is None and base_path.is_dir() and not has_vocabulary_files(base_path):
             warn(f"{base_path} has no tokenizer files, so {output} will have none either: pass --tokenizer")

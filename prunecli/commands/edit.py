@@ -94,7 +94,7 @@ def main(
     def body() -> None:
         from prunecli.core.atomic import check_output_path, labelled
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.delta import load_deltas
+        from prunecli.core.peft_io import load_deltas
         from prunecli.editors.base import EditorInputs
         from prunecli.editors.hparams import file_method
         from prunecli.editors.registry import editor_for

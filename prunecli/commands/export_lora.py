@@ -35,18 +35,17 @@ def main(
     def body() -> None:
         from prunecli.core.atomic import check_output_path
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.delta import Delta
-        from prunecli.core.inspection import select_names
-        from prunecli.core.peft_io import export_lora
+        from prunecli.core.selection import select_entries
+        from prunecli.core.peft_io import export_lora, load_delta
         from prunecli.models.default_model import resolve_model_path
 
         base_path = resolve_model_path(base)
         inputs = [("delta", delta), ("base checkpoint", base_path)]
         check_output_path(output, force, is_dir=True, inputs=inputs)
         ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
-        d = Delta.load(delta, ckpt)
+        d = load_delta(delta, ckpt)
         if select:
-            names = select_names([(n,) for n in d.entries], select)
+            names = select_entries(d.entries, select, d.model_type)
             d = replace(d, entries={n: d.entries[n] for n in names})
         d.check_base(ckpt, ignore_base_mismatch)
         summary = export_lora(d, ckpt, output, force, inputs=inputs)

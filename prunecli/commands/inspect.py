@@ -51,10 +51,13 @@ def main(
 
     def body() -> None:
         from prunecli.core.atomic import check_output_path, labelled
+        from prunecli.core.artifacts import DELTA, is_artifact
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.delta import Delta, load_deltas
+        from prunecli.core.delta import Delta
         from prunecli.core.inspection import (checkpoint_candidates, checkpoint_reports, default_checkpoint_selection,
-                                              delta_reports, is_delta_file, select_names)
+                                              delta_reports)
+        from prunecli.core.peft_io import load_deltas
+        from prunecli.core.selection import select_entries, select_names
         from prunecli.errors import PruneCliError
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.loading import resolve_device
@@ -70,11 +73,11 @@ def main(
         dev = resolve_device(device)
         reports: list[Any]
         tensors_json: list[dict[str, Any]]
-        if is_delta_file(target):
+        if is_artifact(target, DELTA):
             if delta_paths:
                 raise PruneCliError(f"{target} is a delta file; --delta needs a checkpoint PATH to add deltas to")
             d = Delta.load(target)
-            names = select_names([(n,) for n in d.entries], select) if select else list(d.entries)
+            names = select_entries(d.entries, select, d.model_type)
             reports = list(track(delta_reports(d, names, exact=exact, device=dev, top_k=top,
                                                keep_spectra=plot is not None), len(names), "delta spectra"))
             tensors_json = [r.to_json() for r in reports]

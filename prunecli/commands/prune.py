@@ -65,9 +65,9 @@ def main(
     def body() -> None:
         from prunecli.core.atomic import check_output_path
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.delta import Delta
-        from prunecli.core.inspection import select_names
+        from prunecli.core.peft_io import load_delta
         from prunecli.core.restraint import restrain_delta
+        from prunecli.core.selection import select_entries
         from prunecli.models.default_model import resolve_model_path
         from prunecli.models.loading import resolve_device
 
@@ -78,12 +78,12 @@ def main(
         check_output_path(output, force, is_dir=False, inputs=[("delta", delta_path), ("base checkpoint", base_path)])
         dev = resolve_device(device)
         base_ckpt = Checkpoint(base_path, allow_pickle=allow_pickle)
-        delta = Delta.load(delta_path, base_ckpt)  # a PEFT adapter folder is read against the base it names
+        delta = load_delta(delta_path, base_ckpt)  # a PEFT adapter folder is read against the base it names
         delta.check_base(base_ckpt, ignore_base_mismatch)
         if delta.restraints:
             warn(f"{delta_path} was already restrained {len(delta.restraints)} time(s) (its history records "
                  f"prune with fn={delta.restraints[-1].get('fn')}); restraining it again")
-        chosen = select_names([(n,) for n in delta.entries], select) if select else list(delta.entries)
+        chosen = select_entries(delta.entries, select, delta.model_type)
         with cli_progress() as progress:
             pruned, reports = restrain_delta(replace(delta, entries={n: delta.entries[n] for n in chosen}), base_ckpt,
                                              **settings.kwargs(), kappa=not no_kappa, progress=progress, device=dev,

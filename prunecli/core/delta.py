@@ -25,26 +25,23 @@ They never change the weights: apply, inspect, diff and export-lora ignore them;
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from prunecli.core.atomic import atomic_file
+from prunecli.core.artifacts import DELTA, parse_document, read_tensors, write_artifact
 from prunecli.core.checkpoint import Checkpoint, Layout
-from prunecli.core.safetensors_stream import TensorSource, write_safetensors
 from prunecli.core.history import HistoryOp, entry_problem
 from prunecli.errors import PruneCliError, PruneCliWarning
 
-FORMAT = "prunecli-delta"
-VERSION = 1
-META_KEY = "prunecli.delta"
+FORMAT = DELTA.format
+VERSION = DELTA.version
+META_KEY = DELTA.key
 EXTRA_PREFIX = "extra::"
 _LAYOUTS = ("out_in", "in_out")
 
@@ -213,65 +210,29 @@ class Delta:
         """Write atomically; a delta without entries is refused (an empty safetensors file helps nobody)."""
         if not self.entries:
             raise PruneCliError("refusing to write an empty delta (no tensor was changed)")
-        sources: list[TensorSource] = []
+        tensors: dict[str, torch.Tensor] = {}
         for name, e in self.entries.items():
             _check_finite(name, e, "refusing to write")
             suffixes = ("A", "B") if e.is_lowrank else ("D",)
-            for suffix, t in zip(suffixes, e.tensors()):
-                t32 = t.detach().to("cpu", torch.float32)
-                sources.append(TensorSource(f"{name}::{suffix}", "F32", tuple(t32.shape), lambda t32=t32: t32))
+            tensors.update({f"{name}::{suffix}": t.float() for suffix, t in zip(suffixes, e.tensors())})
         for name, t in self.extras.items():
             if not bool(torch.isfinite(t).all()):
                 raise PruneCliError(f"refusing to write: extra tensor {name} contains NaN or Inf values")
-            t32 = t.detach().to("cpu", torch.float32).contiguous()
-            sources.append(TensorSource(EXTRA_PREFIX + name, "F32", tuple(t32.shape), lambda t32=t32: t32))
-        with atomic_file(Path(path), force) as tmp:
-            write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
+            tensors[EXTRA_PREFIX + name] = t.float()
+        write_artifact(path, DELTA, self.metadata(), tensors, force)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], base: Checkpoint | None = None) -> Delta:
-        """Read and validate a delta file, or a PEFT LoRA adapter folder of `base`; problems are one clear line.
-
-        Adapters carry no fingerprint of their base, so they can only be read together with the base they are for.
-        """
-        path = Path(path)
-        if not path.exists():
-            raise PruneCliError(f"delta {path} does not exist")
-        if path.is_dir():
-            from prunecli.core.peft_io import delta_from_peft, is_peft_adapter
-
-            if not is_peft_adapter(path):
-                raise PruneCliError(f"delta {path} is a directory but not a PEFT adapter (no adapter_config.json); "
-                                    "expected a .safetensors delta file or a PEFT LoRA adapter folder")
-            if base is None:
-                raise PruneCliError(f"{path} is a PEFT adapter: this command needs the base checkpoint to read it")
-            return delta_from_peft(path, base)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                raw_meta = (fh.metadata() or {}).get(META_KEY)
-                if raw_meta is None:
-                    raise PruneCliError(f"{path} is a safetensors file but not a prunecli delta (no {META_KEY} metadata)")
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PruneCliError(f"cannot read delta {path}: not a valid safetensors file, truncated or corrupt ({exc})") from exc
-        return cls._from_parts(path, raw_meta, tensors)
+    def load(cls, path: str | os.PathLike[str]) -> Delta:
+        """Read and validate a delta file; problems are one clear line (PEFT adapter folders: `peft_io.load_delta`)."""
+        metadata, tensors = read_tensors(path, "delta")
+        return cls._from_parts(Path(path), metadata.get(META_KEY), tensors)
 
     @classmethod
-    def _from_parts(cls, path: Path, raw_meta: str, tensors: dict[str, torch.Tensor]) -> Delta:
+    def _from_parts(cls, path: Path, raw_meta: str | None, tensors: dict[str, torch.Tensor]) -> Delta:
         def bad(msg: str) -> PruneCliError:
             return PruneCliError(f"invalid delta {path}: {msg}")
 
-        try:
-            meta = json.loads(raw_meta)
-        except json.JSONDecodeError as exc:
-            raise bad(f"metadata is not JSON ({exc})") from exc
-        except RecursionError:
-            raise bad("metadata is nested too deeply to be a delta description") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
-        version = meta.get("version")
-        if type(version) is not int or not 1 <= version <= VERSION:
-            raise bad(f"format version {version!r} is not supported (this prunecli reads 1 to {VERSION})")
+        meta = parse_document(path, DELTA, raw_meta)
         specs = meta.get("entries")
         base = meta.get("base") or {}
         fingerprints = base.get("fingerprints") if isinstance(base, dict) else None
@@ -380,13 +341,3 @@ def _check_finite(name: str, entry: DeltaEntry, prefix: str) -> None:
     for t in entry.tensors():
         if not bool(torch.isfinite(t).all()):
             raise PruneCliError(f"{prefix} entry {name} contains NaN or Inf values")
-
-
-def load_deltas(paths: Iterable[str | os.PathLike[str]], base: Checkpoint | None = None) -> Delta | None:
-    """Load and compose several delta files (or PEFT adapters of `base`) in order; None when no path is given."""
-    total: Delta | None = None
-    for p in paths:
-        d = Delta.load(p, base)
-        total = d if total is None else total.compose(d)
-    return total
-

@@ -12,7 +12,6 @@ as zero: a rank-1 edit saved in bf16 then diffs to rank 1, not to a full-rank ma
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.core.history import DiffOp
-from prunecli.core.lowrank import compress_dense_report
+from prunecli.core.lowrank import compress_dense
+from prunecli.core.selection import select_names, tensor_aliases
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
 
@@ -29,19 +29,6 @@ from prunecli.progress import Progress, no_progress, track
 def canonical_names(ckpt: Checkpoint) -> dict[str, str]:
     """Canonical name -> stored name, for every stored tensor."""
     return {ckpt.canonical(n): n for n in ckpt.names()}
-
-
-def select_names(names: dict[str, str], globs: Sequence[str]) -> list[str]:
-    """Canonical names matched by any glob (on the canonical or the stored name); all names when there is no glob."""
-    if not globs:
-        return list(names)
-    chosen: set[str] = set()
-    for glob in globs:
-        hits = {c for c, s in names.items() if fnmatchcase(c, glob) or fnmatchcase(s, glob)}
-        if not hits:
-            raise PruneCliError(f"no tensor matches --select {glob!r}")
-        chosen |= hits
-    return [c for c in names if c in chosen]
 
 
 def _check_comparable(base: Checkpoint, edited: Checkpoint, compared: list[str], everything: bool) -> None:
@@ -93,7 +80,7 @@ def diff_checkpoints(base: Checkpoint, edited: Checkpoint, select: Sequence[str]
     if rank is not None and tol is not None:
         raise PruneCliError("give a rank or a tolerance, not both")
     names = canonical_names(base)
-    compared = select_names(names, select)
+    compared = select_names([tensor_aliases(c, s, base.model_type) for c, s in names.items()], select)
     _check_comparable(base, edited, compared, everything=not select)
     delta = Delta.for_base(base)
     per_tensor: dict[str, dict[str, Any]] = {}
@@ -113,7 +100,7 @@ def diff_checkpoints(base: Checkpoint, edited: Checkpoint, select: Sequence[str]
         if not bool(d.any()):
             continue  # equal values stored differently (-0.0 vs 0.0, another dtype)
         layout = base.layout(name)
-        c = compress_dense_report(d if layout == "out_in" else d.T, layout, rank, tol, atol=_storage_noise(e))
+        c = compress_dense(d if layout == "out_in" else d.T, layout, rank, tol, atol=_storage_noise(e))
         delta.add(name, c.entry, base)
         per_tensor[name] = {"rank": c.rank, "rel_error": c.rel_error, "kind": "lowrank" if c.entry.is_lowrank
                             else "dense", "shape": list(c.entry.shape)}

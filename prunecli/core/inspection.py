@@ -8,19 +8,16 @@ because its spectrum is the question and W is dense anyway.
 
 from __future__ import annotations
 
-import fnmatch
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import META_KEY, Delta, DeltaEntry, check_finite_weight
+from prunecli.core.delta import Delta, DeltaEntry, check_finite_weight
 from prunecli.core.lowrank import entry_svd
+from prunecli.core.selection import tensor_aliases
 from prunecli.core.spectra import SpectrumStats, numerical_rank, singular_values
 from prunecli.errors import PruneCliError
 
@@ -90,49 +87,13 @@ class DeltaEntryReport:
                 **self.spectrum_stats.to_json()}
 
 
-def is_delta_file(path: str | os.PathLike[str]) -> bool:
-    """True for a readable .safetensors file carrying prunecli delta metadata (anything else is not a delta)."""
-    p = Path(path)
-    if not p.is_file() or p.suffix != ".safetensors":
-        return False
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as fh:
-            return META_KEY in (fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return False
-
-
-def select_names(candidates: Sequence[Sequence[str]], globs: Sequence[str],
-                 ignored: Sequence[str] = ()) -> list[str]:
-    """Canonical names of `candidates` (canonical name first, then other names of the same tensor) matched by any
-    glob on any of their names, in candidate order.
-
-    Every glob must match something; `ignored` are names that exist but cannot be selected (e.g. 1-D tensors), so a
-    glob matching only those gets a message saying why.
-    """
-    chosen: set[str] = set()
-    for pattern in globs:
-        hits = {names[0] for names in candidates if any(fnmatch.fnmatchcase(n, pattern) for n in names)}
-        if not hits:
-            if any(fnmatch.fnmatchcase(n, pattern) for n in ignored):
-                raise PruneCliError(f"--select {pattern!r} matches only tensors that are not 2-D matrices")
-            raise PruneCliError(f"no tensor matches --select {pattern!r}")
-        chosen |= hits
-    return [names[0] for names in candidates if names[0] in chosen]
-
-
 def checkpoint_candidates(ckpt: Checkpoint) -> list[tuple[str, ...]]:
-    """Names of the checkpoint's non-empty 2-D matrices, in file order: (canonical, stored[, GPT-2 name without the
-    `transformer.` prefix]), so a glob written for either GPT-2 naming selects the tensor."""
+    """`tensor_aliases` of the checkpoint's non-empty 2-D matrices, in file order (for `selection.select_names`)."""
     out = []
     for stored in ckpt.matrices():
         if 0 in ckpt.info(stored).shape:
             continue  # an empty matrix has no spectrum
-        canonical = ckpt.canonical(stored)
-        names = [canonical, stored]
-        if ckpt.model_type == "gpt2":
-            names.append(canonical.removeprefix("transformer."))
-        out.append(tuple(dict.fromkeys(names)))
+        out.append(tensor_aliases(ckpt.canonical(stored), stored, ckpt.model_type))
     return out
 
 

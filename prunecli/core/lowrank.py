@@ -49,12 +49,6 @@ class Compressed(NamedTuple):
 
 
 def compress_dense(d: torch.Tensor, layout: Layout, rank: int | None = None, tol: float | None = None,
-                   atol: float = 0.0) -> DeltaEntry:
-    """Truncated SVD of a dense update D [out, in] (math orientation) as a delta entry; see `compress_dense_report`."""
-    return compress_dense_report(d, layout, rank, tol, atol).entry
-
-
-def compress_dense_report(d: torch.Tensor, layout: Layout, rank: int | None = None, tol: float | None = None,
                           atol: float = 0.0) -> Compressed:
     """Best rank-k approximation of a dense update (Eckart-Young), stored factored when that pays off.
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from prunecli.core.artifacts import read_tensors
 from prunecli.core.atomic import Inputs, atomic_directory
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry, add_update
@@ -150,12 +152,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         raise PruneCliError(f"PEFT adapter {path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        raise PruneCliError(f"cannot read PEFT adapter {path}: {ADAPTER_WEIGHTS} is not a valid safetensors file, "
-                            f"truncated or corrupt ({exc})") from exc
+    return read_tensors(file, "PEFT adapter weights")[1]
 
 
 def delta_from_peft(path: Path, base: Checkpoint) -> Delta:
@@ -200,3 +197,28 @@ def delta_from_peft(path: Path, base: Checkpoint) -> Delta:
                 raise PruneCliError(f"{path}: {module}: {what} contains NaN or Inf values")
         delta.add(base.canonical(module + ".weight"), DeltaEntry.lowrank(a, lora_a.float().T, layout), base)
     return delta.with_entries(delta.entries, ImportPeftOp(str(path)))
+
+
+def load_delta(path: str | os.PathLike[str], base: Checkpoint | None = None) -> Delta:
+    """A delta file, or a PEFT LoRA adapter folder of `base`; problems are one clear line.
+
+    Adapters carry no fingerprint of their base, so they can only be read together with the base they are for.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return Delta.load(path)
+    if not is_peft_adapter(path):
+        raise PruneCliError(f"delta {path} is a directory but not a PEFT adapter (no {ADAPTER_CONFIG}); expected a "
+                            ".safetensors delta file or a PEFT LoRA adapter folder")
+    if base is None:
+        raise PruneCliError(f"{path} is a PEFT adapter: this command needs the base checkpoint to read it")
+    return delta_from_peft(path, base)
+
+
+def load_deltas(paths: Iterable[str | os.PathLike[str]], base: Checkpoint | None = None) -> Delta | None:
+    """Load and compose several delta files (or PEFT adapters of `base`) in order; None when no path is given."""
+    total: Delta | None = None
+    for p in paths:
+        d = load_delta(p, base)
+        total = d if total is None else total.compose(d)
+    return total

@@ -30,17 +30,14 @@ from typing import Any
 
 import torch
 
+from prunecli.core.artifacts import MEND_CHECKPOINT, read_artifact, write_artifact
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.editors.mend import (MendConfig, MendNetworks, MendTarget, edit_factors, encode_targets, low_rank_added,
                                    sequence_correct, sequence_nll)
-from prunecli.editors.mend_archive import (MendArchive, base_fingerprints, read_safetensors,
-                                           write_safetensors_atomic)
+from prunecli.editors.mend_archive import MendArchive, base_fingerprints
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
-
-CKPT_FORMAT = "prunecli-mend-checkpoint"
-CKPT_KEY = "prunecli.mend_checkpoint"
 
 
 @dataclass(frozen=True)
@@ -205,16 +202,14 @@ def save_checkpoint(path: Path, networks: MendNetworks, best: dict[str, torch.Te
     for index, values in opt["state"].items():
         tensors.update({f"opt.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
     groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-    doc = {"format": CKPT_FORMAT, "version": 1, "config": config.to_json(), "state": dataclasses.asdict(state),
+    doc = {"config": config.to_json(), "state": dataclasses.asdict(state),
            "param_groups": groups, **meta}
-    write_safetensors_atomic(path, tensors, CKPT_KEY, doc, force=True)
+    write_artifact(path, MEND_CHECKPOINT, doc, tensors, force=True)
 
 
 def load_checkpoint(path: Path, networks: MendNetworks, optimizer: torch.optim.Adam, config: TrainConfig,
                     meta: dict[str, Any]) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
-    doc, tensors = read_safetensors(path, CKPT_KEY, "MEND training checkpoint")
-    if doc.get("format") != CKPT_FORMAT:
-        raise PruneCliError(f"{path} is not a MEND training checkpoint")
+    doc, tensors = read_artifact(path, MEND_CHECKPOINT)
     for key, value in meta.items():
         if doc.get(key) != value:
             raise PruneCliError(f"cannot resume from {path}: it was made with a different {key} (start afresh "

@@ -17,7 +17,6 @@ weight (so statistics of another model or layer are refused), corpus description
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from prunecli.core.atomic import atomic_file
+from prunecli.core.artifacts import STATS, read_artifact, write_artifact
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, write_safetensors
 from prunecli.distributed import SINGLE, Workers
 from prunecli.editors.prompts import right_pad
 from prunecli.editors.tracing import Kind, record
@@ -39,9 +36,6 @@ from prunecli.models.placement import input_device
 from prunecli.models.tokens import pad_id
 from prunecli.progress import Advance, Progress, no_progress
 
-FORMAT = "prunecli-stats"
-VERSION = 1
-META_KEY = "prunecli.stats"
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -73,7 +67,7 @@ class KeyStats:
         return self.sums[layer].double() / self.counts[layer]
 
     def metadata(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "model_type": self.model_type, "source": self.source,
+        return {"model_type": self.model_type, "source": self.source,
                 "layers": {str(k): v for k, v in sorted(self.layers.items())}, "corpus": self.corpus,
                 "tokens": self.tokens, "dtype": self.dtype, **self.extra}
 
@@ -82,29 +76,12 @@ class KeyStats:
         for layer in sorted(self.sums):
             tensors[f"layer.{layer}.sum"] = self.sums[layer].contiguous()
             tensors[f"layer.{layer}.count"] = torch.tensor([self.counts[layer]], dtype=torch.int64)
-        sources = [TensorSource(k, DTYPE_NAMES[t.dtype], tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
-        with atomic_file(Path(path), force) as tmp:  # our writer follows the umask; save_file makes 0600 files
-            write_safetensors(tmp, sources, {"format": "pt", META_KEY: json.dumps(self.metadata())})
+        write_artifact(path, STATS, self.metadata(), tensors, force)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyStats:
         path = Path(path)
-        if not path.is_file():
-            raise PruneCliError(f"statistics file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                raw = (fh.metadata() or {}).get(META_KEY)
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PruneCliError(f"cannot read statistics {path}: not a valid safetensors file ({exc})") from exc
-        try:
-            meta = json.loads(raw) if raw is not None else None
-        except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PruneCliError(f"{path} is not a prunecli statistics file (made by `prunecli stats`)")
-        if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
-            raise PruneCliError(f"{path}: statistics format version {meta.get('version')!r} is not supported")
+        meta, tensors = read_artifact(path, STATS)
         layers = {int(k): v for k, v in (meta.get("layers") or {}).items()}
         sums, counts = {}, {}
         for layer in layers:

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta, load_deltas
+from prunecli.core.delta import Delta
+from prunecli.core.peft_io import load_deltas
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, EvalOptions, TaskOutcome
