@@ -246,3 +246,23 @@ def test_cached_default_model_follows_the_umask(tmp_path: Path) -> None:
     files = [p for p in folder.iterdir() if p.is_file()]
     assert any(p.name == "model.safetensors" for p in files)
     assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_every_safetensors_output_goes_through_one_writer() -> None:
+    """Issue 12: prunecli files go through `artifacts.write_artifact` (atomic_file), model and adapter folders through
+    the same streaming writer inside `atomic_directory`; safetensors' own writers (0600 files, whole file in memory)
+    are never used."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "prunecli"
+    writers: dict[str, list[str]] = {}
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "safetensors.torch":
+                raise AssertionError(f"{path} imports safetensors.torch")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("write_safetensors", "write_artifact"):
+                writers.setdefault(node.func.id, []).append(path.relative_to(root).as_posix())
+    assert sorted(set(writers["write_safetensors"])) == ["core/artifacts.py", "core/checkpoint.py", "core/peft_io.py"]
+    assert sorted(set(writers["write_artifact"])) == ["core/delta.py", "editors/mend_archive.py",
+                                                      "editors/mend_train.py", "editors/stats.py"]
