@@ -29,7 +29,6 @@ searches, per matrix, the smallest t with kappa(W + D') <= target (`search_stren
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
