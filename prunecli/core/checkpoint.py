@@ -13,7 +13,6 @@ are resolved to the stored tensor.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -27,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from prunecli.core.atomic import Inputs, atomic_directory, atomic_file, check_disjoint
 from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, read_header,
                                                read_tensor, tensor_bytes, write_safetensors)
+from prunecli.core.textio import read_json_object
 from prunecli.errors import PruneCliError
 
 SAFE_SINGLE = "model.safetensors"
@@ -59,20 +59,6 @@ def _read_error(path: Path, exc: Exception) -> PruneCliError:
     return PruneCliError(f"cannot read {path}: not a valid safetensors file, truncated or corrupt ({exc})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise PruneCliError(f"cannot read {path}: it is not UTF-8 text") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PruneCliError(f"cannot read {path}: {exc}") from exc
-    except RecursionError:
-        raise PruneCliError(f"cannot read {path}: its JSON is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise PruneCliError(f"cannot read {path}: expected a JSON object")
-    return doc
-
-
 class Checkpoint:
     """A checkpoint opened for lazy, one-tensor-at-a-time reading."""
 
@@ -90,7 +76,7 @@ class Checkpoint:
         # says which weights are Conv1D ([in, out]) and whether lm_head is tied.
         config_file = (self.path if self.is_folder else self.path.parent) / "config.json"
         if config_file.is_file():
-            self.config = _read_json(config_file)
+            self.config = read_json_object(config_file, "model config")
         if self.is_folder:
             files = self._folder_files(allow_pickle)
         else:
@@ -111,7 +97,7 @@ class Checkpoint:
     # ----------------------------------------------------------------------------------------------- discovery
     def _shards(self, index: str) -> dict[str, Path]:
         """The weight files an index lists; a name that leaves the model folder (absolute, `..`) is refused."""
-        weight_map = _read_json(self.path / index).get("weight_map")
+        weight_map = read_json_object(self.path / index, "checkpoint index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise PruneCliError(f"checkpoint {self.path}: {index} has no weight_map")
         bad = [n for n in weight_map.values()

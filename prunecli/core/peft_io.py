@@ -27,6 +27,7 @@ from prunecli.core.delta import Delta, DeltaEntry, add_update
 from prunecli.core.history import ImportPeftOp
 from prunecli.core.lowrank import entry_svd
 from prunecli.core.safetensors_stream import TensorSource, write_safetensors
+from prunecli.core.textio import read_json_object
 from prunecli.errors import PruneCliError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,18 +106,7 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> floa
 def _config(path: Path) -> dict[str, Any]:
     """adapter_config.json, checked where it is read: a JSON object with an integer rank `r` >= 1, a finite
     `lora_alpha`, and `rank_pattern` / `alpha_pattern` objects of such values."""
-    file = path / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise PruneCliError(f"cannot read PEFT adapter {path}: {ADAPTER_CONFIG} is not UTF-8 text") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PruneCliError(f"cannot read PEFT adapter {path}: {ADAPTER_CONFIG}: {exc}") from exc
-    except RecursionError:
-        raise PruneCliError(f"cannot read PEFT adapter {path}: {ADAPTER_CONFIG} is nested too deeply") from None
-    if not isinstance(config, dict):
-        raise PruneCliError(f"PEFT adapter {path}: {ADAPTER_CONFIG} holds a JSON {type(config).__name__}, "
-                            "expected an object")
+    config = read_json_object(path / ADAPTER_CONFIG, "PEFT adapter config")
     if config.get("peft_type") != "LORA":
         raise PruneCliError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     if config.get("use_dora"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from prunecli.errors import PruneCliError
 
@@ -24,3 +26,18 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
         raise PruneCliError(f"{what} {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
         raise PruneCliError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The JSON object in `path` (a config, an index): unreadable, not UTF-8, not JSON, nested too deeply for the
+    parser, or another JSON value, each is one line naming the file."""
+    text = read_text(path, what)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PruneCliError(f"cannot read {what} {path}: {exc}") from None
+    except RecursionError:
+        raise PruneCliError(f"cannot read {what} {path}: its JSON is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise PruneCliError(f"cannot read {what} {path}: it holds a JSON {type(doc).__name__}, expected an object")
+    return doc
