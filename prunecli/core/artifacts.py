@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from prunecli.core.atomic import atomic_file
 from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, write_safetensors
+from prunecli.core.textio import parse_json
 from prunecli.errors import PruneCliError
 
 
@@ -78,12 +79,7 @@ def parse_document(path: str | os.PathLike[str], kind: ArtifactKind, raw: str | 
     """The JSON document of a file of `kind` from its raw metadata string (None: the file is of another kind)."""
     if raw is None:
         raise PruneCliError(f"{path} is a safetensors file but not a prunecli {kind.what} (no {kind.key} metadata)")
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PruneCliError(f"invalid {kind.what} {path}: metadata is not JSON ({exc})") from exc
-    except RecursionError:
-        raise PruneCliError(f"invalid {kind.what} {path}: metadata is nested too deeply") from None
+    doc = parse_json(raw, f"invalid {kind.what} {path}: metadata")
     if not isinstance(doc, dict) or doc.get("format") != kind.format:
         found = doc.get("format") if isinstance(doc, dict) else None
         raise PruneCliError(f"invalid {kind.what} {path}: format is {found!r}, expected {kind.format!r}")

@@ -31,13 +31,17 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
 def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """The JSON object in `path` (a config, an index): unreadable, not UTF-8, not JSON, nested too deeply for the
     parser, or another JSON value, each is one line naming the file."""
-    text = read_text(path, what)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PruneCliError(f"cannot read {what} {path}: {exc}") from None
-    except RecursionError:
-        raise PruneCliError(f"cannot read {what} {path}: its JSON is nested too deeply") from None
+    doc = parse_json(read_text(path, what), f"{what} {path}")
     if not isinstance(doc, dict):
         raise PruneCliError(f"cannot read {what} {path}: it holds a JSON {type(doc).__name__}, expected an object")
     return doc
+
+
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads` whose failures are one line about `where` (a file, a metadata entry)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PruneCliError(f"{where} is not JSON ({exc})") from None
+    except RecursionError:
+        raise PruneCliError(f"{where} is nested too deeply") from None
