@@ -258,8 +258,9 @@ class TensorReport:
 
 class BaseSpectra:
     """What restraining against one base checkpoint needs per matrix, computed once and kept: sigma_max and, for
-    kappas, the matrix's `UpdatedSpectra` (its float64 Gram matrix, whose spectrum then also gives sigma_max). Callers that restrain or measure repeatedly
-    against the same base (`edit --prune-every`, `--kappa-trigger`) share one instance."""
+    kappas, the matrix's `UpdatedSpectra` (its float64 Gram matrix, whose spectrum then also gives sigma_max).
+    Callers that restrain or measure repeatedly against the same base (`edit --prune-every`, `--kappa-trigger`)
+    share one instance."""
 
     def __init__(self, base: Checkpoint, device: str | torch.device | None = None) -> None:
         self.base, self.device = base, device

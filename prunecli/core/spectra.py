@@ -30,6 +30,9 @@ FAST_KAPPA_LIMIT = 1e6
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 chunk of the long side: 64 MiB
 _ROW_BLOCKS = 4  # upper-triangle blocking of the Gram product
+_VECTOR_CHUNK_ELEMENTS = 1 << 18
+"""float64 chunk for matrix-vector products: cache-sized chunks convert faster than large ones (for a 1600 x 6400
+float32 W, sigma_max's Rayleigh-Ritz step took 35 ms with these and 123 ms with 64 MiB chunks, one thread, loaded)."""
 
 
 def _short_side_rows(w: torch.Tensor) -> torch.Tensor:
@@ -149,13 +152,13 @@ def _lanczos_top(gram: torch.Tensor, tol: float) -> tuple[torch.Tensor, float] |
 
 def _rayleigh_ritz(x: torch.Tensor, device: torch.device, basis: torch.Tensor, gap: float, tol: float) -> float | None:
     """sigma_max of x [m, n] on span(basis) [m, c] in float64, if the float64 residual confirms the bound."""
-    z = torch.cat([(basis.T @ c).T for _, c in _column_chunks(x, device, torch.float64)])  # x^T basis: [n, c]
+    z = torch.cat([(basis.T @ c).T for _, c in _column_chunks(x, device, torch.float64, _VECTOR_CHUNK_ELEMENTS)])  # x^T basis: [n, c]
     u, s, vh = torch.linalg.svd(z, full_matrices=False)
     sigma = float(s[0])
     if sigma == 0.0:
         return 0.0
     xu = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
-    for j, c in _column_chunks(x, device, torch.float64):
+    for j, c in _column_chunks(x, device, torch.float64, _VECTOR_CHUNK_ELEMENTS):
         xu += c @ u[j:j + c.shape[1], 0]
     residual = sigma * xu - sigma**2 * (basis @ vh[0])  # (x x^T - sigma^2) v with v = basis @ vh[0]
     est = 0.5 * float(torch.linalg.vector_norm(residual)) ** 2 / (gap * sigma**2)
