@@ -35,8 +35,8 @@ def main(
     def body() -> None:
         from prunecli.core.atomic import check_output_path
         from prunecli.core.checkpoint import Checkpoint
-        from prunecli.core.selection import select_entries
         from prunecli.core.peft_io import export_lora, load_delta
+        from prunecli.core.selection import select_entries
         from prunecli.models.default_model import resolve_model_path
 
         base_path = resolve_model_path(base)
