@@ -14,7 +14,7 @@ import torch
 import prunecli.core.spectra as spectra
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import restrain_delta, restrain_entry, restraint_values
+from prunecli.core.restraint import BaseSpectra, restrain_delta, restrain_entry, restraint_values
 from prunecli.core.spectra import largest_singular_value
 from prunecli.errors import PruneCliError
 from helpers import RecordingProgress, factors_with_singular_values
@@ -268,14 +268,15 @@ def test_restrain_delta_round_trips_through_a_file(llama_dir: Path, tmp_path: Pa
         assert torch.equal(back.entries[name].to_dense(), e.to_dense())
 
 
-def test_restrain_delta_uses_and_fills_the_sigma_cache(llama_dir: Path) -> None:
+def test_restrain_delta_uses_and_fills_the_base_spectra(llama_dir: Path) -> None:
     ckpt = Checkpoint(llama_dir)
     delta = add_edits(ckpt, EDITS["llama"])
-    cache: dict[str, float] = {}
-    _, reports = restrain_delta(delta, ckpt, "linear", kappa=False, sigma_cache=cache)
-    assert cache == {r.name: r.info.sigma_max for r in reports} and reports[0].kappa_base is None
-    huge = {name: 1e6 for name in delta.entries}  # nothing exceeds it: the delta comes back unchanged
-    same, reports = restrain_delta(delta, ckpt, "linear", kappa=False, sigma_cache=huge)
+    cache = BaseSpectra(ckpt)
+    _, reports = restrain_delta(delta, ckpt, "linear", kappa=False, spectra=cache)
+    assert cache.sigma == {r.name: r.info.sigma_max for r in reports} and reports[0].kappa_base is None
+    huge = BaseSpectra(ckpt)
+    huge.sigma.update({name: 1e6 for name in delta.entries})  # nothing exceeds it: the delta comes back unchanged
+    same, reports = restrain_delta(delta, ckpt, "linear", kappa=False, spectra=huge)
     assert all(r.info.n_restrained == 0 for r in reports)
     for name, e in delta.entries.items():
         assert torch.allclose(same.entries[name].to_dense(), e.to_dense(), atol=1e-5)

@@ -302,7 +302,7 @@ class BaseSpectra:
 def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alpha: float = 1.2, beta: float = 2.0,
                    kappa: bool = True, progress: Progress = no_progress, *, clamp: bool = False,
                    strength: float = 0.5, target_kappa: float | None = None,
-                   sigma_cache: dict[str, float] | None = None, spectra: BaseSpectra | None = None,
+                   spectra: BaseSpectra | None = None,
                    record: dict[str, Any] | None = None,
                    device: str | torch.device | None = None) -> tuple[Delta, list[TensorReport]]:
     """Apply PRUNE to every entry of `delta` against the unedited `base`; returns the new delta and reports.
@@ -310,9 +310,8 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
     Base matrices are read one at a time. `kappa=True` also reports kappa(W), kappa(W + D), kappa(W + D') (float64
     Gram spectra of W formed once per matrix, low-rank updates added on the Gram matrix; `UpdatedSpectra`).
     `target_kappa` searches, per matrix, the mildest scale-free strength with kappa(W + D') <= target (kappas are
-    then always reported). `progress` gets one task, advanced per tensor. `spectra` (a `BaseSpectra` of `base`) or the
-    older `sigma_cache` (name -> sigma_max) is read and filled, so repeated restraints against the same base compute
-    each base quantity once. The caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned
+    then always reported). `progress` gets one task, advanced per tensor. `spectra` (a `BaseSpectra` of `base`) is read and filled,
+    so repeated restraints against the same base compute each base quantity once. The caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned
     delta's history ends with {"op": "prune", "fn", "alpha", "beta", "strength", "clamp", "target_kappa", **record,
     "per_tensor": {name: report}}.
     """
@@ -320,8 +319,6 @@ def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alph
     if target_kappa is not None:
         check_target(target_kappa)
     cache = spectra or BaseSpectra(base, device)
-    if sigma_cache is not None:
-        cache.sigma = sigma_cache
     entries: dict[str, DeltaEntry] = {}
     reports: list[TensorReport] = []
     for name, entry in track(progress, delta.entries.items(), "prune"):
