@@ -302,46 +302,33 @@ def _write_error(path: Path, exc: OSError) -> PruneCliError:
 
 
 # ---------------------------------------------------------------------------------------------- writers
-@contextlib.contextmanager
-def atomic_file(path: Path, force: bool = False,
-                inputs: Inputs = ()) -> Iterator[Path]:
+def atomic_file(path: Path, force: bool = False, inputs: Inputs = ()) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path; on normal exit it becomes `path`, on error it is removed."""
-    path = Path(path)
-    check_output_path(path, force, is_dir=False, inputs=inputs)
-    clean_leftovers(_parent(path))
-    tmp_path = _temp_name(path, "tmp")
-    try:  # created inside the try: an interrupt right after the creation still removes it
-        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, output_mode()))
-        try:
-            yield tmp_path
-        except OSError as exc:
-            if exc.errno in _WRITE_ERRNOS:
-                raise _write_error(path, exc) from exc
-            raise
-        with _signals_held():
-            if force and os.path.lexists(path):
-                _check_replaceable(path)
-                os.replace(tmp_path, path)
-            else:
-                _rename_noreplace(tmp_path, path, is_dir=False)
-            _COMMITTED.append(path)
-        _fsync_dir(_parent(path))
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    return _atomic_output(Path(path), force, inputs, is_dir=False)
+
+
+def atomic_directory(path: Path, force: bool = False,
+                     inputs: Inputs = ()) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary directory (holding the prunecli marker); on normal exit it becomes `path`."""
+    return _atomic_output(Path(path), force, inputs, is_dir=True)
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path, force: bool = False,
-                     inputs: Inputs = ()) -> Iterator[Path]:
-    """Yield a temporary directory (holding the prunecli marker); on normal exit it becomes `path`."""
-    path = Path(path)
-    check_output_path(path, force, is_dir=True, inputs=inputs)
+def _atomic_output(path: Path, force: bool, inputs: Inputs, is_dir: bool) -> Iterator[Path]:
+    """The one commit protocol of every output: checked target, temporary beside it (created inside the `try`, so an
+    interrupt right after its creation still removes it), write errors as one line, then the rename (or, with
+    --force, the replacement: a file by `os.replace`, a folder by an exchange) with signals held, and cleanup of
+    whatever is left on any exit."""
+    check_output_path(path, force, is_dir=is_dir, inputs=inputs)
     clean_leftovers(_parent(path))
     tmp_path = _temp_name(path, "tmp")
     old: Path | None = None
-    try:  # created inside the try: an interrupt right after the creation still removes it
-        os.mkdir(tmp_path, output_mode(is_dir=True))
-        (tmp_path / MARKER).write_text(json.dumps({"written_by": "prunecli"}) + "\n", encoding="utf-8")
+    try:
+        if is_dir:
+            os.mkdir(tmp_path, output_mode(is_dir=True))
+            (tmp_path / MARKER).write_text(json.dumps({"written_by": "prunecli"}) + "\n", encoding="utf-8")
+        else:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, output_mode()))
         try:
             yield tmp_path
         except OSError as exc:
@@ -351,9 +338,12 @@ def atomic_directory(path: Path, force: bool = False,
         with _signals_held():
             if force and os.path.lexists(path):
                 _check_replaceable(path)
-                old = _swap_folders(tmp_path, path)
+                if is_dir:
+                    old = _swap_folders(tmp_path, path)
+                else:
+                    os.replace(tmp_path, path)
             else:
-                _rename_noreplace(tmp_path, path, is_dir=True)
+                _rename_noreplace(tmp_path, path, is_dir=is_dir)
             _COMMITTED.append(path)
         _fsync_dir(_parent(path))
     finally:
