@@ -301,7 +301,8 @@ def plot(rows: list[dict[str, Any]], results: Path) -> list[Path]:
         ax.grid(True, alpha=0.25)
 
     def save(fig: Any, name: str, entries: dict[str, dict[str, Any]]) -> None:
-        handles: dict[str, Any] = {text: Line2D([], [], **style) for text, style in entries.items() if text != same_text}
+        handles: dict[str, Any] = {text: Line2D([], [], **style) for text, style in entries.items()
+                                   if text != same_text}
         for ax in fig.axes:  # the reference lines (kappa(W), sigma_max(W))
             for handle, text in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(text, handle)
@@ -364,7 +365,7 @@ def last_n_table(rows: list[dict[str, Any]]) -> str:
     columns = [c for c in LAST_N_COLUMNS if any(r.get(c) is not None for r in shown)]
     out = [f"### Method x restraint at N = {n}", "", "| method | restraint | " + " | ".join(columns) + " |",
            "|---|---|" + "---|" * len(columns)]
-    out += [f"| {METHOD_TEXT.get(r['method'], 'unedited')} | {describe(r)} | "
+    out += [f"| {METHOD_TEXT.get(r['method'], 'unedited')} | {describe(r) if r['method'] != 'none' else '–'} | "
             + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in shown]
     return "\n".join(out + [""])
 

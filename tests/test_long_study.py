@@ -120,7 +120,8 @@ def _check_reports(commands: list[str], model: str, deltas: list[tuple[str, int]
          f"--tasks counterfact --batch-size 16 --data-dir {DATA} -o {work}/base/base-{n}.eval.json --force > /dev/null"
          for n in ns]
         + [f"bash timed.sh {work}/base/base.general.json.seconds echo evaluate {model} --tasks perplexity,glue:sst2 "
-           f"--limit 200 {budget} --batch-size 16 --data-dir {DATA} -o {work}/base/base.general.json --force > /dev/null"])
+           f"--limit 200 {budget} --batch-size 16 --data-dir {DATA} -o {work}/base/base.general.json --force "
+           f"> /dev/null"])
 
 
 def test_smollm2_plan(tmp_path: Path) -> None:
@@ -159,8 +160,9 @@ def test_gemma3_plan(tmp_path: Path) -> None:
     commands = _commands("gemma3", tmp_path)
     chains = {c: f for c, f in _chains(work).items() if c in ("rome", "rome-adaptive", "memit", "alphaedit")}
     _check_chains(_edits(commands, "gemma3-270m", work), chains, GEMMA3_NS, work)
-    prunes = {m[1] for line in commands if (m := re.search(rf"-o {re.escape(work)}/(\S+)\.safetensors --force --json", line))
-              and " prune " in line}
+    written = (re.search(rf"-o {re.escape(work)}/(\S+)\.safetensors --force --json", line) for line in commands
+               if " prune " in line)
+    prunes = {m[1] for m in written if m}
     assert prunes == {f"rome/{kind}-{n}" for kind in _once(work) for n in GEMMA3_NS}
     deltas = [(f"{c}/edited", n) for c in chains for n in GEMMA3_NS] + [
         (f"rome/{kind}", n) for kind in _once(work) for n in GEMMA3_NS]
