@@ -22,6 +22,7 @@ import torch
 from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
+from prunecli.editors.alphaedit import AlphaEditEditor
 from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors import memit
@@ -106,6 +107,27 @@ def test_memit_reaches_its_residual_targets(family, monkeypatch):
     assert [u.layer for u in updates] == LAYERS
     assert sum(a > b for a, b in zip(_mean_prob(model, tok, REQUESTS), before)) == len(REQUESTS)
 
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_alphaedit_moves_the_targets_and_spares_the_preserved_eigenspace(family):
+    """AlphaEdit works wherever MEMIT does (post-norm blocks included): the targets become more likely and each
+    layer's update leaves the preserved eigenspace of its key statistics alone."""
+    model, tok, adapter, moments = _setup(family)
+    pooled = torch.cat([torch.linalg.eigvalsh(moments[L]) for L in LAYERS])
+    threshold = float(pooled.median())  # about half of each layer's key space is protected
+    hp = resolve_hparams("alphaedit", adapter.family, adapter.num_layers,
+                         sets=[*TINY_SETS, f"layers={LAYERS}", f"nullspace_threshold={threshold}", "L2=0.1", *FAST])
+    before = _mean_prob(model, tok, REQUESTS)
+    updates, _ = AlphaEditEditor().apply(model, tok, adapter, REQUESTS, EditContext(hp, [""], moments))
+    assert sum(a > b for a, b in zip(_mean_prob(model, tok, REQUESTS), before)) == len(REQUESTS)
+    assert [u.layer for u in updates] == LAYERS
+    for u in updates:
+        values, vectors = torch.linalg.eigh(moments[u.layer])
+        preserved = vectors[:, values >= threshold]
+        delta = (u.a @ u.b.T).double()
+        leak = float(torch.linalg.matrix_norm(delta @ preserved, 2) / torch.linalg.matrix_norm(delta, 2))
+        assert preserved.shape[1] > 0 and leak < 1e-5, (u.layer, leak)
 
 @pytest.mark.parametrize("family", POST_MLP_NORM_FAMILIES)
 def test_projection_shift_produces_a_reachable_residual_shift(family):
