@@ -21,12 +21,15 @@ EV=(--edits "$CF" --limit "$n" --tasks counterfact,perplexity --max-tokens 4096 
 mkdir -p "$work"
 w=$work
 run() { local out=$1; shift; [ -f "$out" ] || "$@"; }
+# `inspect_to OUT DELTA`: the spectra report of DELTA into OUT, written through a temporary so that an interrupted or
+# failed step leaves no empty OUT behind (a redirect on `run` would create OUT before `run` checks for it).
+inspect_to() { [ -s "$1" ] || { $PRUNECLI inspect "$model" --delta "$2" --json > "$1.tmp" && mv "$1.tmp" "$1"; }; }
 
 run $w/stats-rome.safetensors $PRUNECLI stats "$model" --method rome --text "$DATA/wikitext/wiki.test.raw" \
     --tokens 50000 -o $w/stats-rome.safetensors --force --json > /dev/null
 edit=($PRUNECLI edit "$model" --requests "$CF" --start 0 --limit "$n" --stats $w/stats-rome.safetensors --method rome)
 [ -f $w/edited-$n.safetensors ] || "${edit[@]}" -o $w/edited-$n.safetensors --force --json > $w/edited-$n.json
-run $w/edited-$n.inspect.json $PRUNECLI inspect "$model" --delta $w/edited-$n.safetensors --json > $w/edited-$n.inspect.json
+inspect_to $w/edited-$n.inspect.json $w/edited-$n.safetensors
 # kappa(W) of the edited matrix (the worst one if several), as inspect reports it
 kw=$(python -c "import json,sys; print(max(t['kappa'] for t in json.load(open(sys.argv[1]))['tensors'] if t.get('edited')))" \
      $w/edited-$n.inspect.json)
@@ -42,5 +45,5 @@ prune target --target-kappa "$k125"
 for kind in edited adaptive paper scalefree target; do
     [ -f $w/$kind-$n.eval.json ] || $PRUNECLI evaluate "$model" --delta $w/$kind-$n.safetensors "${EV[@]}" \
         -o $w/$kind-$n.eval.json --force > /dev/null
-    run $w/$kind-$n.inspect.json $PRUNECLI inspect "$model" --delta $w/$kind-$n.safetensors --json > $w/$kind-$n.inspect.json
+    inspect_to $w/$kind-$n.inspect.json $w/$kind-$n.safetensors
 done
