@@ -52,3 +52,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (the longest, the study's smoke run, at the very front): with one process per core
+    (`-n auto`), a long test that starts last would run alone at the end while the other cores idle."""
+    items.sort(key=lambda item: (0 if item.get_closest_marker("slow") else 1,
+                                 0 if item.path.name == "test_study.py" else 1))

@@ -369,7 +369,7 @@ def test_real_model_round_trip(tmp_path: Path) -> None:
     base = Checkpoint(default_model_dir())
     name = "model.layers.7.mlp.down_proj.weight"  # [576, 1536]
     delta = Delta.for_base(base)
-    delta.add(name, compress_dense(with_singular_values(576, 1536, [2.0, 1.0], seed=0), "out_in"), base)
+    delta.add(name, compress_dense(with_singular_values(576, 1536, [2.0, 1.0], seed=0), "out_in").entry, base)
     apply_deltas(base, delta, tmp_path / "edited")
     back = diff_checkpoints(base, Checkpoint(tmp_path / "edited"))
     assert list(back.entries) == [name] and back.entries[name].rank == 2

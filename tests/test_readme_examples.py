@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _examples() -> list[str]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
             command = re.split(r" #| \| | > | && ", line)[0].strip()
             if command.startswith("prunecli ") and not command.split()[1].startswith("-"):
                 lines.append(command)
