@@ -46,6 +46,9 @@ MODULE_TEMPLATES = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", 
 MODULE_NAMES = ("ln_f_module", "lm_head_module")
 # Keys only AlphaEdit has; None (and absent from `to_json`) for the other methods, so their records are unchanged.
 ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
+# Keys only MEMIT has and that are off unless a family's defaults or the user set them; None (and absent from
+# `to_json`) otherwise, so records of the published method are unchanged.
+MEMIT_KEYS = ("prior_edit_weight",)
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
@@ -68,9 +71,12 @@ class EditHParams:
     fact_token: str = "subject_last"
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of the mean C below this span the null space
     L2: float | None = None  # AlphaEdit: ridge term L2 I added after projecting (the official key name)
+    # MEMIT: weight w of the earlier edits' keys K_p in (lambda C + w K_p K_p^T + K K^T)^-1 (editors/memit.py);
+    # None: the published MEMIT, which preserves only the corpus keys' outputs.
+    prior_edit_weight: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in ALPHAEDIT_KEYS and v is None)}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in (*ALPHAEDIT_KEYS, *MEMIT_KEYS) and v is None)}
         d["layers"] = list(self.layers)
         d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
         return d
@@ -133,7 +139,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
-    "nullspace_threshold": _as_float, "L2": _as_float,
+    "nullspace_threshold": _as_float, "L2": _as_float, "prior_edit_weight": _as_float,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -310,6 +316,11 @@ def validate(hp: EditHParams, num_layers: int) -> None:
         given = [key for key in ALPHAEDIT_KEYS if getattr(hp, key) is not None]
         if given:
             raise PruneCliError(f"{', '.join(given)} only apply to alphaedit, not {hp.method}")
+    given = [key for key in MEMIT_KEYS if getattr(hp, key) is not None]
+    if given and hp.method != "memit":
+        raise PruneCliError(f"{', '.join(given)} only apply to memit, not {hp.method}")
+    if hp.prior_edit_weight is not None and not hp.prior_edit_weight >= 0:
+        raise PruneCliError(f"hyper-parameter prior_edit_weight={hp.prior_edit_weight!r} is out of range")
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),
