@@ -98,3 +98,13 @@ def test_prior_edit_weight_is_memit_only(llama_dir):
     with pytest.raises(PruneCliError, match="out of range"):
         resolve_hparams("memit", "llama", 4, sets=["prior_edit_weight=-1"])
     assert "prior_edit_weight" not in resolve_hparams("memit", "llama", 4).to_json()
+
+
+def test_prior_edit_weight_refuses_a_previous_delta_without_its_keys(llama_dir):
+    model, tok, _ = load_model(llama_dir)
+    adapter = resolve_adapter(model)
+    hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                         sets=[*TINY_SETS, "layers=[0,1]", "prior_edit_weight=10"])
+    ctx = EditContext(hp, [""], {0: torch.eye(32), 1: torch.eye(32)}, continues=True)  # e.g. `--delta rome.safetensors`
+    with pytest.raises(PruneCliError, match=r"carries no MEMIT key cache .*prior_edit_weight=0"):
+        MemitEditor().apply(model, tok, adapter, REQUESTS, ctx)
