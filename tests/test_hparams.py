@@ -16,6 +16,15 @@ def test_known_depths_use_published_layers():
     assert default_values("rome", "llama", 32)["layers"] == [5]
 
 
+def test_small_model_defaults():
+    """SmolLM2-135M (30 layers) keeps the published MEMIT; Gemma-3-270M (18) preserves earlier edits' keys (chosen
+    on CounterFact records 200-249 and 300-349, see memit.yaml)."""
+    smollm2 = resolve_hparams("memit", "llama", 30)
+    assert smollm2.layers == (3, 4, 5, 6, 7) and smollm2.mom2_update_weight == 2000 and smollm2.prior_edit_weight is None
+    gemma3 = resolve_hparams("memit", "llama", 18)
+    assert gemma3.layers == (1, 2, 3, 4, 5) and gemma3.mom2_update_weight == 500 and gemma3.prior_edit_weight == 10
+
+
 def test_other_depths_follow_the_fraction_rule():
     # ROME: round(0.2 x (L - 1)); MEMIT/AlphaEdit: 5 consecutive layers ending at round(0.25 x (L - 1)), cut at 0.
     rome = default_values("rome", "llama", 4)["layers"]

@@ -9,6 +9,7 @@ from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
 from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.keys import subject_keys
 from prunecli.editors.memit import MemitEditor, spread_update
 from prunecli.editors.stats import accumulate
 from prunecli.errors import PruneCliError
@@ -61,3 +62,49 @@ def test_memit_needs_statistics_of_every_layer(llama_dir):
     hp = resolve_hparams("memit", adapter.family, adapter.num_layers, sets=[*TINY_SETS, "layers=[0,1]"])
     with pytest.raises(PruneCliError, match=r"needs key statistics of layers \[1\]"):
         MemitEditor().apply(model, tok, adapter, REQUESTS, EditContext(hp, [""], {0: torch.eye(32)}))
+
+
+def test_prior_edit_weight_preserves_earlier_keys(llama_dir):
+    """With prior_edit_weight the second batch barely moves the outputs for the first batch's keys (they join the
+    preserved set, re-read on the edited model); the published MEMIT moves them and keeps no key memory, so its
+    deltas carry no extra tensors."""
+    moments = None
+    sets = [*TINY_SETS, "layers=[0,1]", "mom2_update_weight=1"]
+    leaks = {}
+    for prior in (None, 1e4):
+        model, tok, _ = load_model(llama_dir)  # the same base model for both runs
+        model.requires_grad_(False)
+        adapter = resolve_adapter(model)
+        moments = moments or _moments(model, tok, adapter, [0, 1])
+        hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                             sets=[*sets, *([f"prior_edit_weight={prior}"] if prior else [])])
+        ctx = EditContext(hp, [""], moments)
+        MemitEditor().apply(model, tok, adapter, REQUESTS[:2], ctx)
+        first, _ = subject_keys(model, tok, adapter.projection(0), REQUESTS[:2], [""])
+        (update, *_), _ = MemitEditor().apply(model, tok, adapter, REQUESTS[2:], ctx)
+        leaks[prior] = float((update.a @ update.b.T).double().matmul(first.double().T).norm()
+                             / (update.a @ update.b.T).double().norm())
+        names = {"memit.keys::" + adapter.weight_name(L) for L in (0, 1)}
+        assert set(ctx.carried) == (names if prior else set())
+        if prior:
+            assert all(t.shape == (3, adapter.key_size(0)) for t in ctx.carried.values())
+            torch.testing.assert_close(ctx.carried["memit.keys::" + adapter.weight_name(0)][:2], first)
+    assert leaks[1e4] < 0.01 * leaks[None], leaks
+
+
+def test_prior_edit_weight_is_memit_only(llama_dir):
+    with pytest.raises(PruneCliError, match="only apply to memit"):
+        resolve_hparams("alphaedit", "llama", 4, sets=["prior_edit_weight=1"])
+    with pytest.raises(PruneCliError, match="out of range"):
+        resolve_hparams("memit", "llama", 4, sets=["prior_edit_weight=-1"])
+    assert "prior_edit_weight" not in resolve_hparams("memit", "llama", 4).to_json()
+
+
+def test_prior_edit_weight_refuses_a_previous_delta_without_its_keys(llama_dir):
+    model, tok, _ = load_model(llama_dir)
+    adapter = resolve_adapter(model)
+    hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                         sets=[*TINY_SETS, "layers=[0,1]", "prior_edit_weight=10"])
+    ctx = EditContext(hp, [""], {0: torch.eye(32), 1: torch.eye(32)}, continues=True)  # e.g. `--delta rome.safetensors`
+    with pytest.raises(PruneCliError, match=r"carries no MEMIT key cache .*prior_edit_weight=0"):
+        MemitEditor().apply(model, tok, adapter, REQUESTS, ctx)

@@ -40,13 +40,14 @@ from collections.abc import Sequence
 import torch
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
-from prunecli.editors.keys import subject_keys
+from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.memit import check_moments, spread_over_layers
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
 
 KEYS_EXTRA = "alphaedit.keys::"  # + weight name: the edited keys [edits, d_in] carried in delta files
+MEMORY = KeyMemory(KEYS_EXTRA, "alphaedit", "AlphaEdit key cache", "start a new chain without --delta")
 
 
 def null_space_basis(moment: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -98,21 +99,13 @@ class AlphaEditEditor(Editor):
         hp = ctx.hparams
         assert hp.nullspace_threshold is not None and hp.L2 is not None  # validated with the hyper-parameters
         layers = sorted(hp.layers)
-        names = {layer: KEYS_EXTRA + adapter.weight_name(layer) for layer in layers}
-        missing = [name for name in names.values() if name not in ctx.carried]
-        if ctx.continues and missing:
-            raise PruneCliError(f"the previous delta carries no AlphaEdit key cache ({missing[0]}): it was not made "
-                                "by alphaedit on these layers (or lost its extra tensors), "
-                                "so the keys of its edits cannot be preserved; start a new chain without --delta")
-        for layer in layers:
-            ctx.carried.setdefault(names[layer], torch.zeros(0, adapter.key_size(layer)))
+        MEMORY.prepare(ctx, adapter, layers)
 
         def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             basis = self.basis(layer, ctx.moments[layer], hp.nullspace_threshold)  # type: ignore[arg-type]
-            return null_space_update(residual, keys, basis, ctx.carried[names[layer]], hp.L2)  # type: ignore[arg-type]
+            return null_space_update(residual, keys, basis, MEMORY.keys(ctx, adapter, layer),
+                                     hp.L2)  # type: ignore[arg-type]
 
         updates, outcomes = spread_over_layers(model, tokenizer, adapter, requests, ctx, solve)
-        for layer in layers:  # the batch's keys on the edited model join the preserved set
-            keys, _ = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes)
-            ctx.carried[names[layer]] = torch.cat([ctx.carried[names[layer]], keys.float().cpu()])
+        MEMORY.remember(model, tokenizer, adapter, requests, ctx, layers)  # the batch's keys join the preserved set
         return updates, outcomes

@@ -50,6 +50,9 @@ ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
 # "original" (the published ROME code: u = C^-1 k* but the denominator u^T k of the bare prompt's key), which the
 # R-ROME paper blames for the collapse of long sequential runs. None (and absent from `to_json`) for other methods.
 ROME_KEYS = ("averaged", "original")
+# Keys only MEMIT has and that are off unless a family's defaults or the user set them; None (and absent from
+# `to_json`) otherwise, so records of the published method are unchanged.
+MEMIT_KEYS = ("prior_edit_weight",)
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
@@ -73,10 +76,13 @@ class EditHParams:
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of the mean C below this span the null space
     L2: float | None = None  # AlphaEdit: ridge term L2 I added after projecting (the official key name)
     rome_key: str | None = None  # ROME: "averaged" | "original" (see ROME_KEYS)
+    # MEMIT: weight w of the earlier edits' keys K_p in (lambda C + w K_p K_p^T + K K^T)^-1 (editors/memit.py);
+    # None: the published MEMIT, which preserves only the corpus keys' outputs.
+    prior_edit_weight: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items()
-             if not ((k in ALPHAEDIT_KEYS or k == "rome_key") and v is None)}
+             if not (k in (*ALPHAEDIT_KEYS, *MEMIT_KEYS, "rome_key") and v is None)}
         d["layers"] = list(self.layers)
         d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
         return d
@@ -139,7 +145,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
-    "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str,
+    "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str, "prior_edit_weight": _as_float,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -320,6 +326,11 @@ def validate(hp: EditHParams, num_layers: int) -> None:
         raise PruneCliError(f"rome_key must be one of {', '.join(ROME_KEYS)}, got {hp.rome_key!r}")
     if hp.method != "rome" and hp.rome_key is not None:
         raise PruneCliError(f"rome_key only applies to rome, not {hp.method}")
+    given = [key for key in MEMIT_KEYS if getattr(hp, key) is not None]
+    if given and hp.method != "memit":
+        raise PruneCliError(f"{', '.join(given)} only apply to memit, not {hp.method}")
+    if hp.prior_edit_weight is not None and not hp.prior_edit_weight >= 0:
+        raise PruneCliError(f"hyper-parameter prior_edit_weight={hp.prior_edit_weight!r} is out of range")
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),

@@ -7,6 +7,12 @@ Delta W = R K^T (lambda C + K K^T)^-1, solved in float64 and applied before the 
 R is a residual-stream shift; where the block normalises its MLP output before the residual add (Gemma-2/3), it is
 mapped to the projection-output change that produces it (`residual.projection_shift`).
 Needs key statistics C of every edited layer (`prunecli stats --method memit`).
+
+Sequential editing: lambda C preserves the outputs of the corpus keys only; the keys of earlier edits are not among
+them, so every later batch moves the earlier subjects' outputs by R K^T (lambda C + K K^T)^-1 k_old and can undo
+those edits. With `prior_edit_weight` w (> 0) the earlier edits' keys K_p (re-read on the edited model after each
+batch, `key_memory`, carried in delta files) join the preserved set, as the memories MEMIT's derivation keeps:
+Delta W = R K^T (lambda C + w K_p K_p^T + K K^T)^-1. Without it (the default) this is the published MEMIT.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
+from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.residual import needs_projection_output, projection_shift
 from prunecli.editors.value import optimize_value
@@ -24,11 +31,17 @@ from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
 
 
-def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tensor,
-                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (a = R [out, n], b = (lambda C + K K^T)^-1 K [in, n]) of Delta W = R K^T (lambda C + K K^T)^-1."""
+def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tensor, weight: float,
+                  preserved: torch.Tensor | None = None,
+                  preserved_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a = R [out, n], b = (lambda C + K K^T)^-1 K [in, n]) of Delta W = R K^T (lambda C + K K^T)^-1.
+
+    With `preserved` K_p [N_p, in] (earlier edits' keys, rows) the system is lambda C + w K_p^T K_p + K K^T."""
     k = keys.double()
     system = weight * moment.double() + k @ k.T
+    if preserved is not None:
+        kp = preserved.to(system.device, torch.float64)
+        system = system + preserved_weight * (kp.T @ kp)
     try:
         b = torch.linalg.solve(system, k)
     except torch.linalg.LinAlgError:
@@ -111,6 +124,12 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
     return updates, outcomes
 
 
+# Where MEMIT keeps its earlier edits' keys when `prior_edit_weight` is set.
+MEMORY = KeyMemory("memit.keys::", "memit with prior_edit_weight", "MEMIT key cache",
+                   "start a new chain without --delta, or pass --set prior_edit_weight=0 (published MEMIT, which "
+                   "does not protect earlier edits)")
+
+
 class MemitEditor(Editor):
     method = "memit"
     needs_stats = True
@@ -120,5 +139,13 @@ class MemitEditor(Editor):
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
         check_moments(ctx, "MEMIT")
         weight = ctx.hparams.mom2_update_weight
-        return spread_over_layers(model, tokenizer, adapter, requests, ctx,
-                                  lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight))
+        prior = ctx.hparams.prior_edit_weight
+        if not prior:
+            return spread_over_layers(model, tokenizer, adapter, requests, ctx,
+                                      lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight))
+        layers = sorted(ctx.hparams.layers)
+        MEMORY.prepare(ctx, adapter, layers)
+        result = spread_over_layers(model, tokenizer, adapter, requests, ctx, lambda layer, r, k: spread_update(
+            r, k, ctx.moments[layer], weight, MEMORY.keys(ctx, adapter, layer), prior))
+        MEMORY.remember(model, tokenizer, adapter, requests, ctx, layers)
+        return result
