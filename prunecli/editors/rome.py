@@ -59,9 +59,11 @@ class RomeEditor(Editor):
         moment = ctx.moments.get(layer) if ctx.hparams.mom2_adjustment else None
         updates, outcomes = [], []
         for request in requests:  # one after another, each on the model with the previous ones applied
-            keys, _ = subject_keys(model, tokenizer, projection, [request], ctx.prefixes)
-            bare = (subject_keys(model, tokenizer, projection, [request], [""])[0][0]
-                    if ctx.hparams.rome_key == "original" else None)
+            # The bare prompt's key (original key handling) comes from the same pass: prefixes[0] is "".
+            original = ctx.hparams.rome_key == "original"
+            keys, seen = subject_keys(model, tokenizer, projection, [request], ctx.prefixes,
+                                      {"bare_key": (projection, "input")} if original else None)
+            bare = seen["bare_key"][0] if original else None
             w = adapter.weight_matrix(layer)
             value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams,
                                    task=ctx.value_task)
