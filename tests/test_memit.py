@@ -12,6 +12,7 @@ from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.memit import MemitEditor, spread_update
 from prunecli.editors.stats import accumulate
+from prunecli.editors.success import check_edits
 from prunecli.errors import PruneCliError
 from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
@@ -108,3 +109,47 @@ def test_prior_edit_weight_refuses_a_previous_delta_without_its_keys(llama_dir):
     ctx = EditContext(hp, [""], {0: torch.eye(32), 1: torch.eye(32)}, continues=True)  # e.g. `--delta rome.safetensors`
     with pytest.raises(PruneCliError, match=r"carries no MEMIT key cache .*prior_edit_weight=0"):
         MemitEditor().apply(model, tok, adapter, REQUESTS, ctx)
+
+
+def test_retry_rounds_retake_only_the_edits_that_did_not_take(llama_dir):
+    """lambda 1650 on the tiny model leaves two of three edits below the success threshold after one round. With
+    retry_rounds those two are optimised again on the edited model and take, while the one that took is held where
+    it was; once all have taken no further round runs. retry_below also retries an edit that took too weakly.
+    retry_rounds=0 is the published single round."""
+    model, tok, _ = load_model(llama_dir)
+    model.requires_grad_(False)
+    adapter = resolve_adapter(model)
+    moments = _moments(model, tok, adapter, [0, 1])
+    results = {}
+    for retry in ((), ("retry_rounds=3",), ("retry_rounds=3", "retry_below=0.5")):
+        model, tok, _ = load_model(llama_dir)
+        model.requires_grad_(False)
+        hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                             sets=[*TINY_SETS, "layers=[0,1]", "mom2_update_weight=1650", "v_num_grad_steps=20",
+                                   *retry])
+        ctx = EditContext(hp, [""], moments)
+        updates, outcomes = MemitEditor().apply(model, tok, resolve_adapter(model), REQUESTS, ctx)
+        results[len(retry)] = (updates, outcomes, check_edits(model, tok, REQUESTS))
+    once, retried = results[0][2], results[1][2]
+    took = [i for i, c in enumerate(once) if c.took]
+    assert 0 < len(took) < len(REQUESTS), [c.prob_new for c in once]
+    assert all(c.took for c in retried), [c.prob_new for c in retried]
+    for i in took:  # held: its probability barely moved
+        assert abs(retried[i].prob_new - once[i].prob_new) < 0.05 * once[i].prob_new
+    assert [o.steps for o in results[1][1]] == [20 if i in took else 40 for i in range(len(REQUESTS))]
+    assert [u.layer for u in results[1][0]] == [0, 1, 0, 1]  # one retry round sufficed, so no third
+    assert len(results[0][0]) == 2
+    # With retry_below 0.5 the weak one that took (P ~0.11) is retried too, and every edit ends stronger.
+    assert all(o.steps >= 40 for o in results[2][1])
+    assert all(c.prob_new > once[i].prob_new for i, c in enumerate(results[2][2]))
+
+
+def test_retry_rounds_is_memit_only_and_off_by_default():
+    with pytest.raises(PruneCliError, match="only apply to memit"):
+        resolve_hparams("alphaedit", "llama", 4, sets=["retry_rounds=1"])
+    with pytest.raises(PruneCliError, match="out of range"):
+        resolve_hparams("memit", "llama", 4, sets=["retry_rounds=-1"])
+    with pytest.raises(PruneCliError, match="out of range"):
+        resolve_hparams("memit", "llama", 4, sets=["retry_below=1.5"])
+    published = resolve_hparams("memit", "llama", 4).to_json()
+    assert "retry_rounds" not in published and "retry_below" not in published

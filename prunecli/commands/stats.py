@@ -96,7 +96,8 @@ def main(
             if wanted is None:
                 assert method is not None
                 wanted = list(default_values(method, adapter.family, adapter.num_layers)["layers"])
-                say(f"layers {wanted} (default {method} layers for this {adapter.family} model)")
+                say(f"layers {wanted} (default {method} layers for this {adapter.model_type} model of "
+                    f"{adapter.num_layers} layers)")
             limit = max_context(lm)
             length = min(seq_len, limit) if limit else seq_len
             if length < seq_len:

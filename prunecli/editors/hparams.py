@@ -52,7 +52,7 @@ ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
 ROME_KEYS = ("averaged", "original")
 # Keys only MEMIT has and that are off unless a family's defaults or the user set them; None (and absent from
 # `to_json`) otherwise, so records of the published method are unchanged.
-MEMIT_KEYS = ("prior_edit_weight",)
+MEMIT_KEYS = ("prior_edit_weight", "retry_rounds", "retry_below")
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
@@ -79,6 +79,10 @@ class EditHParams:
     # MEMIT: weight w of the earlier edits' keys K_p in (lambda C + w K_p K_p^T + K K^T)^-1 (editors/memit.py);
     # None: the published MEMIT, which preserves only the corpus keys' outputs.
     prior_edit_weight: float | None = None
+    # MEMIT: extra rounds per batch for the edits that did not take (editors/memit.py); None: one round, as published.
+    retry_rounds: int | None = None
+    # MEMIT with retry_rounds: also retry edits that took with the new target's mean token probability below this.
+    retry_below: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items()
@@ -146,6 +150,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
     "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str, "prior_edit_weight": _as_float,
+    "retry_rounds": _as_int, "retry_below": _as_float,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -331,6 +336,10 @@ def validate(hp: EditHParams, num_layers: int) -> None:
         raise PruneCliError(f"{', '.join(given)} only apply to memit, not {hp.method}")
     if hp.prior_edit_weight is not None and not hp.prior_edit_weight >= 0:
         raise PruneCliError(f"hyper-parameter prior_edit_weight={hp.prior_edit_weight!r} is out of range")
+    if hp.retry_rounds is not None and not hp.retry_rounds >= 0:
+        raise PruneCliError(f"hyper-parameter retry_rounds={hp.retry_rounds!r} is out of range")
+    if hp.retry_below is not None and not 0 <= hp.retry_below <= 1:
+        raise PruneCliError(f"hyper-parameter retry_below={hp.retry_below!r} is out of range (a probability)")
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),

@@ -25,6 +25,7 @@ from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutco
 from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.residual import needs_projection_output, projection_shift
+from prunecli.editors.success import check_edits
 from prunecli.editors.value import optimize_value
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
@@ -104,16 +105,12 @@ def check_moments(ctx: EditContext, name: str) -> None:
                             f"(prunecli stats --method {ctx.hparams.method})")
 
 
-def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
-                       requests: Sequence[EditRequest], ctx: EditContext,
-                       solve: LayerSolve) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
-    """MEMIT's procedure with the per-layer solve left open (MEMIT and AlphaEdit differ only there): targets z at the
-    last edited layer (`residual_targets`), then for each layer in ascending order the keys and the projection-output
-    change on the partly edited model (`layer_targets`, through a post-MLP norm where the block has one), the update
-    from `solve`, added to the model before the next layer's keys are read."""
+def _spread(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+            requests: Sequence[EditRequest], ctx: EditContext, solve: LayerSolve, z: torch.Tensor) -> list[LayerUpdate]:
+    """One pass over the layers in ascending order: the keys and the projection-output change on the partly edited
+    model (`layer_targets`), the update from `solve`, added to the model before the next layer's keys are read."""
     layers = sorted(ctx.hparams.layers)
     z_site = adapter.layer_module(layers[-1])
-    z, outcomes = residual_targets(model, tokenizer, adapter, layers[-1], requests, ctx)
     updates = []
     for i, layer in enumerate(layers):
         keys, residual = layer_targets(model, tokenizer, adapter, layer, requests, ctx.prefixes, z_site, z,
@@ -121,6 +118,40 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
         a, b = solve(layer, residual.T, keys.T)
         adapter.add_update(layer, a @ b.T)
         updates.append(LayerUpdate(layer, a, b))
+    return updates
+
+
+def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+                       requests: Sequence[EditRequest], ctx: EditContext, solve: LayerSolve,
+                       retry_rounds: int = 0, retry_below: float = 0.0
+                       ) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
+    """MEMIT's procedure with the per-layer solve left open (MEMIT and AlphaEdit differ only there): targets z at the
+    last edited layer (`residual_targets`), then one pass over the layers (`_spread`).
+
+    The value optimisation shifts the subject's last token at the last edited layer only, while the update also
+    moves the subject's token at the earlier layers (whose change reaches later tokens through attention) and every
+    other token whose keys it touches; on Gemma-3 an edit can reach its target residual at the subject (cosine 0.99)
+    and still not take (P(new) 0.35 where the target alone gives 0.92). `retry_rounds` extra rounds each check the
+    batch (`editors.success`) and, for the edits that did not take, optimise the value again on the model as edited
+    (so it sees those side effects) and spread it; the batch's other edits are held where they are (target = their
+    current residual), so a retry does not move them. `retry_below` p also retries edits that took with the new
+    target's mean token probability below p: an edit that barely took is undone by small leaks of later batches."""
+    last = max(ctx.hparams.layers)
+    z, outcomes = residual_targets(model, tokenizer, adapter, last, requests, ctx)
+    updates = _spread(model, tokenizer, adapter, requests, ctx, solve, z)
+    for _ in range(retry_rounds):
+        failed = [i for i, c in enumerate(check_edits(model, tokenizer, requests))
+                  if not c.took or not c.prob_new >= retry_below]
+        if not failed:
+            break
+        _, bare = subject_keys(model, tokenizer, adapter.projection(last), requests, [""],
+                               {"h": (adapter.layer_module(last), "output")})
+        z = bare["h"]
+        retried, again = residual_targets(model, tokenizer, adapter, last, [requests[i] for i in failed], ctx)
+        z[failed] = retried
+        for i, o in zip(failed, again):
+            outcomes[i] = RequestOutcome(o.loss, outcomes[i].initial_loss, outcomes[i].steps + o.steps)
+        updates += _spread(model, tokenizer, adapter, requests, ctx, solve, z)
     return updates, outcomes
 
 
@@ -140,12 +171,13 @@ class MemitEditor(Editor):
         check_moments(ctx, "MEMIT")
         weight = ctx.hparams.mom2_update_weight
         prior = ctx.hparams.prior_edit_weight
+        retry = (ctx.hparams.retry_rounds or 0, ctx.hparams.retry_below or 0.0)
         if not prior:
             return spread_over_layers(model, tokenizer, adapter, requests, ctx,
-                                      lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight))
+                                      lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight), *retry)
         layers = sorted(ctx.hparams.layers)
         MEMORY.prepare(ctx, adapter, layers)
         result = spread_over_layers(model, tokenizer, adapter, requests, ctx, lambda layer, r, k: spread_update(
-            r, k, ctx.moments[layer], weight, MEMORY.keys(ctx, adapter, layer), prior))
+            r, k, ctx.moments[layer], weight, MEMORY.keys(ctx, adapter, layer), prior), *retry)
         MEMORY.remember(model, tokenizer, adapter, requests, ctx, layers)
         return result
