@@ -9,7 +9,8 @@ from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
 from prunecli.editors.hparams import resolve_hparams
-from prunecli.editors.keys import subject_keys
+from prunecli.editors.keys import prompt_token_keys, subject_keys
+from prunecli.editors.prompts import request_prompts
 from prunecli.editors.memit import MemitEditor, spread_update
 from prunecli.editors.stats import accumulate
 from prunecli.editors.success import check_edits
@@ -66,9 +67,9 @@ def test_memit_needs_statistics_of_every_layer(llama_dir):
 
 
 def test_prior_edit_weight_preserves_earlier_keys(llama_dir):
-    """With prior_edit_weight the second batch barely moves the outputs for the first batch's keys (they join the
-    preserved set, re-read on the edited model); the published MEMIT moves them and keeps no key memory, so its
-    deltas carry no extra tensors."""
+    """With prior_edit_weight the second batch barely moves the outputs for the first batch's keys, its subjects' and
+    every token's of its prompts (they join the preserved set, re-read on the edited model); the published MEMIT
+    moves them and keeps no key memory, so its deltas carry no extra tensors."""
     moments = None
     sets = [*TINY_SETS, "layers=[0,1]", "mom2_update_weight=1"]
     leaks = {}
@@ -82,15 +83,20 @@ def test_prior_edit_weight_preserves_earlier_keys(llama_dir):
         ctx = EditContext(hp, [""], moments)
         MemitEditor().apply(model, tok, adapter, REQUESTS[:2], ctx)
         first, _ = subject_keys(model, tok, adapter.projection(0), REQUESTS[:2], [""])
+        tokens = prompt_token_keys(model, tok, adapter.projection(0), REQUESTS[:2])
         (update, *_), _ = MemitEditor().apply(model, tok, adapter, REQUESTS[2:], ctx)
-        leaks[prior] = float((update.a @ update.b.T).double().matmul(first.double().T).norm()
-                             / (update.a @ update.b.T).double().norm())
+        dw = (update.a @ update.b.T).double()
+        leaks[prior] = [float(dw.matmul(k.double().T).norm() / dw.norm()) for k in (first, tokens)]
         names = {"memit.keys::" + adapter.weight_name(L) for L in (0, 1)}
         assert set(ctx.carried) == (names if prior else set())
         if prior:
-            assert all(t.shape == (3, adapter.key_size(0)) for t in ctx.carried.values())
-            torch.testing.assert_close(ctx.carried["memit.keys::" + adapter.weight_name(0)][:2], first)
-    assert leaks[1e4] < 0.01 * leaks[None], leaks
+            # per batch: one row per subject, then one per token of each bare prompt
+            n_tokens = [request_prompts(tok, r, [""], with_target=False)[0].n_prompt for r in REQUESTS]
+            assert all(t.shape == (3 + sum(n_tokens), adapter.key_size(0)) for t in ctx.carried.values())
+            memory = ctx.carried["memit.keys::" + adapter.weight_name(0)]
+            torch.testing.assert_close(memory[:2], first)
+            torch.testing.assert_close(memory[2:2 + len(tokens)], tokens)
+    assert all(p < 0.01 * n for p, n in zip(leaks[1e4], leaks[None])), leaks
 
 
 def test_prior_edit_weight_is_memit_only(llama_dir):

@@ -2,7 +2,8 @@
 
 ROME's k* and MEMIT's K are the inputs of the edited projection at the subject's last token, averaged over the edit
 prompt preceded by each context prefix; MEMIT also reads the residual stream after its last edited layer on the bare
-prompt. One batched forward pass (stopped after the deepest site) serves all of them.
+prompt. One batched forward pass (stopped after the deepest site) serves all of them. `prompt_token_keys` reads the
+projection's input at every token of the bare prompts (what MEMIT preserves of earlier edits).
 """
 
 from __future__ import annotations
@@ -50,3 +51,18 @@ def subject_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,
     keys = seen.pop("key").view(len(requests), per_request, -1).mean(1)
     bare = {k: v.view(len(requests), per_request, -1)[:, 0] for k, v in seen.items()}
     return keys, bare
+
+
+@torch.no_grad()
+def prompt_token_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,  # noqa: ANN001
+                      requests: Sequence[EditRequest], batch_size: int = 32) -> torch.Tensor:
+    """The projection's inputs [total prompt tokens, d_in] (float32) at every token of each bare edit prompt."""
+    device = input_device(model)
+    prompts = [p for r in requests for p in request_prompts(tokenizer, r, [""], with_target=False)]
+    parts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids, mask = right_pad([p.ids[:p.n_prompt] for p in chunk], pad_id(tokenizer), device)
+        seen = record(model, {"key": (projection, "input")}, input_ids=ids, attention_mask=mask)
+        parts.append(seen["key"].to(device)[mask.bool()].float())
+    return torch.cat(parts)

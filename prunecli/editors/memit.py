@@ -10,8 +10,9 @@ Needs key statistics C of every edited layer (`prunecli stats --method memit`).
 
 Sequential editing: lambda C preserves the outputs of the corpus keys only; the keys of earlier edits are not among
 them, so every later batch moves the earlier subjects' outputs by R K^T (lambda C + K K^T)^-1 k_old and can undo
-those edits. With `prior_edit_weight` w (> 0) the earlier edits' keys K_p (re-read on the edited model after each
-batch, `key_memory`, carried in delta files) join the preserved set, as the memories MEMIT's derivation keeps:
+those edits. With `prior_edit_weight` w (> 0) the earlier edits' keys K_p (their subjects' and every token's of their
+prompts, re-read on the edited model after each batch, `key_memory`, carried in delta files) join the preserved set,
+as the memories MEMIT's derivation keeps:
 Delta W = R K^T (lambda C + w K_p K_p^T + K K^T)^-1. Without it (the default) this is the published MEMIT.
 """
 
@@ -158,7 +159,7 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
 # Where MEMIT keeps its earlier edits' keys when `prior_edit_weight` is set.
 MEMORY = KeyMemory("memit.keys::", "memit with prior_edit_weight", "MEMIT key cache",
                    "start a new chain without --delta, or pass --set prior_edit_weight=0 (published MEMIT, which "
-                   "does not protect earlier edits)")
+                   "does not protect earlier edits)", whole_prompts=True)
 
 
 class MemitEditor(Editor):
