@@ -16,10 +16,11 @@ JSON document under the `prunecli.delta` metadata key:
 `layout` says how the base stores the weight (`in_out` for GPT-2's Conv1D), so applying a delta never guesses from
 shapes (square matrices exist). `history` is the ordered record of every operation that produced the delta.
 
-Extra tensors: state an editing method needs to continue a chain (AlphaEdit: the keys of every edited fact per layer,
-see `prunecli.editors.alphaedit`) is stored as float32 tensors `extra::<name>`, listed in the metadata as
-`"extras": {name: {"shape": [...]}}` (the key is absent when there are none, so other deltas are unchanged). Extras
-are per-edit records, one row per edit: composing deltas concatenates them along the first dimension, like factors.
+Extra tensors: state an editing method needs to continue a chain (AlphaEdit and MEMIT with prior_edit_weight: the
+keys of the edited facts per layer, see `prunecli.editors.key_memory`) is stored as float32 tensors `extra::<name>`,
+listed in the metadata as `"extras": {name: {"shape": [...]}}` (the key is absent when there are none, so other deltas
+are unchanged). Extras are records in edit order, rows along the first dimension (AlphaEdit: one per edit; MEMIT: one
+per edit and one per token of its prompt): composing deltas concatenates them along that dimension, like factors.
 They never change the weights: apply, inspect, diff and export-lora ignore them; prune and `edit --delta` carry them.
 """
 
