@@ -6,8 +6,9 @@ next batch will see them) and appended: one row per edit (the subject's last tok
 prefixes) and, where `whole_prompts` is set (MEMIT), one row per token of each bare edit prompt as well. Later
 batches undo earlier edits through those other tokens too: on Gemma-3-270M (records 300-349, five batches of 10) 45
 of 50 edits held with the subject keys alone and 47 with every prompt token's key added. They travel in the delta as
-extra tensors `<prefix><weight name>` (see `core/delta.py`), so `edit --delta a -o b` preserves the same keys as one run over all requests. Continuing a delta
-that lacks them (made by another method, or by `diff`) is refused: the earlier edits could not be preserved.
+extra tensors `<prefix><weight name>` (see `core/delta.py`), so `edit --delta a -o b` preserves the same keys as one
+run over all requests. Continuing a delta that lacks them (made by another method, or by `diff`) is refused: the
+earlier edits could not be preserved.
 """
 
 from __future__ import annotations

@@ -21,18 +21,23 @@ from prunecli.requests import EditRequest
 
 @torch.no_grad()
 def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[SubjectPrompt],  # noqa: ANN001
-                    sites: Mapping[str, tuple[torch.nn.Module, Kind]], batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Per site, the [len(prompts), d] float32 hidden vectors at each prompt's subject position."""
+                    sites: Mapping[str, tuple[torch.nn.Module, Kind]], batch_size: int = 32,
+                    every_token: bool = False) -> dict[str, torch.Tensor]:
+    """Per site, the float32 hidden vectors at each prompt's subject position [len(prompts), d], or with
+    `every_token` at every token of each prompt, in order [total prompt tokens, d]."""
     device = input_device(model)
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in sites}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids, mask = right_pad([p.ids[:p.n_prompt] for p in chunk], pad_id(tokenizer), device)
         seen = record(model, sites, input_ids=ids, attention_mask=mask)
-        rows = torch.arange(len(chunk), device=device)
-        positions = torch.tensor([p.subject_index for p in chunk], device=device)
+        if every_token:
+            at: tuple[torch.Tensor, ...] = (mask.bool(),)
+        else:
+            subjects = torch.tensor([p.subject_index for p in chunk], device=device)
+            at = (torch.arange(len(chunk), device=device), subjects)
         for key in sites:
-            parts[key].append(seen[key].to(device)[rows, positions].float())  # layers may sit on other GPUs
+            parts[key].append(seen[key].to(device)[at].float())  # layers may sit on other GPUs
     return {key: torch.cat(v) for key, v in parts.items()}
 
 
@@ -53,16 +58,8 @@ def subject_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,
     return keys, bare
 
 
-@torch.no_grad()
 def prompt_token_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,  # noqa: ANN001
-                      requests: Sequence[EditRequest], batch_size: int = 32) -> torch.Tensor:
+                      requests: Sequence[EditRequest]) -> torch.Tensor:
     """The projection's inputs [total prompt tokens, d_in] (float32) at every token of each bare edit prompt."""
-    device = input_device(model)
     prompts = [p for r in requests for p in request_prompts(tokenizer, r, [""], with_target=False)]
-    parts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        ids, mask = right_pad([p.ids[:p.n_prompt] for p in chunk], pad_id(tokenizer), device)
-        seen = record(model, {"key": (projection, "input")}, input_ids=ids, attention_mask=mask)
-        parts.append(seen["key"].to(device)[mask.bool()].float())
-    return torch.cat(parts)
+    return read_at_subject(model, tokenizer, prompts, {"key": (projection, "input")}, every_token=True)["key"]

@@ -123,24 +123,25 @@ def _spread(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: A
 
 
 def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
-                       requests: Sequence[EditRequest], ctx: EditContext, solve: LayerSolve,
-                       retry_rounds: int = 0, retry_below: float = 0.0
-                       ) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
+                       requests: Sequence[EditRequest], ctx: EditContext,
+                       solve: LayerSolve) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
     """MEMIT's procedure with the per-layer solve left open (MEMIT and AlphaEdit differ only there): targets z at the
     last edited layer (`residual_targets`), then one pass over the layers (`_spread`).
 
     The value optimisation shifts the subject's last token at the last edited layer only, while the update also
     moves the subject's token at the earlier layers (whose change reaches later tokens through attention) and every
     other token whose keys it touches; on Gemma-3 an edit can reach its target residual at the subject (cosine 0.99)
-    and still not take (P(new) 0.35 where the target alone gives 0.92). `retry_rounds` extra rounds each check the
+    and still reach only P(new) 0.35 where the target alone gives 0.92, and some edits do not take. The MEMIT
+    hyper-parameter `retry_rounds` (None for AlphaEdit: one round) gives extra rounds that each check the
     batch (`editors.success`) and, for the edits that did not take, optimise the value again on the model as edited
     (so it sees those side effects) and spread it; the batch's other edits are held where they are (target = their
     current residual), so a retry does not move them. `retry_below` p also retries edits that took with the new
     target's mean token probability below p: an edit that barely took is undone by small leaks of later batches."""
+    retry_below = ctx.hparams.retry_below or 0.0
     last = max(ctx.hparams.layers)
     z, outcomes = residual_targets(model, tokenizer, adapter, last, requests, ctx)
     updates = _spread(model, tokenizer, adapter, requests, ctx, solve, z)
-    for _ in range(retry_rounds):
+    for _ in range(ctx.hparams.retry_rounds or 0):
         failed = [i for i, c in enumerate(check_edits(model, tokenizer, requests))
                   if not c.took or not c.prob_new >= retry_below]
         if not failed:
@@ -172,13 +173,12 @@ class MemitEditor(Editor):
         check_moments(ctx, "MEMIT")
         weight = ctx.hparams.mom2_update_weight
         prior = ctx.hparams.prior_edit_weight
-        retry = (ctx.hparams.retry_rounds or 0, ctx.hparams.retry_below or 0.0)
         if not prior:
             return spread_over_layers(model, tokenizer, adapter, requests, ctx,
-                                      lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight), *retry)
+                                      lambda layer, r, k: spread_update(r, k, ctx.moments[layer], weight))
         layers = sorted(ctx.hparams.layers)
         MEMORY.prepare(ctx, adapter, layers)
         result = spread_over_layers(model, tokenizer, adapter, requests, ctx, lambda layer, r, k: spread_update(
-            r, k, ctx.moments[layer], weight, MEMORY.keys(ctx, adapter, layer), prior), *retry)
+            r, k, ctx.moments[layer], weight, MEMORY.keys(ctx, adapter, layer), prior))
         MEMORY.remember(model, tokenizer, adapter, requests, ctx, layers)
         return result
