@@ -146,14 +146,17 @@ def test_refuses_empty_and_non_finite(tmp_path: Path, gpt2: Checkpoint) -> None:
 
 # --------------------------------------------------------------------------------------------- invalid files
 def rewrite(src: Path, dest: Path, meta: Any = None, drop: str | None = None,
-            change: dict[str, torch.Tensor] | None = None) -> Path:
-    """A copy of delta `src` with its metadata document, tensors or both tampered with."""
+            change: dict[str, torch.Tensor] | None = None, digests: bool = False) -> Path:
+    """A copy of delta `src` with its metadata document, tensors or both tampered with. The tensor digests are
+    dropped (as in a file written before they existed, so the structural checks are reached) unless `digests`."""
     tensors = {k: v for k, v in load_file(src).items() if k != drop}
     tensors.update(change or {})
     from safetensors import safe_open
 
     with safe_open(str(src), framework="pt") as fh:
         doc = json.loads(fh.metadata()[META_KEY])
+    if not digests:
+        del doc["digests"]
     raw = meta(doc) if callable(meta) else json.dumps(doc)
     save_file(tensors, dest, metadata={"format": "pt", META_KEY: raw})
     return dest
@@ -178,6 +181,8 @@ def with_doc(**changes: Any) -> Any:
     ("garbage", ["truncated or corrupt"]),
     ("missing_file", ["does not exist"]),
     ("directory", ["is a directory"]),
+    ("altered", ["does not match the digest", f"{C_FC}::A"]),
+    ("digest_missing", ["has no recorded digest", f"{C_FC}::A"]),
 ])
 def test_invalid_delta_files(tmp_path: Path, gpt2: Checkpoint, case: str, words: list[str]) -> None:
     good = tmp_path / "good.safetensors"
@@ -207,6 +212,11 @@ def test_invalid_delta_files(tmp_path: Path, gpt2: Checkpoint, case: str, words:
     elif case == "bad_layout":
         rewrite(good, bad, meta=lambda doc: json.dumps(
             {**doc, "entries": {**doc["entries"], C_FC: {**doc["entries"][C_FC], "layout": "sideways"}}}))
+    elif case == "altered":  # every value of a factor replaced, the metadata (digests included) kept
+        rewrite(good, bad, change={f"{C_FC}::A": torch.full_like(load_file(good)[f"{C_FC}::A"], 3e38)}, digests=True)
+    elif case == "digest_missing":
+        rewrite(good, bad, meta=lambda doc: json.dumps({**doc, "digests": {
+            k: v for k, v in doc["digests"].items() if k != f"{C_FC}::A"}}), digests=True)
     elif case == "truncated":
         bad.write_bytes(good.read_bytes()[:-100])
     elif case == "garbage":

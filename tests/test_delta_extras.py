@@ -60,6 +60,7 @@ def _rewrite(src, dst, tensors=None, extras_meta=None) -> None:
         t = tensors(t)
     if extras_meta is not None:
         meta["extras"] = extras_meta
+    del meta["digests"]  # as a file written before digests existed: the structural checks are what is tested
     save_file(t, str(dst), metadata={"format": "pt", META_KEY: json.dumps(meta)})
 
 

@@ -288,3 +288,19 @@ def test_error_text_is_not_markup(capsys: pytest.CaptureFixture[str]) -> None:
         guarded(False, body)
     assert "factors must be [out, r] and [in, r], got [/] and [bold]" in capsys.readouterr().err
 
+
+
+def test_a_delta_altered_after_writing_is_refused(base: Path, tmp_path: Path) -> None:
+    """Every `::A` factor set to 3e38 with the metadata kept: `apply` used to write weights of 7e37 with exit 0."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    good = write_delta(base, tmp_path / "good.safetensors", torch.randn(32, 1), torch.randn(96, 1) * 1e-3)
+    with safe_open(str(good), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = {k: torch.full_like(t, 3e38) if k.endswith("::A") else t for k, t in load_file(good).items()}
+    save_file(tensors, tmp_path / "altered.safetensors", metadata=metadata)
+    out = tmp_path / "out"
+    one_error_line(run("apply", base, tmp_path / "altered.safetensors", "-o", out), f"{WEIGHT}::A",
+                   "does not match the digest", notes=True)
+    assert not out.exists()

@@ -6,6 +6,12 @@ Writing goes through `atomic_file` (nothing half-written is ever left under the 
 the umask: safetensors' `save_file` would create it 0600) and the streaming writer (one tensor in memory at a time).
 Reading checks, as one clear line each, that the file exists, is valid safetensors, is of the expected kind, and
 has a version this prunecli reads; what the document and tensors must contain is the kind's own business.
+
+The document records a digest of every stored tensor (`"digests": {tensor name: "sha256:..."}`, over dtype, shape and
+bytes), and reading verifies them: a file whose tensors were altered after writing (bit rot, a bad copy, a hand edit
+that kept the metadata) is refused with one line naming the tensor instead of being applied. Files written before
+digests existed have none and load as before, with no claim made about their content. The digests are a function of
+the tensors, so outputs stay byte-for-byte deterministic.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunecli.core.atomic import atomic_file
-from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, write_safetensors
+from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, tensor_fingerprint, write_safetensors
 from prunecli.core.textio import parse_json
 from prunecli.errors import PruneCliError
 
@@ -44,12 +50,13 @@ MEND_CHECKPOINT = ArtifactKind("prunecli.mend_checkpoint", "prunecli-mend-checkp
 
 def write_artifact(path: str | os.PathLike[str], kind: ArtifactKind, doc: Mapping[str, Any],
                    tensors: Mapping[str, torch.Tensor], force: bool = False) -> None:
-    """Write `tensors` and the JSON document {"format", "version", **doc} atomically to `path`."""
-    sources = []
+    """Write `tensors` and the JSON document {"format", "version", **doc, "digests"} atomically to `path`."""
+    sources, digests = [], {}
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
         sources.append(TensorSource(name, DTYPE_NAMES[t.dtype], tuple(t.shape), lambda t=t: t))
-    meta = {"format": kind.format, "version": kind.version, **doc}
+        digests[name] = tensor_fingerprint(t)
+    meta = {"format": kind.format, "version": kind.version, **doc, "digests": digests}
     with atomic_file(Path(path), force) as tmp:
         write_safetensors(tmp, sources, {"format": "pt", kind.key: json.dumps(meta)})
 
@@ -72,7 +79,28 @@ def read_tensors(path: str | os.PathLike[str], what: str) -> tuple[dict[str, str
 def read_artifact(path: str | os.PathLike[str], kind: ArtifactKind) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(JSON document, tensors) of a prunecli file of `kind`, checked for its kind and a readable version."""
     metadata, tensors = read_tensors(path, kind.what)
-    return parse_document(path, kind, metadata.get(kind.key)), tensors
+    doc = parse_document(path, kind, metadata.get(kind.key))
+    check_digests(path, kind, doc, tensors)
+    return doc, tensors
+
+
+def check_digests(path: str | os.PathLike[str], kind: ArtifactKind, doc: Mapping[str, Any],
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Verify the tensors against the digests the document recorded when the file was written (a file without
+    digests, written before they existed, passes unverified)."""
+    digests = doc.get("digests")
+    if digests is None:
+        return
+    if not isinstance(digests, dict):
+        raise PruneCliError(f"invalid {kind.what} {path}: digests is not a JSON object")
+    for name in sorted(set(digests) ^ set(tensors)):
+        where = "is listed in its digests but missing" if name in digests else "has no recorded digest"
+        raise PruneCliError(f"invalid {kind.what} {path}: tensor {name} {where} (the file was altered after it was "
+                            "written)")
+    for name, t in tensors.items():
+        if tensor_fingerprint(t) != digests[name]:
+            raise PruneCliError(f"invalid {kind.what} {path}: tensor {name} does not match the digest recorded when "
+                                "the file was written (altered or corrupted since)")
 
 
 def parse_document(path: str | os.PathLike[str], kind: ArtifactKind, raw: str | None) -> dict[str, Any]:

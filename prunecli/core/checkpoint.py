@@ -12,7 +12,6 @@ are resolved to the stored tensor.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -25,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from prunecli.core.atomic import Inputs, atomic_directory, atomic_file, check_disjoint
 from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, read_header,
-                                               read_tensor, tensor_bytes, write_safetensors)
+                                               read_tensor, tensor_fingerprint, write_safetensors)
 from prunecli.core.textio import read_json_object
 from prunecli.errors import PruneCliError
 
@@ -304,14 +303,6 @@ class Checkpoint:
             return new.detach().to("cpu", SAFETENSORS_DTYPES[info.dtype]).contiguous()
 
         return TensorSource(name, info.dtype, info.shape, load)
-
-
-def tensor_fingerprint(t: torch.Tensor, dtype_name: str | None = None) -> str:
-    """sha256 over dtype, shape and raw bytes of a tensor, as stored."""
-    h = hashlib.sha256()
-    h.update(f"{dtype_name or DTYPE_NAMES[t.dtype]}:{list(t.shape)}:".encode())
-    h.update(tensor_bytes(t))
-    return "sha256:" + h.hexdigest()
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from prunecli.core.artifacts import DELTA, parse_document, read_tensors, write_artifact
+from prunecli.core.artifacts import DELTA, check_digests, parse_document, read_tensors, write_artifact
 from prunecli.core.checkpoint import Checkpoint, Layout
 from prunecli.core.history import HistoryOp, entry_problem
 from prunecli.errors import PruneCliError, PruneCliWarning
@@ -234,6 +234,7 @@ class Delta:
             return PruneCliError(f"invalid delta {path}: {msg}")
 
         meta = parse_document(path, DELTA, raw_meta)
+        check_digests(path, DELTA, meta, tensors)
         specs = meta.get("entries")
         base = meta.get("base") or {}
         fingerprints = base.get("fingerprints") if isinstance(base, dict) else None

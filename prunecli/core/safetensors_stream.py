@@ -7,6 +7,7 @@ header with dtype/shape/data_offsets, the raw bytes), so we write it ourselves, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Callable, Sequence
@@ -109,3 +110,11 @@ def read_tensor(path: Path, data_start: int, entry: dict[str, object]) -> torch.
     if not buf:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def tensor_fingerprint(t: torch.Tensor, dtype_name: str | None = None) -> str:
+    """sha256 over dtype, shape and raw bytes of a tensor, as stored."""
+    h = hashlib.sha256()
+    h.update(f"{dtype_name or DTYPE_NAMES[t.dtype]}:{list(t.shape)}:".encode())
+    h.update(tensor_bytes(t))
+    return "sha256:" + h.hexdigest()
