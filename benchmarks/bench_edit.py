@@ -41,7 +41,8 @@ import torch
 from prunecli.editors import corpus
 from prunecli.editors.alphaedit import AlphaEditEditor
 from prunecli.editors.base import EditContext, Editor
-from prunecli.editors.hparams import EditHParams, resolve_hparams
+from prunecli.editors.registry import resolve_hparams
+from prunecli.editors.value import ValueHParams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.memit import MemitEditor
 from prunecli.editors.prompts import generate_prefixes
@@ -61,7 +62,7 @@ def random_model(shape: str, device: str, dtype: str) -> tuple[Any, Any]:
     """A random-weight model of a known shape (GPT-2 family) with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from prunecli.models.default_model import ensure_default_model
+    from prunecli.models.builtin import ensure_default_model
 
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
@@ -94,7 +95,7 @@ def rome_edits(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditR
 
 
 def batch_seconds_per_fact(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], editor: Editor,
-                           hp: EditHParams, prefixes: list[str], moments: dict[int, torch.Tensor]) -> float:
+                           hp: ValueHParams, prefixes: list[str], moments: dict[int, torch.Tensor]) -> float:
     """One batch of `requests` by `editor` from the model's current weights (restored afterwards); s per fact."""
     saved = {L: adapter.weight(L).detach().clone() for L in hp.layers}
     sync(model)
@@ -158,7 +159,7 @@ def bench_model(model_name: str | None, args: argparse.Namespace) -> None:
         model, tok = random_model(args.random_shape, args.device, args.dtype)
         name = f"random {args.random_shape}"
     else:
-        model, tok, base = load_model(model_name, args.device, args.dtype)
+        model, tok, base = load_model(model_name, device=args.device, dtype=args.dtype)
         name = str(base.path.name)
     model.requires_grad_(False)
     adapter = resolve_adapter(model)

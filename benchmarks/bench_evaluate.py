@@ -75,7 +75,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok, _ = load_model(args.model, args.device)
+    model, tok, _ = load_model(args.model, device=args.device)
     requests = load_requests(args.data, 0, args.n)
     pairs = len(needed_pairs(requests))
     prompts = len({p for p, _ in needed_pairs(requests)})

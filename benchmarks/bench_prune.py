@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from prunecli.core.delta import DeltaEntry
-from prunecli.core.restraint import restrain_entry
+from prunecli.core.restraint import RestraintSettings, restrain_entry
 from prunecli.core.spectra import UpdatedSpectra, largest_singular_value, singular_values
 
 
@@ -45,7 +45,7 @@ def make_problem(out: int, inp: int, rank: int, seed: int) -> tuple[torch.Tensor
 def ours(w: torch.Tensor, entry: DeltaEntry, fn: str, alpha: float, beta: float,
          device: str) -> tuple[DeltaEntry, float]:
     smax = largest_singular_value(w.to(device))
-    new, _ = restrain_entry(entry, smax, fn, alpha, beta, device=device)  # factors come back to the CPU: synchronises
+    new, _ = restrain_entry(entry, smax, RestraintSettings(fn, alpha, beta), device)  # factors come back to the CPU: synchronises
     return new, smax
 
 
@@ -56,7 +56,8 @@ def target_kappa_search(w: torch.Tensor, entry: DeltaEntry, factor: float,
     x = w.to(device)
     spectra = UpdatedSpectra(x)  # W's Gram matrix: the one dense step of the search
     target = factor * spectra.stats().kappa
-    new, info = restrain_entry(entry, spectra.stats().sigma_max, target_kappa=target, spectra=spectra, device=device)
+    new, info = restrain_entry(entry, spectra.stats().sigma_max, RestraintSettings(target_kappa=target), device,
+                               spectra)
     assert info.strength is not None and info.search_steps is not None and new.a is not None and new.b is not None
     return info.strength, info.search_steps, target, spectra.stats(*spectra.orient(new.a, new.b)).kappa
 

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from prunecli.core.peft_io import load_deltas
+from prunecli.core.delta_files import load_deltas
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
 

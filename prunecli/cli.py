@@ -62,7 +62,7 @@ def _root(version_: Annotated[bool, typer.Option("--version", callback=_version,
 for _name, _module in [("inspect", inspect), ("diff", diff), ("prune", prune), ("apply", apply), ("stats", stats),
                        ("edit", edit), ("evaluate", evaluate), ("compare", compare), ("export-lora", export_lora),
                        ("train-mend", train_mend)]:
-    app.command(_name, no_args_is_help=True, help=command_help(_module.main.__doc__ or ""))(_module.main)
+    app.command(_name, no_args_is_help=True, help=command_help(_module.main.__doc__ or ""))(_module.main)  # type: ignore[attr-defined]
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from prunecli.errors import PruneCliError
 
 _MAX_LEGEND = 10  # more curves than this in one panel: a colour scale instead of a legend
 _MAX_PANELS = 12  # edited matrices drawn one panel each, at most this many
+_DPI = 140  # with the figure sizes below: at least 1,260 x 760 pixels
 _COLOURS = {"W": "#1f77b4", "W + D": "#d62728", "D": "#2ca02c", "smax": "#555555"}
 
 
@@ -37,6 +38,8 @@ class Spectra:
     base: torch.Tensor | None
     edited: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    kappa: float | None = None  # kappa(W), shown in the panel title
+    edited_kappa: float | None = None  # kappa(W + D)
 
 
 def require_matplotlib() -> None:
@@ -54,18 +57,24 @@ def _short(name: str) -> str:
     return name.removesuffix(".weight").removeprefix("model.").removeprefix("transformer.")
 
 
-def _edited_panel(ax: Any, item: Spectra) -> None:
-    # D under W + D (their tops coincide when D dominates): a wide pale line with the dashed one drawn over it.
-    for label, values, style, width, alpha in (("W", item.base, "-", 1.4, 1.0), ("D", item.delta, "-", 4.0, 0.45),
-                                               ("W + D", item.edited, "--", 1.4, 1.0)):
+def _edited_panel(ax: Any, item: Spectra, restrained: bool) -> None:
+    # D under W + D (their tops coincide when D dominates): a wide pale line with the dashed one drawn over it. A
+    # restrained delta is D' (PRUNE's name), so an edited and a restrained plot are told apart at a glance.
+    d = "D'" if restrained else "D"
+    for colour, label, values, style, width, alpha in (
+            ("W", "W", item.base, "-", 1.4, 1.0), ("D", d, item.delta, "-", 4.0, 0.45),
+            ("W + D", f"W + {d}", item.edited, "--", 1.4, 1.0)):
         if values is not None and values.numel():
-            ax.plot(*_positive(values), linestyle=style, color=_COLOURS[label], linewidth=width, alpha=alpha,
+            ax.plot(*_positive(values), linestyle=style, color=_COLOURS[colour], linewidth=width, alpha=alpha,
                     label=label)
     if item.base is not None and item.base.numel():
         smax = float(item.base[0])
-        ax.axhline(smax, color=_COLOURS["smax"], linewidth=0.8, linestyle="-.", label=f"σ_max(W) = {smax:.3g}")
-    ax.set_title(_short(item.name), fontsize="medium")
-    ax.legend(fontsize="x-small", loc="lower left")
+        ax.axhline(smax, color=_COLOURS["smax"], linewidth=0.8, linestyle="-.",
+                   label=rf"$\sigma_{{max}}(W)$ = {smax:.3g}")
+    kappas = ([f"κ(W) {item.kappa:.3g}"] if item.kappa is not None else []) + (
+        [f"κ(W + {d}) {item.edited_kappa:.3g}"] if item.edited_kappa is not None else [])
+    ax.set_title(_short(item.name) + ("\n" + ", ".join(kappas) if kappas else ""), fontsize="medium")
+    ax.legend(fontsize="small", loc="lower left")
 
 
 def _shared_panel(fig: Any, ax: Any, curves: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -84,8 +93,10 @@ def _shared_panel(fig: Any, ax: Any, curves: Sequence[tuple[str, torch.Tensor]])
         ax.legend(fontsize="small")
 
 
-def plot_spectra(items: Sequence[Spectra], path: Path, title: str, force: bool = False) -> None:
-    """Draw the spectra (see the module docstring) and write them as a PNG at `path`."""
+def plot_spectra(items: Sequence[Spectra], path: Path, title: str, force: bool = False,
+                 restrained: bool = False) -> None:
+    """Draw the spectra (see the module docstring) and write them as a PNG at `path` (at least 1,200 pixels wide);
+    `restrained` labels the delta D' (it went through a restraint)."""
     require_matplotlib()
     import matplotlib
 
@@ -99,15 +110,16 @@ def plot_spectra(items: Sequence[Spectra], path: Path, title: str, force: bool =
         shown = edited[:_MAX_PANELS]
         cols = min(3, len(shown))
         rows = math.ceil(len(shown) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.6), dpi=110, squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(max(6.0 * cols, 9.0), 4.6 * rows + 0.8), dpi=_DPI,
+                                 squeeze=False)
         for ax, item in zip(axes.flat, shown):
-            _edited_panel(ax, item)
+            _edited_panel(ax, item, restrained)
         for ax in list(axes.flat)[len(shown):]:
             ax.set_visible(False)
         if len(edited) > len(shown):
             title += f" (first {len(shown)} of {len(edited)} edited matrices)"
     else:
-        fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+        fig, ax = plt.subplots(figsize=(10, 6), dpi=_DPI)
         axes = [[ax]]
         curves = [(it.name, it.base if it.base is not None else it.delta) for it in items]
         _shared_panel(fig, ax, [(n, v) for n, v in curves if v is not None])
@@ -117,7 +129,7 @@ def plot_spectra(items: Sequence[Spectra], path: Path, title: str, force: bool =
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_xlabel("index i (log)")
-                ax.set_ylabel("singular value σ_i")
+                ax.set_ylabel(r"singular value $\sigma_i$")
                 ax.grid(True, which="both", alpha=0.25)
         fig.suptitle(title)
         fig.tight_layout()

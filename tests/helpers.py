@@ -118,7 +118,7 @@ class RecordingProgress:
 def assert_gradient_factors_match_autograd(model: torch.nn.Module, targets: list[Any], batch: Any) -> dict[str, Any]:
     """MEND's gradient factors (u, delta) of each target weight give exactly autograd's weight gradient
     (delta^T u, in the stored orientation); returns the factors."""
-    from prunecli.editors.mend import gradient_factors, sequence_nll
+    from prunecli.editors.mend.networks import gradient_factors, sequence_nll
 
     def loss() -> torch.Tensor:
         return sequence_nll(model(**batch.inputs()).logits, batch).sum()

@@ -15,7 +15,7 @@ from prunecli.core.delta import Delta
 from prunecli.editors import corpus
 from prunecli.editors.alphaedit import KEYS_EXTRA, AlphaEditEditor, null_space_basis, null_space_update
 from prunecli.editors.base import EditContext
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.memit import MemitEditor
 from prunecli.editors.stats import KeyStats, accumulate
 from prunecli.errors import PruneCliError
@@ -199,7 +199,7 @@ def test_chains_without_the_key_cache_are_refused_and_alphaedit_deltas_compose(t
 
     # prune keeps the keys, so a pruned AlphaEdit delta still chains; inspect/apply/export-lora ignore them.
     _cli(*common, "--method", "alphaedit", "--limit", 2, "-o", tmp_path / "a.safetensors")
-    report = _cli("prune", tmp_path / "a.safetensors", "--base", model, "--fn", "linear", "-o",
+    report = _cli("prune", model, tmp_path / "a.safetensors", "--fn", "linear", "-o",
                   tmp_path / "p.safetensors", "--json")
     assert sum(t["n_restrained"] for t in report["tensors"]) > 0  # the restraint did change the update
     a, pruned = Delta.load(tmp_path / "a.safetensors"), Delta.load(tmp_path / "p.safetensors")
@@ -217,7 +217,7 @@ def test_chains_without_the_key_cache_are_refused_and_alphaedit_deltas_compose(t
     assert all(t.shape[0] == 3 for t in Delta.load(out).extras.values())
     _cli("inspect", out, "--json")
     _cli("apply", model, out, "-o", tmp_path / "applied")
-    _cli("export-lora", out, "--base", model, "-o", tmp_path / "lora")
+    _cli("export-lora", model, out, "-o", tmp_path / "lora")
     report = _cli("evaluate", model, "--delta", out, "--edits", requests, "--json")
     assert report["metrics"]["efficacy_acc"] == 1.0  # every target is the top-1 prediction on the final model
 
@@ -247,7 +247,7 @@ def test_hparams_official_files_and_method_specific_keys(tmp_path):
     gpt2xl = resolve_hparams("alphaedit", "gpt2", 48)
     assert (gpt2xl.layers, gpt2xl.v_lr, gpt2xl.v_num_grad_steps) == ((13, 14, 15, 16, 17), 0.5, 20)
     assert resolve_hparams("alphaedit", "gptj", 28).layers == (3, 4, 5, 6, 7, 8)
-    with pytest.raises(PruneCliError, match="only apply to alphaedit"):
+    with pytest.raises(PruneCliError, match="L2 only applies to alphaedit, not memit"):
         resolve_hparams("memit", "llama", 32, sets=["L2=10"])
     with pytest.raises(PruneCliError, match="nullspace_threshold > 0"):
         resolve_hparams("alphaedit", "llama", 32, sets=["nullspace_threshold=0"])

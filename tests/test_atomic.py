@@ -141,7 +141,7 @@ def test_sigterm_and_ctrl_c_clean_up_and_say_nothing_was_written(big: dict[str, 
 def test_interrupt_message_names_what_was_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
-    from prunecli.commands._common import guarded
+    from prunecli.commands._errors import run_guarded
 
     first = tmp_path / "first[1].txt"
 
@@ -151,7 +151,7 @@ def test_interrupt_message_names_what_was_written(tmp_path: Path, capsys: pytest
         raise KeyboardInterrupt
 
     with pytest.raises(typer.Exit) as e:
-        guarded(False, body)
+        run_guarded(False, body)
     assert e.value.exit_code == 130
     assert f"{first} had been written completely" in capsys.readouterr().err
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from prunecli.models import default_model
-from prunecli.models.default_model import COMPLETE_MARKER, BuiltinModel, ensure_builtin, resolve_model_path
+from prunecli.models import builtin
+from prunecli.models.builtin import COMPLETE_MARKER, BuiltinModel, ensure_builtin, resolve_model_path
 
 FAKE = "fake-builtin"
 
@@ -34,7 +34,7 @@ def _fake_convert(log: Path):
 @pytest.fixture
 def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(default_model.BUILTIN_MODELS, FAKE,
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, FAKE,
                         BuiltinModel(FAKE, "Fake-Model", "pip install nothing", lambda scratch: scratch / "x.gguf"))
     return tmp_path / "cache"
 

@@ -11,11 +11,11 @@ def test_fixtures_build(gpt2_dir, llama_sharded_bf16_dir):
 
 
 def test_usage_errors_raised_in_a_command_body_exit_2():
-    """Typer vendors its own Click: guarded() must let its BadParameter through so the exit code stays 2."""
+    """Typer vendors its own Click: run_guarded() must let its BadParameter through so the exit code stays 2."""
     import typer
     from typer.testing import CliRunner
 
-    from prunecli.commands._common import guarded
+    from prunecli.commands._errors import run_guarded
 
     app = typer.Typer()
 
@@ -24,7 +24,7 @@ def test_usage_errors_raised_in_a_command_body_exit_2():
         def body() -> None:
             raise typer.BadParameter("x is bad", param_hint="--x")
 
-        guarded(False, body)
+        run_guarded(False, body)
 
     assert CliRunner().invoke(app, []).exit_code == 2
 

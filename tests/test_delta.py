@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
-from prunecli.core.peft_io import load_deltas
+from prunecli.core.delta_files import load_deltas
 from prunecli.errors import PruneCliError, PruneCliWarning
 from helpers import one_line_error
 

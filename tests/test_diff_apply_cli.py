@@ -362,7 +362,7 @@ def test_cli_help_has_examples() -> None:
 def test_real_model_round_trip(tmp_path: Path) -> None:
     """SmolLM2-135M: apply a rank-2 delta (rewrites the single 540 MB shard, streamed), diff finds it back."""
     from prunecli.core.lowrank import compress_dense
-    from prunecli.models.default_model import default_model_dir
+    from prunecli.models.builtin import default_model_dir
 
     if not (default_model_dir() / "config.json").exists():
         pytest.skip("the SmolLM2 folder is not converted on this machine")

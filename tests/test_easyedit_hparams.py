@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from prunecli.editors.hparams import ModelModules, check_file, check_modules, file_method, resolve_hparams
+from prunecli.editors.hparams import HParams, ModelModules
+from prunecli.editors.registry import check_file, file_method, resolve_hparams
 from prunecli.errors import PruneCliError
 from tiny_models import build_tiny_model
 
@@ -40,7 +41,7 @@ def test_every_file_loads_and_selects_its_method(path: Path) -> None:
     user = yaml.safe_load(path.read_text())
     family = "gpt2" if "gpt2" in path.stem else ("llama" if any(k in path.stem for k in LLAMA_LIKE) else None)
     if family is not None:
-        check_modules(user, str(path), _modules(family, int(user["v_loss_layer"]) + 1))
+        HParams.check_modules(user, str(path), _modules(family, int(user["v_loss_layer"]) + 1))
     hp = resolve_hparams(expected, family or "gptj", int(user["v_loss_layer"]) + 1, path)
     assert list(hp.layers) == list(user["layers"]) and hp.v_lr == float(user["v_lr"])
     assert hp.v_num_grad_steps == int(user["v_num_grad_steps"])
@@ -51,13 +52,13 @@ def test_a_gpt2_file_on_a_llama_model_says_so() -> None:
     user = yaml.safe_load(path.read_text())
     with pytest.raises(PruneCliError, match="is for another architecture than this llama model: its "
                                             "rewrite_module_tmp 'transformer.h.{}.mlp.c_proj' names no module"):
-        check_modules(user, str(path), _modules("llama", 48))
+        HParams.check_modules(user, str(path), _modules("llama", 48))
 
 
 def test_a_file_for_another_depth_says_so() -> None:
     path = next(p for p in FILES if p.stem == "ROME_llama-7b")
     with pytest.raises(PruneCliError, match="is for a model of 32 layers .*this llama model has 30"):
-        check_modules(yaml.safe_load(path.read_text()), str(path), _modules("llama", 30))
+        HParams.check_modules(yaml.safe_load(path.read_text()), str(path), _modules("llama", 30))
 
 
 def test_method_mismatch_and_unimplemented_key_handling(tmp_path: Path) -> None:
@@ -76,9 +77,9 @@ def test_method_mismatch_and_unimplemented_key_handling(tmp_path: Path) -> None:
 
 def test_edit_takes_the_method_from_alg_name_before_loading_the_model(llama_dir: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import prunecli.models.loading as loading
+    import prunecli.api.edit as edit_job
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(edit_job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     requests = tmp_path / "r.jsonl"
     requests.write_text(json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}) + "\n")
     memit = next(p for p in FILES if p.stem == "MEMIT_llama-7b")

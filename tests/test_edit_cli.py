@@ -12,7 +12,7 @@ from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
-from prunecli.core.restraint import restrain_delta
+from prunecli.core.restraint import RestraintSettings, restrain_delta
 from prunecli.core.lowrank import entry_svd
 
 runner = CliRunner()
@@ -113,7 +113,7 @@ def test_prune_every_restrains_the_accumulated_delta(tmp_path, llama_dir, reques
     # Reference: two edits, PRUNE by the library, then the third edit chained on the restrained delta.
     ok(*common, "--limit", 2, "-o", tmp_path / "two.safetensors")
     two = Delta.load(tmp_path / "two.safetensors")
-    restrained, _ = restrain_delta(two, Checkpoint(llama_dir), "linear", beta=2.0, kappa=False)
+    restrained, _ = restrain_delta(two, Checkpoint(llama_dir), RestraintSettings("linear", beta=2.0), kappa=False)
     restrained.save(tmp_path / "r.safetensors")
     ok(*common, "--start", 2, "--delta", tmp_path / "r.safetensors", "-o", tmp_path / "ref.safetensors")
     reference = Delta.load(tmp_path / "ref.safetensors")

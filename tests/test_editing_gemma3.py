@@ -20,7 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def gemma3():
-    from prunecli.models.default_model import ensure_builtin
+    from prunecli.models.builtin import ensure_builtin
 
     try:
         return ensure_builtin("gemma3-270m")

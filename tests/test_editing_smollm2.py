@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from prunecli.cli import app
 from prunecli.core.delta import Delta
-from prunecli.core.peft_io import load_deltas
+from prunecli.core.delta_files import load_deltas
 from prunecli.models.scoring import score_targets
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
@@ -22,7 +22,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from prunecli.models.default_model import ensure_default_model
+    from prunecli.models.builtin import ensure_default_model
 
     return ensure_default_model()
 
@@ -36,7 +36,7 @@ def counterfact(shared_data):
 def stats(smollm2, shared_data, tmp_path_factory):
     """Key statistics of the default ROME and MEMIT layers (AlphaEdit's are MEMIT's) from a 20k-token WikiText slice,
     in one pass."""
-    from prunecli.editors.hparams import default_values
+    from prunecli.editors.registry import default_values
 
     layers = sorted(set(default_values("rome", "llama", 30)["layers"]) | set(default_values("memit", "llama", 30)
                                                                              ["layers"]))

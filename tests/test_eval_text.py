@@ -91,7 +91,7 @@ def test_task_registry_parsing() -> None:
     assert dict((t.name, s) for t, s in tasks)["gsm8k"] == "my.jsonl"
     assert [t.name for t, _ in parse_tasks("general")] == ["gsm8k", "rte", "nq", "samsum"]
     for bad, message in [("bogus", "unknown task 'bogus'"), ("glue=x", "cannot take a source"),
-                         ("counterfact=x.json", "--edits"), (" , ", "no task")]:
+                         ("counterfact=x.json", "--requests"), (" , ", "no task")]:
         with pytest.raises(PruneCliError, match=message):
             parse_tasks(bad)
 

@@ -170,7 +170,7 @@ def test_runtime_errors_are_one_line(llama_dir: Path, files: dict[str, Path], tm
 
 @pytest.mark.slow
 def test_smollm2_counterfact_unedited(shared_data: Path, tmp_path: Path) -> None:
-    from prunecli.models.default_model import ensure_default_model
+    from prunecli.models.builtin import ensure_default_model
 
     model = ensure_default_model()
     report = evaluate(str(model), "-e", str(shared_data / "counterfact" / "counterfact-edit.json"), "--limit", "50",

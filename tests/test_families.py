@@ -23,13 +23,13 @@ from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
 from prunecli.editors.alphaedit import AlphaEditEditor
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors import memit
 from prunecli.editors.memit import residual_targets
-from prunecli.editors.mend import MendConfig, MendNetworks, encode_targets, mlp_targets
-from prunecli.editors.mend_editor import MendEditor
-from prunecli.editors.mend_archive import MendArchive
+from prunecli.editors.mend.networks import MendConfig, MendNetworks, encode_targets, mlp_targets
+from prunecli.editors.mend.editor import MendEditor
+from prunecli.editors.mend.archive import MendArchive
 from prunecli.editors.residual import projection_shift
 from prunecli.editors.rome import RomeEditor
 from prunecli.editors.stats import accumulate

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from prunecli.editors.hparams import default_values, parse_set, resolve_hparams
+from prunecli.editors.hparams import parse_set
+from prunecli.editors.registry import default_values, resolve_hparams
 from prunecli.errors import PruneCliError
 
 
@@ -84,8 +85,10 @@ def test_file_for_another_method_is_refused(tmp_path):
         resolve_hparams("rome", "llama", 4, f)
 
 
-def test_unknown_method():
-    with pytest.raises(PruneCliError, match="unknown editing method 'mend'"):
+def test_unknown_method_and_one_without_hyper_parameters():
+    with pytest.raises(PruneCliError, match="unknown editing method 'rosie'"):
+        default_values("rosie", "llama", 4)
+    with pytest.raises(PruneCliError, match="mend has no hyper-parameters of its own"):
         default_values("mend", "llama", 4)
 
 

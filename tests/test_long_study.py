@@ -100,7 +100,7 @@ def _check_reports(commands: list[str], model: str, deltas: list[tuple[str, int]
     assert limits == set(deltas)
     evaluated = {}
     for line in commands:
-        m = re.search(rf"echo evaluate {model} --delta {w}/(\S+)\.safetensors --edits {cf} --limit \$n "
+        m = re.search(rf"echo evaluate {model} --delta {w}/(\S+)\.safetensors --requests {cf} --limit \$n "
                       rf"--tasks counterfact,perplexity {budget} ", line)
         if m:
             stem = m[1]
@@ -114,9 +114,9 @@ def _check_reports(commands: list[str], model: str, deltas: list[tuple[str, int]
     general = {m[1] for line in commands if (m := re.search(rf"echo evaluate {model} --delta {w}/(\S+)\.safetensors "
                                                             rf"--tasks glue:sst2 --limit 200 ", line))}
     assert general == {f"{d}-{n}" for d, n in deltas if n == ns[-1]}
-    base = [line for line in commands if re.search(rf"echo evaluate {model} --(edits|tasks) ", line)]
+    base = [line for line in commands if re.search(rf"echo evaluate {model} --(requests|tasks) ", line)]
     assert sorted(base) == sorted(
-        [f"bash timed.sh {work}/base/base-{n}.eval.json.seconds echo evaluate {model} --edits {CF} --limit {n} "
+        [f"bash timed.sh {work}/base/base-{n}.eval.json.seconds echo evaluate {model} --requests {CF} --limit {n} "
          f"--tasks counterfact --batch-size 16 --data-dir {DATA} -o {work}/base/base-{n}.eval.json --force > /dev/null"
          for n in ns]
         + [f"bash timed.sh {work}/base/base.general.json.seconds echo evaluate {model} --tasks perplexity,glue:sst2 "
@@ -141,7 +141,7 @@ def test_smollm2_plan(tmp_path: Path) -> None:
     once = _once(work)
     prunes = {}
     for line in commands:
-        m = re.search(rf"echo prune {re.escape(work)}/([\w-]+)/edited-(\d+)\.safetensors --base smollm2 (.*?) "
+        m = re.search(rf"echo prune smollm2 {re.escape(work)}/([\w-]+)/edited-(\d+)\.safetensors (.*?) "
                       rf"-o {re.escape(work)}/([\w-]+)/([\w.-]+)-(\d+)\.safetensors --force --json", line)
         if m:
             assert m[1] == m[4] and m[2] == m[6]

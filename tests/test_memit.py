@@ -8,7 +8,7 @@ import torch
 from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.keys import prompt_token_keys, subject_keys
 from prunecli.editors.prompts import request_prompts
 from prunecli.editors.memit import MemitEditor, spread_update
@@ -100,7 +100,7 @@ def test_prior_edit_weight_preserves_earlier_keys(llama_dir):
 
 
 def test_prior_edit_weight_is_memit_only(llama_dir):
-    with pytest.raises(PruneCliError, match="only apply to memit"):
+    with pytest.raises(PruneCliError, match="prior_edit_weight only applies to memit, not alphaedit"):
         resolve_hparams("alphaedit", "llama", 4, sets=["prior_edit_weight=1"])
     with pytest.raises(PruneCliError, match="out of range"):
         resolve_hparams("memit", "llama", 4, sets=["prior_edit_weight=-1"])
@@ -150,9 +150,10 @@ def test_retry_rounds_retake_only_the_edits_that_did_not_take(llama_dir):
     assert all(c.prob_new > once[i].prob_new for i, c in enumerate(results[2][2]))
 
 
-def test_retry_rounds_is_memit_only_and_off_by_default():
-    with pytest.raises(PruneCliError, match="only apply to memit"):
-        resolve_hparams("alphaedit", "llama", 4, sets=["retry_rounds=1"])
+def test_retry_rounds_is_for_the_spreading_editors_and_off_by_default():
+    with pytest.raises(PruneCliError, match="retry_rounds only applies to alphaedit, memit, not rome"):
+        resolve_hparams("rome", "llama", 4, sets=["retry_rounds=1"])
+    assert resolve_hparams("alphaedit", "llama", 4, sets=["retry_rounds=1"]).to_json()["retry_rounds"] == 1
     with pytest.raises(PruneCliError, match="out of range"):
         resolve_hparams("memit", "llama", 4, sets=["retry_rounds=-1"])
     with pytest.raises(PruneCliError, match="out of range"):

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
-from prunecli.editors.mend import (MendConfig, MendNetworks, add_to_weight, default_layers, encode_targets,
+from prunecli.editors.mend.networks import (MendConfig, MendNetworks, add_to_weight, default_layers, encode_targets,
                                    factored_update, low_rank_added, mlp_targets)
-from prunecli.editors.mend_archive import MendArchive, base_fingerprints
+from prunecli.editors.mend.archive import MendArchive, base_fingerprints
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
 from tiny_models import build_tiny_model, save_tiny_model, tiny_tokenizer

@@ -76,11 +76,11 @@ def test_export_lora_cli(llama_dir, tmp_path):
     ckpt = Checkpoint(llama_dir)
     _delta(ckpt, _targets("llama"), ranks=[1, 1]).save(tmp_path / "d.safetensors")
     runner = CliRunner()
-    res = runner.invoke(app, ["export-lora", str(tmp_path / "d.safetensors"), "--base", str(llama_dir), "-o",
+    res = runner.invoke(app, ["export-lora", str(llama_dir), str(tmp_path / "d.safetensors"), "-o",
                               str(tmp_path / "lora"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["r"] == 1
-    again = runner.invoke(app, ["export-lora", str(tmp_path / "d.safetensors"), "--base", str(llama_dir), "-o",
+    again = runner.invoke(app, ["export-lora", str(llama_dir), str(tmp_path / "d.safetensors"), "-o",
                                 str(tmp_path / "lora")])
     assert again.exit_code == 1 and "already exists" in again.stderr
 
@@ -107,7 +107,7 @@ def test_inspect_and_prune_take_a_peft_adapter(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     report = {t["name"]: t for t in json.loads(res.stdout)["tensors"]}
     assert set(report) == set(delta.entries) and all(t["delta"]["rank"] == 2 for t in report.values())
-    res = runner.invoke(app, ["prune", str(tmp_path / "adapter"), "--base", str(llama_dir), "-o",
+    res = runner.invoke(app, ["prune", str(llama_dir), str(tmp_path / "adapter"), "-o",
                               str(tmp_path / "pruned.safetensors"), "--json"])
     assert res.exit_code == 0, res.output
     pruned = Delta.load(tmp_path / "pruned.safetensors")

@@ -11,7 +11,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from prunecli.commands._progress import LineProgress
+from prunecli.commands._display import LineProgress
 
 
 class Clock:

@@ -56,7 +56,7 @@ def test_json_output_and_written_delta(request: pytest.FixtureRequest, tmp_path:
     base = request.getfixturevalue(f"{family}_dir")
     delta_path = make_delta(base, family, tmp_path / "d.safetensors")
     out = tmp_path / "p.safetensors"
-    result = run(delta_path, "--base", base, "--fn", "linear", "--beta", "3", "-o", out, "--json")
+    result = run(base, delta_path, "--fn", "linear", "--beta", "3", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["delta"] == str(delta_path) and summary["output"] == str(out) and summary["fn"] == "linear"
@@ -77,7 +77,7 @@ def test_json_output_and_written_delta(request: pytest.FixtureRequest, tmp_path:
 
 def test_human_output_and_log_warning(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.safetensors"
-    result = run(llama_delta, "--base", llama_dir, "-o", out)  # log, alpha 1.2: sigma_max ~ 3, 3 ln 1.2 < 1
+    result = run(llama_dir, llama_delta, "-o", out)  # log, alpha 1.2: sigma_max ~ 3, 3 ln 1.2 < 1
     assert result.exit_code == 0, result.output
     assert "model.layers.1.mlp.down_proj.weight" in result.stdout and "kappa" in result.stdout
     assert "wrote" in result.stderr and "wrote" not in result.stdout
@@ -86,19 +86,19 @@ def test_human_output_and_log_warning(llama_dir: Path, llama_delta: Path, tmp_pa
 
 
 def test_warning_and_clamp_in_json(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
-    result = run(llama_delta, "--base", llama_dir, "-o", tmp_path / "a.safetensors", "--json", "--no-kappa")
+    result = run(llama_dir, llama_delta, "-o", tmp_path / "a.safetensors", "--json", "--no-kappa")
     assert result.exit_code == 0, result.output
     tensors = json.loads(result.stdout)["tensors"]
     assert all("log F enlarges" in t["warning"] for t in tensors)
     assert all(t["kappa_base"] is None and t["kappa_pruned"] is None for t in tensors)
-    result = run(llama_delta, "--base", llama_dir, "-o", tmp_path / "b.safetensors", "--json", "--clamp")
+    result = run(llama_dir, llama_delta, "-o", tmp_path / "b.safetensors", "--json", "--clamp")
     summary = json.loads(result.stdout)
     assert result.exit_code == 0 and summary["clamp"] is True
     assert [t["n_enlarged"] for t in summary["tensors"]] == [1, 0]  # F(8) > 8 for sigma_max 3.2; F(20) < 20
     for t in summary["tensors"]:
         assert ("clamped" in t["warning"]) == (t["n_enlarged"] > 0)
         assert all(a <= b * (1 + 1e-6) for a, b in zip(t["top_after"], t["top_before"]))
-    result = run(llama_delta, "--base", llama_dir, "-o", tmp_path / "c.safetensors", "--json", "--alpha", str(math.e))
+    result = run(llama_dir, llama_delta, "-o", tmp_path / "c.safetensors", "--json", "--alpha", str(math.e))
     assert all(t["warning"] is None for t in json.loads(result.stdout)["tensors"])  # 3 * ln e >= 1
 
 
@@ -108,7 +108,7 @@ def test_bad_parameters(llama_dir: Path, llama_delta: Path, tmp_path: Path, opti
                         word: str) -> None:
     """Values out of range are usage errors (exit 2, Typer's usage message naming the option), nothing written."""
     out = tmp_path / "p.safetensors"
-    result = run(llama_delta, "--base", llama_dir, "-o", out, option, value)
+    result = run(llama_dir, llama_delta, "-o", out, option, value)
     assert result.exit_code == 2 and f"--{word} must be" in result.output and "Traceback" not in result.output
     assert not out.exists()
 
@@ -116,9 +116,9 @@ def test_bad_parameters(llama_dir: Path, llama_delta: Path, tmp_path: Path, opti
 def test_existing_output_needs_force(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.safetensors"
     out.write_bytes(b"old")
-    assert_clean_failure(run(llama_delta, "--base", llama_dir, "-o", out), "already exists")
+    assert_clean_failure(run(llama_dir, llama_delta, "-o", out), "already exists")
     assert out.read_bytes() == b"old"
-    assert run(llama_delta, "--base", llama_dir, "-o", out, "--force").exit_code == 0
+    assert run(llama_dir, llama_delta, "-o", out, "--force").exit_code == 0
     assert Delta.load(out).restraints
 
 
@@ -128,9 +128,9 @@ def test_delta_for_another_base(llama_dir: Path, llama_delta: Path, tmp_path: Pa
     other = tmp_path / "other"
     ckpt.write_updated(other, {name: ckpt.get(name) * 1.5})
     out = tmp_path / "p.safetensors"
-    assert_clean_failure(run(llama_delta, "--base", other, "-o", out), "another base", absent=out)
-    assert_clean_failure(run(llama_delta, "--base", other, "-o", out, "--force"), "another base", absent=out)
-    result = run(llama_delta, "--base", other, "-o", out, "--ignore-base-mismatch", "--json")
+    assert_clean_failure(run(other, llama_delta, "-o", out), "another base", absent=out)
+    assert_clean_failure(run(other, llama_delta, "-o", out, "--force"), "another base", absent=out)
+    result = run(other, llama_delta, "-o", out, "--ignore-base-mismatch", "--json")
     assert result.exit_code == 0, result.output
     assert "warning:" in result.stderr and name in result.stderr
     smax = json.loads(result.stdout)["tensors"][0]["sigma_max_base"]
@@ -146,14 +146,14 @@ def test_nan_delta_file(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> N
     bad = tmp_path / "nan.safetensors"
     save_file(tensors, str(bad), metadata={"format": "pt", META_KEY: meta[META_KEY]})
     out = tmp_path / "p.safetensors"
-    assert_clean_failure(run(bad, "--base", llama_dir, "-o", out), "NaN", absent=out)
+    assert_clean_failure(run(llama_dir, bad, "-o", out), "NaN", absent=out)
 
 
 def test_missing_inputs_and_usage_errors(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.safetensors"
-    assert_clean_failure(run(tmp_path / "nope.safetensors", "--base", llama_dir, "-o", out), "does not exist",
+    assert_clean_failure(run(llama_dir, tmp_path / "nope.safetensors", "-o", out), "does not exist",
                          absent=out)
-    assert run(llama_delta, "--base", llama_dir, "-o", out, "--fn", "sqrt").exit_code == 2
+    assert run(llama_dir, llama_delta, "-o", out, "--fn", "sqrt").exit_code == 2
     assert run(llama_delta, "-o", out).exit_code == 2  # --base is required
     assert not out.exists()
 
@@ -161,7 +161,7 @@ def test_missing_inputs_and_usage_errors(llama_dir: Path, llama_delta: Path, tmp
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device(llama_dir: Path, llama_delta: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.safetensors"
-    assert_clean_failure(run(llama_delta, "--base", llama_dir, "-o", out, "--device", "cuda"), "CUDA", absent=out)
+    assert_clean_failure(run(llama_dir, llama_delta, "-o", out, "--device", "cuda"), "CUDA", absent=out)
 
 
 def test_help_has_an_example() -> None:

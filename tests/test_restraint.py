@@ -14,7 +14,7 @@ import torch
 import prunecli.core.spectra as spectra
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from prunecli.core.restraint import BaseSpectra, restrain_delta, restrain_entry, restraint_values
+from prunecli.core.restraint import BaseSpectra, RestraintSettings, restrain_delta, restrain_entry, restraint_values
 from prunecli.core.spectra import largest_singular_value
 from prunecli.errors import PruneCliError
 from helpers import RecordingProgress, factors_with_singular_values
@@ -54,7 +54,7 @@ def test_restrain_entry_equals_dense_reference(fn: str, dense: bool) -> None:
     entry = DeltaEntry.lowrank(a, b, "out_in")
     if dense:
         entry = DeltaEntry.from_dense(entry.to_dense(), "out_in")
-    new, info = restrain_entry(entry, largest_singular_value(w), fn, alpha=1.5, beta=2.0)
+    new, info = restrain_entry(entry, largest_singular_value(w), RestraintSettings(fn, alpha=1.5, beta=2.0))
     ref = reference_prune(w.double().numpy(), entry.to_dense(torch.float64).numpy(), fn, alpha=1.5, beta=2.0)
     assert rel_err(new.to_dense(), ref) < 1e-5
     assert info.n_restrained == 4 and info.rank == 6 and new.layout == "out_in"
@@ -69,13 +69,13 @@ def test_restrain_entry_equals_dense_reference(fn: str, dense: bool) -> None:
 
 def test_numerical_rank_truncation_drops_rounding_noise() -> None:
     a, b = factors_with_singular_values(50, 70, [40.0, 5.0, 1e-9], seed=2)
-    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "in_out"), 3.0, "linear")
+    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "in_out"), 3.0, RestraintSettings("linear"))
     assert info.rank == 2 and new.rank == 2 and new.layout == "in_out"
 
 
 def test_full_rank_dense_entry_stays_dense() -> None:
     d = torch.randn(20, 30, generator=torch.Generator().manual_seed(3)) * 10
-    new, info = restrain_entry(DeltaEntry.from_dense(d, "out_in"), 5.0, "linear")
+    new, info = restrain_entry(DeltaEntry.from_dense(d, "out_in"), 5.0, RestraintSettings("linear"))
     ref = reference_prune(np.diag([5.0, 1.0]), d.double().numpy(), "linear")
     assert not new.is_lowrank and info.rank == 20 and rel_err(new.to_dense(), ref) < 1e-5
 
@@ -96,7 +96,7 @@ def test_lowrank_entry_is_never_densified(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(DeltaEntry, "to_dense", no_dense)
     gen = torch.Generator().manual_seed(4)
     a, b = torch.randn(3000, 7, generator=gen) * 50, torch.randn(5000, 7, generator=gen)
-    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), 1.0, "log", alpha=2.0)
+    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), 1.0, RestraintSettings("log", alpha=2.0))
     assert shapes and all(max(s) <= 7 for s in shapes)
     assert new.is_lowrank and new.rank <= 7 and info.n_restrained == 7
     assert new.a is not None and new.b is not None and new.a.shape == (3000, 7) and new.b.shape == (5000, 7)
@@ -106,19 +106,19 @@ def test_lowrank_entry_is_never_densified(monkeypatch: pytest.MonkeyPatch) -> No
 def test_log_f_enlarges_when_sigma_max_ln_alpha_below_one() -> None:
     smax, alpha = 2.0, 1.2  # 2 * ln 1.2 = 0.36 < 1: F(s) > s just above smax
     s = torch.tensor([40.0, 6.0, 2.5, 2.1, 1.0], dtype=torch.float64)
-    f = restraint_values(s, smax, "log", alpha)
+    f = restraint_values(s, smax, RestraintSettings("log", alpha))
     assert f[1] > s[1] and f[2] > s[2] and f[4] == s[4]
     a, b = factors_with_singular_values(30, 40, s.tolist(), seed=5)
-    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, "log", alpha)
+    new, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, RestraintSettings("log", alpha))
     assert info.enlarges and info.n_enlarged == 3 and info.n_restrained == 4 and not info.clamped
     assert info.warning is not None and "log F enlarges" in info.warning and "3 singular value(s)" in info.warning
     assert info.top_after == pytest.approx(f.tolist(), rel=1e-6)  # the paper's formula, as is
-    clamped, cinfo = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, "log", alpha, clamp=True)
+    clamped, cinfo = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, RestraintSettings("log", alpha, clamp=True))
     assert cinfo.clamped and cinfo.warning is not None and "clamped" in cinfo.warning
     assert cinfo.top_after == pytest.approx(torch.minimum(f, s).tolist(), rel=1e-6)
     assert cinfo.top_after[0] < 40.0 and cinfo.top_after[1:4] == pytest.approx([6.0, 2.5, 2.1], rel=1e-6)
     far, _ = factors_with_singular_values(30, 40, [40.0], seed=5)
-    _, finfo = restrain_entry(DeltaEntry.lowrank(far, b[:, :1], "out_in"), smax, "log", alpha)
+    _, finfo = restrain_entry(DeltaEntry.lowrank(far, b[:, :1], "out_in"), smax, RestraintSettings("log", alpha))
     assert finfo.enlarges and finfo.n_enlarged == 0 and "no singular value" in str(finfo.warning)
 
 
@@ -126,9 +126,9 @@ def test_log_f_enlarges_when_sigma_max_ln_alpha_below_one() -> None:
 def test_no_warning_when_f_only_shrinks(fn: str, alpha: float) -> None:
     smax = 2.0  # 2 * ln(e) = 2 >= 1; linear never enlarges
     s = torch.linspace(2.01, 50, 200, dtype=torch.float64)
-    assert bool((restraint_values(s, smax, fn, alpha) < s).all())
+    assert bool((restraint_values(s, smax, RestraintSettings(fn, alpha)) < s).all())
     a, b = factors_with_singular_values(30, 40, [50.0, 10.0, 2.05], seed=6)
-    _, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, fn, alpha)
+    _, info = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, RestraintSettings(fn, alpha))
     assert not info.enlarges and info.n_enlarged == 0 and info.warning is None
 
 
@@ -137,7 +137,7 @@ def test_no_warning_when_f_only_shrinks(fn: str, alpha: float) -> None:
 def test_bad_parameters_are_user_errors(kwargs: dict[str, object]) -> None:
     a, b = factors_with_singular_values(10, 12, [5.0], seed=7)
     with pytest.raises(PruneCliError):
-        restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), 1.0, **kwargs)  # type: ignore[arg-type]
+        restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), 1.0, RestraintSettings(**kwargs))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("smax", [0.0, float("nan")])
@@ -233,7 +233,7 @@ def test_restrain_delta_equals_dense_reference(request: pytest.FixtureRequest, f
     ckpt = Checkpoint(request.getfixturevalue(f"{family}_dir"))
     delta = add_edits(ckpt, EDITS[family])
     seen = RecordingProgress()
-    pruned, reports = restrain_delta(delta, ckpt, fn, alpha=2.0, beta=3.0, progress=seen)
+    pruned, reports = restrain_delta(delta, ckpt, RestraintSettings(fn, alpha=2.0, beta=3.0), progress=seen)
     assert seen.advances == {"prune": len(EDITS[family])} and [r.name for r in reports] == list(EDITS[family])
     for r in reports:
         entry, new = delta.entries[r.name], pruned.entries[r.name]
@@ -259,7 +259,7 @@ def test_restrain_delta_equals_dense_reference(request: pytest.FixtureRequest, f
 
 def test_restrain_delta_round_trips_through_a_file(llama_dir: Path, tmp_path: Path) -> None:
     ckpt = Checkpoint(llama_dir)
-    pruned, _ = restrain_delta(add_edits(ckpt, EDITS["llama"]), ckpt, "log", kappa=False)
+    pruned, _ = restrain_delta(add_edits(ckpt, EDITS["llama"]), ckpt, RestraintSettings("log"), kappa=False)
     pruned.save(tmp_path / "p.safetensors")
     back = Delta.load(tmp_path / "p.safetensors")
     back.check_base(ckpt)
@@ -272,11 +272,11 @@ def test_restrain_delta_uses_and_fills_the_base_spectra(llama_dir: Path) -> None
     ckpt = Checkpoint(llama_dir)
     delta = add_edits(ckpt, EDITS["llama"])
     cache = BaseSpectra(ckpt)
-    _, reports = restrain_delta(delta, ckpt, "linear", kappa=False, spectra=cache)
+    _, reports = restrain_delta(delta, ckpt, RestraintSettings("linear"), kappa=False, spectra=cache)
     assert cache.sigma == {r.name: r.info.sigma_max for r in reports} and reports[0].kappa_base is None
     huge = BaseSpectra(ckpt)
     huge.sigma.update({name: 1e6 for name in delta.entries})  # nothing exceeds it: the delta comes back unchanged
-    same, reports = restrain_delta(delta, ckpt, "linear", kappa=False, spectra=huge)
+    same, reports = restrain_delta(delta, ckpt, RestraintSettings("linear"), kappa=False, spectra=huge)
     assert all(r.info.n_restrained == 0 for r in reports)
     for name, e in delta.entries.items():
         assert torch.allclose(same.entries[name].to_dense(), e.to_dense(), atol=1e-5)
@@ -289,13 +289,13 @@ def test_restrain_delta_rejects_a_non_finite_base(llama_dir: Path, tmp_path: Pat
     broken[0, 0] = float("nan")
     ckpt.write_updated(tmp_path / "nan", {name: broken})
     with pytest.raises(PruneCliError, match="NaN"):
-        restrain_delta(add_edits(ckpt, EDITS["llama"]), Checkpoint(tmp_path / "nan"), "log")
+        restrain_delta(add_edits(ckpt, EDITS["llama"]), Checkpoint(tmp_path / "nan"), RestraintSettings("log"))
 
 
 def test_restrain_delta_rejects_bad_parameters(llama_dir: Path) -> None:
     ckpt = Checkpoint(llama_dir)
     with pytest.raises(PruneCliError, match="alpha"):
-        restrain_delta(add_edits(ckpt, EDITS["llama"]), ckpt, "log", alpha=1.0)
+        restrain_delta(add_edits(ckpt, EDITS["llama"]), ckpt, RestraintSettings("log", alpha=1.0))
 
 
 def test_kappa_of_an_ill_conditioned_edit_is_exact(llama_dir: Path) -> None:
@@ -307,7 +307,7 @@ def test_kappa_of_an_ill_conditioned_edit_is_exact(llama_dir: Path) -> None:
     a = (-(s[-1] - 1e-7) * u[:, -1:]).float()
     delta = Delta.for_base(ckpt)
     delta.add(name, DeltaEntry.lowrank(a, vh[-1:].T.float(), "out_in"), ckpt)
-    _, (report,) = restrain_delta(delta, ckpt, "log", alpha=2.0)
+    _, (report,) = restrain_delta(delta, ckpt, RestraintSettings("log", alpha=2.0))
     edited = w.numpy() + delta.entries[name].to_dense(torch.float64).numpy()
     assert np.linalg.cond(edited) > 1e7 and report.info.n_restrained == 0
     assert report.kappa_edited == pytest.approx(np.linalg.cond(edited), rel=1e-6)

@@ -22,7 +22,7 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.restraint import RestraintSettings, restrain_entry, restraint_values
 from prunecli.core.spectra import UpdatedSpectra, largest_singular_value
 from prunecli.editors.base import Editor, LayerUpdate, RequestOutcome
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.session import PruneSchedule, run_edits
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
@@ -60,14 +60,14 @@ def test_scale_free_restraint_is_scale_invariant(target: bool) -> None:
     for c in (1.0, 7.0):
         wc, dc = c * w, DeltaEntry.lowrank(c * d.a, d.b, "out_in")
         spectra = UpdatedSpectra(wc)
-        kw = {"target_kappa": 1.3 * cond(w), "spectra": spectra} if target else {"strength": 0.6}
-        new, info = restrain_entry(dc, largest_singular_value(wc), "scale-free", **kw)
+        settings = RestraintSettings("scale-free", **({"target_kappa": 1.3 * cond(w)} if target else {"strength": 0.6}))
+        new, info = restrain_entry(dc, largest_singular_value(wc), settings, spectra=spectra)
         results.append((new.to_dense(torch.float64), info))
     (d1, i1), (d7, i7) = results
     assert torch.allclose(d7, 7 * d1, rtol=0, atol=1e-5 * float(d7.abs().max()))
     assert i1.n_restrained == i7.n_restrained > 0 and i1.strength == pytest.approx(i7.strength, abs=1e-6)
     # The paper's log F is not: the same alpha on 7W, 7D is not 7 times the result on W, D.
-    paper = [restrain_entry(DeltaEntry.lowrank(c * d.a, d.b, "out_in"), c * largest_singular_value(w), "log")[0]
+    paper = [restrain_entry(DeltaEntry.lowrank(c * d.a, d.b, "out_in"), c * largest_singular_value(w))[0]
              for c in (1.0, 7.0)]
     assert not torch.allclose(paper[1].to_dense(), 7 * paper[0].to_dense(), rtol=1e-3)
 
@@ -79,7 +79,7 @@ def test_scale_free_never_enlarges(smax: float) -> None:
     ratios = torch.tensor([1e4, 50.0, 3.0, 1.2, 1.0 + 1e-6, 1.0, 0.7, 1e-3], dtype=torch.float64)
     s = ratios * smax
     for t in [0.0, 1e-6, 0.1, 0.37, 0.5, 0.9, 1 - 1e-6, 1.0, 1.3, 2.0]:
-        f = restraint_values(s, smax, "scale-free", strength=t)
+        f = restraint_values(s, smax, RestraintSettings("scale-free", strength=t))
         assert bool((f <= s * (1 + 1e-12)).all()) and bool((f[1:] <= f[:-1] * (1 + 1e-12)).all())
         if t <= 1:  # large values stay above smax, the others are untouched
             assert bool((f >= s.clamp(max=smax) * (1 - 1e-12)).all()) and torch.equal(f[5:], s[5:])
@@ -90,7 +90,7 @@ def test_scale_free_never_enlarges(smax: float) -> None:
         if t == 1.0:
             assert torch.allclose(f[:5], torch.full((5,), smax, dtype=torch.float64), rtol=1e-12)
         entry = lowrank_update(20, 30, s[:4].tolist() + [0.5 * smax], seed=3)
-        new, info = restrain_entry(entry, smax, "scale-free", strength=t)
+        new, info = restrain_entry(entry, smax, RestraintSettings("scale-free", strength=t))
         before = torch.linalg.svdvals(entry.to_dense(torch.float64))
         after = torch.linalg.svdvals(new.to_dense(torch.float64))
         assert bool((after[:5] <= before[:5] * (1 + 1e-5) + 1e-7 * smax).all())
@@ -100,7 +100,7 @@ def test_scale_free_never_enlarges(smax: float) -> None:
 @pytest.mark.parametrize("strength", [-0.1, 2.5, float("nan")])
 def test_strength_out_of_range_is_a_user_error(strength: float) -> None:
     with pytest.raises(PruneCliError, match="--strength must be in"):
-        restrain_entry(lowrank_update(5, 6, [3.0], 0), 1.0, "scale-free", strength=strength)
+        restrain_entry(lowrank_update(5, 6, [3.0], 0), 1.0, RestraintSettings("scale-free", strength=strength))
 
 
 def test_paper_mode_matches_the_released_algorithm_in_float32() -> None:
@@ -119,7 +119,7 @@ def test_paper_mode_matches_the_released_algorithm_in_float32() -> None:
 
 
 def test_paper_warning_names_the_scale_free_fixes() -> None:
-    _, info = restrain_entry(lowrank_update(20, 30, [40.0, 6.0, 2.5], 5), 2.0, "log", 1.2)
+    _, info = restrain_entry(lowrank_update(20, 30, [40.0, 6.0, 2.5], 5), 2.0, RestraintSettings("log", 1.2))
     assert info.n_enlarged == 2 and "--fn scale-free" in str(info.warning) and "--target-kappa" in str(info.warning)
 
 
@@ -144,25 +144,26 @@ def test_target_kappa_is_met_and_mildest(shape: tuple[int, int], factor: float) 
     k_w = cond(w)
     target = factor * k_w
     assert cond(w, d.to_dense(torch.float64)) > target
-    new, info = restrain_entry(d, largest_singular_value(w), target_kappa=target, spectra=UpdatedSpectra(w))
+    new, info = restrain_entry(d, largest_singular_value(w), RestraintSettings(target_kappa=target), spectra=UpdatedSpectra(w))
     reached = cond(w, new.to_dense(torch.float64))
     assert 0.99 * target <= reached <= target * (1 + 1e-9)
     assert info.strength is not None and 0 < info.strength < 2
-    weaker, _ = restrain_entry(d, largest_singular_value(w), "scale-free", strength=info.strength - 0.005)
+    weaker, _ = restrain_entry(d, largest_singular_value(w), RestraintSettings("scale-free", strength=info.strength - 0.005))
     assert cond(w, weaker.to_dense(torch.float64)) > target
 
 
 def test_target_kappa_below_kappa_w_is_refused() -> None:
     w = base_matrix(30, 50, 1.0)
     with pytest.raises(PruneCliError, match=r"below kappa\(W\)"):
-        restrain_entry(lowrank_update(30, 50, [9.0], 1), largest_singular_value(w), target_kappa=0.99 * cond(w),
-                       spectra=UpdatedSpectra(w))
+        restrain_entry(lowrank_update(30, 50, [9.0], 1), largest_singular_value(w),
+                       RestraintSettings(target_kappa=0.99 * cond(w)), spectra=UpdatedSpectra(w))
 
 
 def test_target_already_met_or_beyond_restraining_the_large_values() -> None:
     w = base_matrix(30, 50, 1.0)
     small = lowrank_update(30, 50, [0.01], 1)
-    new, info = restrain_entry(small, largest_singular_value(w), target_kappa=2 * cond(w), spectra=UpdatedSpectra(w))
+    new, info = restrain_entry(small, largest_singular_value(w), RestraintSettings(target_kappa=2 * cond(w)),
+                               spectra=UpdatedSpectra(w))
     assert info.strength == 0.0 and torch.allclose(new.to_dense(), small.to_dense(), atol=1e-7)
     # A delta whose value below smax alone wrecks kappa: cutting the large values cannot meet the target, strengths
     # in (1, 2] shrink the whole delta (t = 2 removes it) and do.
@@ -171,7 +172,7 @@ def test_target_already_met_or_beyond_restraining_the_large_values() -> None:
     crush = DeltaEntry.lowrank(torch.cat([-u[:, -1:] * 0.999 * s[-1], u[:, :1] * 5 * smax], 1).float(),
                                torch.cat([vh[-1:].T, vh[:1].T], 1).float(), "out_in")
     target = 1.01 * cond(w)
-    new, far = restrain_entry(crush, smax, target_kappa=target, spectra=UpdatedSpectra(w))
+    new, far = restrain_entry(crush, smax, RestraintSettings(target_kappa=target), spectra=UpdatedSpectra(w))
     assert far.strength is not None and 1 < far.strength < 2
     assert 0.99 * target <= cond(w, new.to_dense(torch.float64)) <= target * (1 + 1e-9)
 
@@ -185,7 +186,7 @@ def test_prune_cli_target_kappa(tmp_path: Path, llama_dir: Path) -> None:
     delta.save(tmp_path / "d.safetensors")
     runner = CliRunner()
     target = 1.25 * cond(w)
-    args = ["prune", str(tmp_path / "d.safetensors"), "--base", str(llama_dir), "-o", str(tmp_path / "p.safetensors")]
+    args = ["prune", str(llama_dir), str(tmp_path / "d.safetensors"), "-o", str(tmp_path / "p.safetensors")]
     result = runner.invoke(app, [*args, "--target-kappa", str(target), "--json"])
     assert result.exit_code == 0, result.output
     (t,) = json.loads(result.stdout)["tensors"]

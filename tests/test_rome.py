@@ -8,7 +8,7 @@ import torch
 
 from editing_helpers import REQUESTS, TINY_SETS
 from prunecli.editors.base import EditContext
-from prunecli.editors.hparams import resolve_hparams
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.prompts import encode_subject_prompt, generate_prefixes, request_prompts
 from prunecli.editors.rome import RomeEditor, rank_one_update

@@ -115,7 +115,7 @@ def test_apply_evaluate_edit_inspect_export_refuse_non_finite_results(base: Path
                            "v_num_grad_steps=1", "-o", tmp_path / "e.safetensors"), named, notes=True)
         one_error_line(run("inspect", base, "--delta", bad), named)
         if bad.is_file():  # an adapter's own problems are found on reading; a delta's only once merged
-            one_error_line(run("export-lora", bad, "--base", base, "-o", tmp_path / "lora"), WEIGHT, "NaN/Inf")
+            one_error_line(run("export-lora", base, bad, "-o", tmp_path / "lora"), WEIGHT, "NaN/Inf")
             assert not (tmp_path / "lora").exists()
 
 
@@ -239,9 +239,9 @@ def test_prune_of_a_restrained_delta_warns(base: Path, tmp_path: Path) -> None:
     out, inp = _shape(base)
     d = write_delta(base, tmp_path / "d.safetensors", torch.randn(out, 1) * 50, torch.randn(inp, 1))
     once, twice = tmp_path / "once.safetensors", tmp_path / "twice.safetensors"
-    first = run("prune", d, "--base", base, "-o", once)
+    first = run("prune", base, d, "-o", once)
     assert first.exit_code == 0 and "already restrained" not in first.stderr
-    second = run("prune", once, "--base", base, "-o", twice)
+    second = run("prune", base, once, "-o", twice)
     assert second.exit_code == 0 and "already restrained 1 time(s)" in second.stderr
 
 
@@ -271,7 +271,7 @@ def test_no_space_left_is_named(base: Path, tmp_path: Path, monkeypatch: pytest.
     d = write_delta(base, tmp_path / "d.safetensors", torch.randn(out, 1) * 50, torch.randn(inp, 1))
     monkeypatch.setattr(artifacts, "write_safetensors", full)
     target = tmp_path / "p.safetensors"
-    one_error_line(run("prune", d, "--base", base, "-o", target), "No space left on device", str(target),
+    one_error_line(run("prune", base, d, "-o", target), "No space left on device", str(target),
                    notes=True)
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".p.safetensors.")]
 
@@ -279,13 +279,13 @@ def test_no_space_left_is_named(base: Path, tmp_path: Path, monkeypatch: pytest.
 def test_error_text_is_not_markup(capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
-    from prunecli.commands._common import guarded
+    from prunecli.commands._errors import run_guarded
 
     def body() -> None:
         raise PruneCliError("factors must be [out, r] and [in, r], got [/] and [bold]")
 
     with pytest.raises(typer.Exit):
-        guarded(False, body)
+        run_guarded(False, body)
     assert "factors must be [out, r] and [in, r], got [/] and [bold]" in capsys.readouterr().err
 
 

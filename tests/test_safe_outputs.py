@@ -74,15 +74,15 @@ def _cases(s: dict[str, Path]) -> dict[str, tuple[list[object], list[str]]]:
     hard = s["tmp"] / "hard.safetensors"
     os.link(d, hard)
     return {
-        "prune into the base folder": (["prune", d, "--base", b, "-o", b / "model.safetensors"], [str(b)]),
-        "export-lora over the base": (["export-lora", d, "--base", b, "-o", b], [str(b)]),
+        "prune into the base folder": (["prune", b, d, "-o", b / "model.safetensors"], [str(b)]),
+        "export-lora over the base": (["export-lora", b, d, "-o", b], [str(b)]),
         "apply into the delta's folder": (["apply", b, folder / "d.safetensors", "-o", folder], [str(folder)]),
         "inspect plot over the delta": (["inspect", b, "--delta", d, "--plot", d], [str(d)]),
-        "prune over the delta": (["prune", d, "--base", b, "-o", d], [str(d)]),
+        "prune over the delta": (["prune", b, d, "-o", d], [str(d)]),
         "diff over its base file": (["diff", single / "a.safetensors", single / "b.safetensors", "-o",
                                      single / "a.safetensors"], [str(single / "a.safetensors")]),
-        "prune over a symlink to the delta": (["prune", d, "--base", b, "-o", link], [str(link), str(d)]),
-        "prune over a hard link of the delta": (["prune", d, "--base", b, "-o", hard], [str(hard), str(d)]),
+        "prune over a symlink to the delta": (["prune", b, d, "-o", link], [str(link), str(d)]),
+        "prune over a hard link of the delta": (["prune", b, d, "-o", hard], [str(hard), str(d)]),
     }
 
 
@@ -106,7 +106,7 @@ def test_non_regular_outputs_are_never_replaced(setup: dict[str, Path]) -> None:
         os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
         targets.append(node)
     for target in targets:
-        one_error_line(run("prune", setup["delta"], "--base", setup["base"], "-o", target, "--force"),
+        one_error_line(run("prune", setup["base"], setup["delta"], "-o", target, "--force"),
                        "not a regular file", str(target))
         assert not stat.S_ISREG(os.lstat(target).st_mode)
 
@@ -121,8 +121,8 @@ def test_force_replaces_only_folders_prunecli_wrote(setup: dict[str, Path]) -> N
     assert run("apply", setup["base"], setup["delta"], "-o", out).exit_code == 0
     assert run("apply", setup["base"], setup["delta"], "-o", out, "--force").exit_code == 0
     lora = setup["tmp"] / "lora"
-    assert run("export-lora", setup["delta"], "--base", setup["base"], "-o", lora).exit_code == 0
-    assert run("export-lora", setup["delta"], "--base", setup["base"], "-o", lora, "--force").exit_code == 0
+    assert run("export-lora", setup["base"], setup["delta"], "-o", lora).exit_code == 0
+    assert run("export-lora", setup["base"], setup["delta"], "-o", lora, "--force").exit_code == 0
 
 
 def test_force_no_longer_skips_the_base_check(setup: dict[str, Path]) -> None:
@@ -130,10 +130,10 @@ def test_force_no_longer_skips_the_base_check(setup: dict[str, Path]) -> None:
     edited = setup["tmp"] / "edited"
     assert run("apply", setup["base"], setup["delta"], "-o", edited).exit_code == 0
     again = setup["tmp"] / "again"
-    for cmd in (["apply", edited, setup["delta"], "-o", again], ["prune", setup["delta"], "--base", edited, "-o",
+    for cmd in (["apply", edited, setup["delta"], "-o", again], ["prune", edited, setup["delta"], "-o",
                                                                  setup["tmp"] / "p.safetensors"],
                 ["inspect", edited, "--delta", setup["delta"]],
-                ["export-lora", setup["delta"], "--base", edited, "-o", setup["tmp"] / "l"]):
+                ["export-lora", edited, setup["delta"], "-o", setup["tmp"] / "l"]):
         one_error_line(run(*cmd, "--force"), "another base", WEIGHT, "--ignore-base-mismatch")
         result = run(*cmd, "--ignore-base-mismatch")
         assert result.exit_code == 0, result.output
@@ -183,7 +183,7 @@ def test_outputs_follow_the_umask(setup: dict[str, Path], tmp_path: Path, umask_
     stats = tmp_path / "s.safetensors"
     assert run("stats", setup["base"], "--layers", "1", "--text", text, "--tokens", 64, "-o", stats).exit_code == 0
     lora = tmp_path / "lora"
-    assert run("export-lora", setup["delta"], "--base", setup["base"], "-o", lora).exit_code == 0
+    assert run("export-lora", setup["base"], setup["delta"], "-o", lora).exit_code == 0
     out = tmp_path / "applied"
     assert run("apply", setup["base"], setup["delta"], "-o", out).exit_code == 0
     assert _mode(stats) == 0o644
@@ -223,7 +223,7 @@ def test_markup_laden_paths_print_literally(setup: dict[str, Path], tmp_path: Pa
     assert run("inspect", path).exit_code == 0
     out = tmp_path / f"out-{name}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = run("prune", path, "--base", setup["base"], "-o", out)
+    result = run("prune", setup["base"], path, "-o", out)
     assert result.exit_code == 0, result.output
     assert str(out) in result.stderr and Delta.load(out).restraints
 
@@ -244,5 +244,5 @@ def test_every_safetensors_output_goes_through_one_writer() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("write_safetensors", "write_artifact"):
                 writers.setdefault(node.func.id, []).append(path.relative_to(root).as_posix())
     assert sorted(set(writers["write_safetensors"])) == ["core/artifacts.py", "core/checkpoint.py", "core/peft_io.py"]
-    assert sorted(set(writers["write_artifact"])) == ["core/delta.py", "editors/mend_archive.py",
-                                                      "editors/mend_train.py", "editors/stats.py"]
+    assert sorted(set(writers["write_artifact"])) == ["core/delta.py", "editors/mend/archive.py",
+                                                      "editors/mend/train.py", "editors/stats.py"]

@@ -142,7 +142,7 @@ def test_cli_stats_method_layers_and_float32(tmp_path, gpt2_dir):
     result = runner.invoke(app, ["stats", str(gpt2_dir), "--method", "memit", "--text", str(text), "--tokens", "40",
                                  "--accum-dtype", "float32", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    from prunecli.editors.hparams import default_values
+    from prunecli.editors.registry import default_values
 
     assert json.loads(result.stdout)["layers"] == default_values("memit", "gpt2", 4)["layers"]
     assert KeyStats.load(out).dtype == "float32"

@@ -105,7 +105,7 @@ def test_tokenizer_option_takes_a_built_in_model_name(folders: dict[str, Path], 
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`--tokenizer smollm2` is the built-in model's cache folder (here a complete entry holding the tiny tokenizer,
     so nothing is converted)."""
-    from prunecli.models.default_model import COMPLETE_MARKER, builtin_dir
+    from prunecli.models.builtin import COMPLETE_MARKER, builtin_dir
 
     monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
     entry = builtin_dir("smollm2")

@@ -16,7 +16,7 @@ model=$1; work=$2; n=$3
 PRUNECLI=${PRUNECLI:-python -m prunecli}
 DATA=${DATA:-../shared/data}
 CF=$DATA/counterfact/counterfact-edit.json
-EV=(--edits "$CF" --limit "$n" --tasks counterfact,perplexity --max-tokens 4096 --window 512 --stride 448
+EV=(--requests "$CF" --limit "$n" --tasks counterfact,perplexity --max-tokens 4096 --window 512 --stride 448
     --batch-size 16 --data-dir "$DATA")
 mkdir -p "$work"
 w=$work
@@ -36,8 +36,8 @@ kw=$(python -c "import json,sys; print(max(t['kappa'] for t in json.load(open(sy
 k125=$(python -c "print(1.25 * $kw)"); k110=$(python -c "print(1.1 * $kw)")
 [ -f $w/adaptive-$n.safetensors ] || "${edit[@]}" --kappa-trigger "$k125" --target-kappa "$k110" \
     -o $w/adaptive-$n.safetensors --force --json > $w/adaptive-$n.json
-prune() { local kind=$1; shift; [ -f $w/$kind-$n.safetensors ] || $PRUNECLI prune $w/edited-$n.safetensors \
-    --base "$model" "$@" -o $w/$kind-$n.safetensors --force --json > $w/$kind-$n.json; }
+prune() { local kind=$1; shift; [ -f $w/$kind-$n.safetensors ] || $PRUNECLI prune "$model" \
+    $w/edited-$n.safetensors "$@" -o $w/$kind-$n.safetensors --force --json > $w/$kind-$n.json; }
 prune paper --fn log --alpha 1.2
 prune scalefree --fn scale-free --strength 0.5
 prune target --target-kappa "$k125"

@@ -6,151 +6,124 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
-from prunecli.commands._common import (AllowPickleOpt, DebugOpt, DeviceMapOpt, DeviceOpt, IgnoreBaseMismatchOpt,
-                                       JsonOpt, MaxMemoryOpt, OffloadFolderOpt, TokenizerOpt, cell, either, emit_json,
-                                       cli_progress, guarded, note, warn)
+from prunecli.commands._display import cli_progress
+from prunecli.commands._errors import guarded
+from prunecli.commands._options import Deltas, IgnoreBaseMismatch, Load, Out, Requests, Start
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.data import DEFAULT_DATA_DIR, DEFAULT_PPL_TOKENS
 
-def _metrics_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
-    from prunecli.evaluation.report import format_value
-
-    deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
-    table = Table(title=cell(f"{report['model']}{deltas}"))
-    for col in ("metric", "value", "n", "NaN/Inf", "protocol"):
-        table.add_column(col, justify="right" if col in ("value", "n", "NaN/Inf") else "left")
-    for name, value in report["metrics"].items():
-        bad = report["n_nonfinite"][name]
-        table.add_row(name, format_value(value), str(report["n"][name]), f"[red]{bad}[/]" if bad else "0",
-                      report["metric_group"][name])
-    console = Console()
-    console.print(table)
-    for group, text in report["protocol"].items():
-        console.print(f"[bold]{escape(group)}[/]: {escape(text)}", highlight=False)
-
-
-def main(
-    targets: Annotated[list[str] | None, typer.Argument(
-        metavar="MODEL | REPORT.json...",
-        help="Model folder (or `smollm2`) to evaluate; with --compare, the report files to compare.")] = None,
-    deltas: Annotated[list[Path] | None, typer.Option(
-        "--delta", "-d", help="Delta file added in memory to the touched tensors (repeatable, composed in order).")] = None,
-    requests: Annotated[Path | None, typer.Option(
-        "--requests", "-r", help="Edit requests (CounterFact, zsRE or minimal JSON/JSONL; - reads standard input). "
-        "Default: the requests recorded in the deltas.")] = None,
-    edits_old: Annotated[Path | None, typer.Option("--edits", "-e", hidden=True)] = None,
-    start: Annotated[int, typer.Option("--start", min=0, help="First request record to use.")] = 0,
-    limit: Annotated[int | None, typer.Option(
-        "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general task.")] = None,
-    tasks: Annotated[str | None, typer.Option(
-        "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, gsm8k, "
-        "rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --requests "
-        "(+ perplexity with --text).")] = None,
-    text: Annotated[Path | None, typer.Option(
-        "--text", help="Text file for `perplexity` (default task source: DATA_DIR/wikitext/wiki.test.raw).")] = None,
-    window: Annotated[int | None, typer.Option(
-        "--window", min=2, help="Perplexity window in tokens (default min(1024, model context)).")] = None,
-    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Perplexity stride (default window/2).")] = None,
-    max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", min=2, help="Score the first N tokens of the perplexity text (the report states the "
-        "count and the seconds it took).")] = DEFAULT_PPL_TOKENS,
-    data_dir: Annotated[Path, typer.Option(
-        "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files.")] = DEFAULT_DATA_DIR,
-    seed: Annotated[int | None, typer.Option(
-        "--seed", help="With --limit: a seeded random sample of each general task instead of its first N.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 16,
-    device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    offload_folder: OffloadFolderOpt = None,
-    tokenizer_ref: TokenizerOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    locality_reference: Annotated[str | None, typer.Option(
-        "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
-        "(default: MODEL without the deltas).")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the report (JSON) here.")] = None,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="Compare report files (from -o) side by side instead of evaluating.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report (never an input).")] = False,
-    ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
-    json_out: JsonOpt = False,
-    debug: DebugOpt = False,
-) -> None:
+@guarded
+def main(targets: Annotated[list[str] | None, typer.Argument(
+             metavar="MODEL | REPORT.json...",
+             help="Model folder (or a built-in name such as smollm2) to evaluate; with --compare, the report files "
+             "to compare.")] = None,
+         *, out: Out, load: Load, requests: Requests, deltas: Deltas = None, start: Start = 0,
+         limit: Annotated[int | None, typer.Option(
+             "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general "
+             "task.")] = None,
+         tasks: Annotated[str | None, typer.Option(
+             "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, "
+             "gsm8k, rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics "
+             "of --requests (+ perplexity with --text).")] = None,
+         text: Annotated[Path | None, typer.Option(
+             "--text", help="Text file for `perplexity` (default task source: DATA_DIR/wikitext/wiki.test.raw).")]
+         = None,
+         window: Annotated[int | None, typer.Option(
+             "--window", min=2, help="Perplexity window in tokens (default min(1024, model context)).")] = None,
+         stride: Annotated[int | None, typer.Option("--stride", min=1, help="Perplexity stride (default "
+                                                    "window/2).")] = None,
+         max_tokens: Annotated[int, typer.Option(
+             "--max-tokens", min=2, help="Score the first N tokens of the perplexity text (the report states the count "
+             "and the seconds it took).")] = DEFAULT_PPL_TOKENS,
+         data_dir: Annotated[Path, typer.Option(
+             "--data-dir", envvar="PRUNECLI_DATA_DIR", help="Folder of the task data files ($PRUNECLI_DATA_DIR).")]
+         = DEFAULT_DATA_DIR,
+         seed: Annotated[int | None, typer.Option(
+             "--seed", help="With --limit: a seeded random sample of each general task instead of its first N.")]
+         = None,
+         batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")]
+         = 16,
+         locality_reference: Annotated[str | None, typer.Option(
+             "--locality-reference", help="Model whose predictions zsRE locality agreement is measured against "
+             "(default: MODEL without the deltas).")] = None,
+         output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write the report (JSON) here.")]
+         = None,
+         compare: Annotated[bool, typer.Option(
+             "--compare", help="Compare report files (from -o) side by side instead of evaluating.")] = False,
+         force: Annotated[bool, typer.Option("--force", help="Replace an existing report (never an input).")] = False,
+         ignore_base_mismatch: IgnoreBaseMismatch = False) -> None:
     """Evaluate MODEL + deltas: CounterFact/zsRE editing metrics and general abilities, each with its protocol named.
 
     Every request is judged on the final model (all deltas added in memory; nothing is written to disk). Reports
     give each metric's value, case count, NaN/Inf count and protocol; `--compare` lines reports up side by side and
-    warns when their protocols differ.
+    warns when their protocols differ. Task data come from --data-dir ($PRUNECLI_DATA_DIR).
 
-    Example: prunecli evaluate smollm2 -d edits.safetensors -r counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
+    Example: prunecli evaluate smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 -t counterfact -o base.json
 
-    Example: prunecli evaluate --compare base.json edited.json pruned.json
+    Example: prunecli evaluate smollm2 -d pruned.safetensors -t counterfact,perplexity --max-tokens 512 -o pruned.json
+
+    Example: prunecli evaluate --compare base.json pruned.json
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]. Several GPUs or machines: run it under
-    `accelerate launch` (or torchrun); each process scores a share of every task, rank 0 reports.
-
-    Example: accelerate launch --multi_gpu --num_processes 4 -m prunecli evaluate smollm2 -r cf.json -o r.json
+    `accelerate launch --multi_gpu --num_processes 4 -m prunecli evaluate ...` (or torchrun); each process scores a
+    share of every task, rank 0 reports.
     """
-
-    edits = either(requests, edits_old, "--requests", "--edits")
     paths = list(targets or [])
-    if compare and not paths:
-        raise typer.BadParameter("--compare needs one or more REPORT.json files")
-    if compare and (deltas or edits or tasks or text or output):
-        raise typer.BadParameter("--compare only reads reports; drop --delta/--requests/--tasks/--text/-o")
-    if not compare and len(paths) != 1:
+    if compare:
+        if not paths:
+            raise typer.BadParameter("--compare needs one or more REPORT.json files")
+        if deltas or requests or tasks or text or output:
+            raise typer.BadParameter("--compare only reads reports; drop --delta/--requests/--tasks/--text/-o")
+        from prunecli.commands.compare import compare_files
+
+        compare_files([Path(p) for p in paths], out)
+        return
+    if len(paths) != 1:
         raise typer.BadParameter("give exactly one MODEL (or --compare REPORT.json...)")
+    from prunecli.core.atomic import check_output_path, labelled
+    from prunecli.distributed import workers
+    from prunecli.evaluation.base import EvalOptions
+    from prunecli.evaluation.report import write_report
+    from prunecli.evaluation.runner import run_evaluation
+    from prunecli.models.builtin import resolve_model_path
 
-    def body() -> None:
-        if compare:
-            from prunecli.commands.compare import compare_files
+    if output is not None:
+        check_output_path(output, force, is_dir=False, inputs=[
+            ("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("requests file", requests),
+            ("text file", text), ("locality reference", locality_reference)])
+    options = EvalOptions(tuple(deltas or ()), requests, start, limit, tasks, text, window, stride, max_tokens, seed,
+                          batch_size, locality_reference, data_dir, ignore_base_mismatch, load)
+    with workers(load.device, load.device_map) as group, cli_progress() as progress:
+        report = run_evaluation(paths[0], options, progress, group)
+        if not group.is_main:
+            return  # rank 0 reports for every process
+    for task, t in report["timing"].items():
+        rate = f" ({t['per_second']:.1f} {t['unit']}/s)" if t["per_second"] else ""
+        out.note(f"{task}: {t['count']} {t['unit']} in {t['seconds']:.1f} s{rate}")
+    for name, bad in report["n_nonfinite"].items():
+        if bad:
+            out.warn(f"{name}: {bad} of {report['n'][name]} cases had NaN/Inf scores (counted, not dropped)")
+    if output is not None:
+        write_report(report, output, force)
+        out.note(f"wrote {output}")
+    out.result(report, lambda: _metrics_table(out, report))
+    if report["failed_tasks"]:
+        failures = "; ".join(f"{name}: {why}" for name, why in report["failed_tasks"].items())
+        raise PruneCliError(f"{len(report['failed_tasks'])} of {len(report['tasks'])} tasks failed (the others' "
+                            f"results are {'in ' + str(output) if output else 'above'}): {failures}")
 
-            compare_files([Path(p) for p in paths], json_out)
-            return
-        from prunecli.core.atomic import check_output_path, labelled
-        from prunecli.models.default_model import resolve_model_path
-        from prunecli.distributed import workers
-        from prunecli.evaluation.report import write_report
-        from prunecli.evaluation.base import EvalOptions
-        from prunecli.evaluation.runner import run_evaluation
 
-        if output is not None:
-            inputs = [("model", resolve_model_path(paths[0])), *labelled("delta", deltas), ("requests file", edits),
-                      ("text file", text), ("locality reference", locality_reference)]
-            check_output_path(output, force, is_dir=False, inputs=inputs)
-        options = EvalOptions(deltas=list(deltas or []), edits=edits, start=start, limit=limit, tasks=tasks,
-                              text=text, window=window, stride=stride, max_tokens=max_tokens, seed=seed,
-                              batch_size=batch_size, device=device, dtype=dtype,
-                              locality_reference=locality_reference, data_dir=data_dir,
-                              ignore_base_mismatch=ignore_base_mismatch,
-                              device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
-                              tokenizer=tokenizer_ref, allow_pickle=allow_pickle)
-        with workers(device, device_map) as group, cli_progress() as progress:
-            report = run_evaluation(paths[0], options, progress, group)
-            if not group.is_main:
-                return  # rank 0 reports for every process
-        for task, t in report["timing"].items():
-            rate = f" ({t['per_second']:.1f} {t['unit']}/s)" if t["per_second"] else ""
-            note(f"{task}: {t['count']} {t['unit']} in {t['seconds']:.1f} s{rate}")
-        for name, bad in report["n_nonfinite"].items():
-            if bad:
-                warn(f"{name}: {bad} of {report['n'][name]} cases had NaN/Inf scores (counted, not dropped)")
-        if output is not None:
-            write_report(report, output, force)
-            note(f"wrote {output}")
-        if json_out:
-            emit_json(report)
-        else:
-            _metrics_table(report)
-        if report["failed_tasks"]:
-            failures = "; ".join(f"{name}: {why}" for name, why in report["failed_tasks"].items())
-            raise PruneCliError(f"{len(report['failed_tasks'])} of {len(report['tasks'])} tasks failed (the others' "
-                                f"results are {'in ' + str(output) if output else 'above'}): {failures}")
+def _metrics_table(out: Out, report: dict[str, Any]) -> None:
+    from prunecli.evaluation.report import format_value
 
-    guarded(debug, body)
+    deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
+    out.table(Text(f"{report['model']}{deltas}"), ["metric", "value", "n", "NaN/Inf", "protocol"],
+              [[name, format_value(value), str(report["n"][name]),
+                Text(str(report["n_nonfinite"][name]), style="red" if report["n_nonfinite"][name] else ""),
+                report["metric_group"][name]] for name, value in report["metrics"].items()],
+              right=["value", "n", "NaN/Inf"])
+    for group, text in report["protocol"].items():
+        out.say(f"{group}: {text}")

@@ -61,8 +61,10 @@ def committed_outputs() -> list[Path]:
 def check_output_path(path: Path, force: bool, is_dir: bool | None = None,
                       inputs: Inputs = ()) -> None:
     """Fail early (before any heavy work) when `path` cannot be written (as a directory / a file, when `is_dir` says)
-    or would overwrite, contain or sit inside one of `inputs`."""
+    or would overwrite, contain or sit inside one of `inputs` (checked first: --force never makes an input an output,
+    so suggesting it would mislead)."""
     path = Path(path)
+    check_disjoint(path, inputs)
     exists = os.path.lexists(path)
     if exists and not force:
         raise PruneCliError(f"output {path} already exists (use --force to overwrite)")
@@ -77,7 +79,6 @@ def check_output_path(path: Path, force: bool, is_dir: bool | None = None,
         raise PruneCliError(f"cannot write {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PruneCliError(f"cannot write {path}: directory {parent} is not writable")
-    check_disjoint(path, inputs)
     if exists:
         _check_replaceable(path)
 

@@ -224,7 +224,7 @@ class Delta:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Delta:
-        """Read and validate a delta file; problems are one clear line (PEFT adapter folders: `peft_io.load_delta`)."""
+        """Read and validate a delta file; problems are one clear line (PEFT adapter folders too: `delta_files.load_delta`)."""
         metadata, tensors = read_tensors(path, "delta")
         return cls._from_parts(Path(path), metadata.get(META_KEY), tensors)
 
@@ -234,7 +234,6 @@ class Delta:
             return PruneCliError(f"invalid delta {path}: {msg}")
 
         meta = parse_document(path, DELTA, raw_meta)
-        check_digests(path, DELTA, meta, tensors)
         specs = meta.get("entries")
         base = meta.get("base") or {}
         fingerprints = base.get("fingerprints") if isinstance(base, dict) else None
@@ -281,6 +280,7 @@ class Delta:
         extra = sorted(set(tensors) - used)
         if extra:
             raise bad(f"tensor(s) not described by the metadata: {', '.join(extra[:3])}")
+        check_digests(path, DELTA, meta, tensors)  # after the structural checks, whose messages say more
         return cls(entries, {n: fingerprints[n] for n in entries}, base.get("model_type"), base.get("source"), history,
                    extras)
 

@@ -29,21 +29,16 @@ class EditOp:
 
 @dataclass(frozen=True)
 class PruneOp:
-    """A restraint of the accumulated delta: its settings, why it ran (`trigger`/`after_edits` while editing,
-    `select` for a partial `prune`), and per tensor what it did."""
+    """A restraint of the accumulated delta: its settings (`RestraintSettings.to_json()`: fn, its parameters, clamp,
+    target_kappa), why it ran (`trigger`/`after_edits` while editing, `select` for a partial `prune`), and per tensor
+    what it did."""
 
-    fn: str
-    alpha: float
-    beta: float
-    strength: float
-    clamp: bool
-    target_kappa: float | None
+    settings: dict[str, Any]
     per_tensor: dict[str, dict[str, Any]]
     context: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": "prune", "fn": self.fn, "alpha": self.alpha, "beta": self.beta, "strength": self.strength,
-                "clamp": self.clamp, "target_kappa": self.target_kappa, **self.context, "per_tensor": self.per_tensor}
+        return {"op": "prune", **self.settings, **self.context, "per_tensor": self.per_tensor}
 
 
 @dataclass(frozen=True)

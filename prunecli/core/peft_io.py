@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,28 +185,3 @@ def delta_from_peft(path: Path, base: Checkpoint) -> Delta:
                 raise PruneCliError(f"{path}: {module}: {what} contains NaN or Inf values")
         delta.add(base.canonical(module + ".weight"), DeltaEntry.lowrank(a, lora_a.float().T, layout), base)
     return delta.with_entries(delta.entries, ImportPeftOp(str(path)))
-
-
-def load_delta(path: str | os.PathLike[str], base: Checkpoint | None = None) -> Delta:
-    """A delta file, or a PEFT LoRA adapter folder of `base`; problems are one clear line.
-
-    Adapters carry no fingerprint of their base, so they can only be read together with the base they are for.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return Delta.load(path)
-    if not is_peft_adapter(path):
-        raise PruneCliError(f"delta {path} is a directory but not a PEFT adapter (no {ADAPTER_CONFIG}); expected a "
-                            ".safetensors delta file or a PEFT LoRA adapter folder")
-    if base is None:
-        raise PruneCliError(f"{path} is a PEFT adapter: this command needs the base checkpoint to read it")
-    return delta_from_peft(path, base)
-
-
-def load_deltas(paths: Iterable[str | os.PathLike[str]], base: Checkpoint | None = None) -> Delta | None:
-    """Load and compose several delta files (or PEFT adapters of `base`) in order; None when no path is given."""
-    total: Delta | None = None
-    for p in paths:
-        d = load_delta(p, base)
-        total = d if total is None else total.compose(d)
-    return total

@@ -29,82 +29,23 @@ searches, per matrix, the smallest t with kappa(W + D') <= target (`search_stren
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.lowrank import entry_svd
+from prunecli.core.restraint_functions import MAX_STRENGTH, RestraintSettings, restraint_values
 from prunecli.core.history import PruneOp
 from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, largest_singular_value, matrix_stats,
                                    numerical_rank)
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
 
-RestraintFn = Literal["log", "linear", "scale-free"]
-MAX_STRENGTH = 2.0
-"""Scale-free strengths run from 0 (no restraint) over 1 (values above sigma_max cut to it) to 2 (D' = 0)."""
-FUNCTIONS: tuple[str, ...] = ("log", "linear", "scale-free")
 N_TOP = 5
 """How many leading singular values of D and D' the reports show."""
-
-# ------------------------------------------------------------------------------------------------ F and checks
-def check_params(fn: str, alpha: float, beta: float, strength: float = 0.5) -> None:
-    """Reject what makes F meaningless, as one user-facing line."""
-    if fn not in FUNCTIONS:
-        raise PruneCliError(f"unknown restraint function {fn!r} (choose one of {', '.join(FUNCTIONS)})")
-    if not (math.isfinite(alpha) and alpha > 1):
-        raise PruneCliError(f"--alpha must be a finite number > 1 (the base of the log in F), got {alpha}")
-    if not (math.isfinite(beta) and beta > 1):
-        raise PruneCliError(f"--beta must be a finite number > 1 (the slope divisor of linear F), got {beta}")
-    if not (math.isfinite(strength) and 0 <= strength <= MAX_STRENGTH):
-        raise PruneCliError(f"--strength must be in [0, {MAX_STRENGTH:g}] (0: no restraint, 1: every value cut to "
-                            f"sigma_max(W), 2: the delta removed), got {strength}")
-
-
-def check_target(target_kappa: float) -> None:
-    """A condition number below 1 does not exist; the per-matrix lower bound kappa(W) is checked with W at hand."""
-    if not (math.isfinite(target_kappa) and target_kappa >= 1):
-        raise PruneCliError(f"--target-kappa must be a finite number >= 1, got {target_kappa}")
-
-
-def restraint_values(s: torch.Tensor, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
-                     beta: float = 2.0, strength: float = 0.5) -> torch.Tensor:
-    """F(s) where s > sigma_max, s elsewhere (the paper's formulas as they are, no clamping)."""
-    if fn == "log":
-        f = (torch.log(s) - math.log(sigma_max)) / math.log(alpha) + sigma_max
-    elif fn == "linear":
-        f = s / beta + (beta - 1) / beta * sigma_max
-    else:  # scale-free: sigma_max * (s / sigma_max) ** (1 - t) = s * (s / sigma_max) ** -t; written so, a factor
-        # <= 1 times s, rounding cannot make F(s) exceed s either. Beyond t = 1 everything shrinks by 2 - t.
-        f = s * torch.exp(-min(strength, 1.0) * (torch.log(s) - math.log(sigma_max)))
-        if strength > 1:
-            return (2 - strength) * torch.where(s > sigma_max, f, s)
-    return torch.where(s > sigma_max, f, s)
-
-
-@dataclass(frozen=True)
-class RestraintSettings:
-    """One restraint as a user chose it (`prune`'s options, `edit`'s restraints); `target_kappa` means scale-free F
-    with its strength searched per matrix."""
-
-    fn: RestraintFn = "log"
-    alpha: float = 1.2
-    beta: float = 2.0
-    strength: float = 0.5
-    clamp: bool = False
-    target_kappa: float | None = None
-
-    def check(self) -> None:
-        check_params(self.fn, self.alpha, self.beta, self.strength)
-        if self.target_kappa is not None:
-            check_target(self.target_kappa)
-
-    def kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments of `restrain_delta` (and a JSON object)."""
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------- one entry
@@ -176,7 +117,7 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
     def kappa_at(t: float) -> float:
         nonlocal evaluations
         evaluations += 1
-        f = restraint_values(s, sigma_max, "scale-free", strength=t).to(direction)
+        f = restraint_values(s, sigma_max, RestraintSettings().with_strength(t)).to(direction)
         return spectra.stats(direction * f, q, xq, exact_above).kappa
 
     before = kappa_at(0.0)
@@ -193,19 +134,18 @@ def search_strength(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, sigma_max
     return hi, evaluations
 
 
-def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log", alpha: float = 1.2,
-                   beta: float = 2.0, clamp: bool = False, device: str | torch.device | None = None, *,
-                   strength: float = 0.5, target_kappa: float | None = None,
+def restrain_entry(entry: DeltaEntry, sigma_max: float, settings: RestraintSettings = RestraintSettings(),
+                   device: str | torch.device | None = None,
                    spectra: UpdatedSpectra | None = None) -> tuple[DeltaEntry, RestraintInfo]:
     """PRUNE on one update, given sigma_max of its base matrix; the result keeps the entry's layout.
 
     Low-rank entries are never densified: exact SVD on the factors, truncation to numerical rank, F, then
     a' = U diag(s'), b' = V, so rank(D') <= rank(D). Dense entries go through a dense SVD and come back as factors
     when their numerical rank is at most half the smaller side (cheaper and exact), dense otherwise. With
-    `target_kappa`, F is the scale-free one and its strength is searched (`search_strength`, which needs `spectra`,
-    the base matrix's `UpdatedSpectra`); `fn`, `strength` and `clamp` are then not used.
+    `settings.target_kappa`, F is the scale-free one and its strength is searched (`search_strength`, which needs
+    `spectra`, the base matrix's `UpdatedSpectra`); the settings' own fn, strength and clamp are then not used.
     """
-    check_params(fn, alpha, beta, strength)
+    settings.check()
     if not (math.isfinite(sigma_max) and sigma_max > 0):
         raise PruneCliError(f"sigma_max of the base matrix is {sigma_max}; PRUNE needs a positive finite value")
     device = device or "cpu"
@@ -213,15 +153,15 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
     svd = entry_svd(entry, device=device)
     rank = numerical_rank(svd.s, entry.shape)  # NumPy matrix_rank's rule with float32 eps, as the reference
     u, s, v = svd.u[:, :rank], svd.s[:rank], svd.v[:, :rank]
-    if target_kappa is not None:
+    if settings.target_kappa is not None:
         if spectra is None:
             raise ValueError("a kappa target needs the base matrix's spectra")
-        fn, clamp = "scale-free", False
-        strength, steps = search_strength(u, s, v, sigma_max, spectra, target_kappa)
-    f = restraint_values(s, sigma_max, fn, alpha, beta, strength)
+        strength, steps = search_strength(u, s, v, sigma_max, spectra, settings.target_kappa)
+        settings = settings.with_strength(strength)
+    f = restraint_values(s, sigma_max, settings)
     above = s > sigma_max
     enlarged = above & (f > s)
-    new_s = torch.minimum(f, s) if clamp else f
+    new_s = torch.minimum(f, s) if settings.clamp else f
     a = u * new_s
     if entry.is_lowrank or rank <= min(entry.shape) // 2:
         new_entry = DeltaEntry.lowrank(a, v, entry.layout)
@@ -229,10 +169,10 @@ def restrain_entry(entry: DeltaEntry, sigma_max: float, fn: RestraintFn = "log",
         new_entry = DeltaEntry.from_dense(a @ v.T, entry.layout)
     info = RestraintInfo(sigma_max=sigma_max, rank=rank, n_restrained=int(above.sum()),
                          top_before=s[:N_TOP].tolist(), top_after=new_s[:N_TOP].tolist(),
-                         smax_ln_alpha=sigma_max * math.log(alpha) if fn == "log" else None,
-                         n_enlarged=int(enlarged.sum()), clamped=clamp,
-                         strength=strength if fn == "scale-free" else None, target_kappa=target_kappa,
-                         search_steps=steps)
+                         smax_ln_alpha=sigma_max * math.log(settings.alpha) if settings.fn == "log" else None,
+                         n_enlarged=int(enlarged.sum()), clamped=settings.clamp,
+                         strength=settings.strength if settings.fn == "scale-free" else None,
+                         target_kappa=settings.target_kappa, search_steps=steps)
     return new_entry, info
 
 
@@ -299,40 +239,38 @@ class BaseSpectra:
         return _kappa(spectra.x + (d.T if spectra.transposed else d))
 
 
-def restrain_delta(delta: Delta, base: Checkpoint, fn: RestraintFn = "log", alpha: float = 1.2, beta: float = 2.0,
-                   kappa: bool = True, progress: Progress = no_progress, *, clamp: bool = False,
-                   strength: float = 0.5, target_kappa: float | None = None,
-                   spectra: BaseSpectra | None = None,
+def restrain_delta(delta: Delta, base: Checkpoint, settings: RestraintSettings = RestraintSettings(),
+                   kappa: bool = True, progress: Progress = no_progress, *, spectra: BaseSpectra | None = None,
                    record: dict[str, Any] | None = None,
                    device: str | torch.device | None = None) -> tuple[Delta, list[TensorReport]]:
     """Apply PRUNE to every entry of `delta` against the unedited `base`; returns the new delta and reports.
 
     Base matrices are read one at a time. `kappa=True` also reports kappa(W), kappa(W + D), kappa(W + D') (float64
     Gram spectra of W formed once per matrix, low-rank updates added on the Gram matrix; `UpdatedSpectra`).
-    `target_kappa` searches, per matrix, the mildest scale-free strength with kappa(W + D') <= target (kappas are
-    then always reported). `progress` gets one task, advanced per tensor. `spectra` (a `BaseSpectra` of `base`) is read and filled,
-    so repeated restraints against the same base compute each base quantity once. The caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned
-    delta's history ends with {"op": "prune", "fn", "alpha", "beta", "strength", "clamp", "target_kappa", **record,
-    "per_tensor": {name: report}}.
+    `settings.target_kappa` searches, per matrix, the mildest scale-free strength with kappa(W + D') <= target
+    (kappas are then always reported). `progress` gets one task, advanced per tensor. `spectra` (a `BaseSpectra` of
+    `base`) is read and filled, so repeated restraints against the same base compute each base quantity once. The
+    caller checks that `delta` belongs to `base` (`Delta.check_base`). The returned delta's history ends with
+    {"op": "prune", **settings, **record, "per_tensor": {name: report}} (`history.PruneOp`).
     """
-    check_params(fn, alpha, beta, strength)
+    settings.check()
+    target_kappa = settings.target_kappa
     if target_kappa is not None:
-        check_target(target_kappa)
+        settings = replace(settings, fn="scale-free")
     cache = spectra or BaseSpectra(base, device)
     entries: dict[str, DeltaEntry] = {}
     reports: list[TensorReport] = []
     for name, entry in track(progress, delta.entries.items(), "prune"):
         matrix = cache.spectra(name, entry) if (kappa or target_kappa is not None) else None
         smax = cache.sigma_max(name, matrix)
-        new_entry, info = restrain_entry(entry, smax, fn, alpha, beta, clamp, device, strength=strength,
-                                         target_kappa=target_kappa, spectra=matrix)
+        new_entry, info = restrain_entry(entry, smax, settings, device, spectra=matrix)
         entries[name] = new_entry
         kappas: dict[str, float] = {}
         if matrix is not None:
             kappas = {"kappa_base": cache.kappa(name, entry, updated=False), "kappa_edited": cache.kappa(name, entry),
                       "kappa_pruned": cache.kappa(name, new_entry)}
         reports.append(TensorReport(name, info, **kappas))
-    op = PruneOp("scale-free" if target_kappa is not None else fn, alpha, beta, strength, clamp, target_kappa,
+    op = PruneOp(settings.to_json(),
                  {r.name: {"sigma_max_base": r.info.sigma_max, "rank": r.info.rank,
                            "n_restrained": r.info.n_restrained, "n_enlarged": r.info.n_enlarged,
                            "strength": r.info.strength, "kappa_base": r.kappa_base,

@@ -36,15 +36,39 @@ unused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.memit import check_moments, spread_over_layers
+from prunecli.editors.value import ValueHParams
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
+
+@dataclass(frozen=True)
+class AlphaEditHParams(ValueHParams):
+    """AlphaEdit's hyper-parameters: MEMIT's value optimisation and layers, the null-space threshold and the ridge
+    term (the official key names); `mom2_update_weight` is accepted and recorded but, as officially, unused."""
+
+    method: ClassVar[str] = "alphaedit"
+    nullspace_threshold: float = 2e-2  # eigenvalues of the mean second moment below this span the null space
+    L2: float = 10.0  # ridge term L2 I added after projecting
+    # Extra rounds for the edits of a batch that did not take, as MEMIT's (`memit.spread_over_layers`); None: off.
+    retry_rounds: int | None = None
+    retry_below: float | None = None
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        for key in ("nullspace_threshold", "L2"):
+            if not getattr(self, key) > 0:
+                raise PruneCliError(f"AlphaEdit needs {key} > 0, got {getattr(self, key)!r}")
+        self.require([("retry_rounds", self.retry_rounds is None or self.retry_rounds >= 0),
+                      ("retry_below", self.retry_below is None or 0 <= self.retry_below <= 1)])
+
 
 KEYS_EXTRA = "alphaedit.keys::"  # + weight name: the edited keys [edits, d_in] carried in delta files
 MEMORY = KeyMemory(KEYS_EXTRA, "alphaedit", "AlphaEdit key cache", "start a new chain without --delta")
@@ -79,6 +103,7 @@ def null_space_update(residual: torch.Tensor, keys: torch.Tensor, basis: torch.T
 
 class AlphaEditEditor(Editor):
     method = "alphaedit"
+    hparams = AlphaEditHParams
     needs_stats = True
     batched = True
 
@@ -97,14 +122,12 @@ class AlphaEditEditor(Editor):
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
         check_moments(ctx, "AlphaEdit")
         hp = ctx.hparams
-        assert hp.nullspace_threshold is not None and hp.L2 is not None  # validated with the hyper-parameters
         layers = sorted(hp.layers)
         MEMORY.prepare(ctx, adapter, layers)
 
         def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            basis = self.basis(layer, ctx.moments[layer], hp.nullspace_threshold)  # type: ignore[arg-type]
-            return null_space_update(residual, keys, basis, MEMORY.keys(ctx, adapter, layer),
-                                     hp.L2)  # type: ignore[arg-type]
+            basis = self.basis(layer, ctx.moments[layer], hp.nullspace_threshold)
+            return null_space_update(residual, keys, basis, MEMORY.keys(ctx, adapter, layer), hp.L2)
 
         updates, outcomes = spread_over_layers(model, tokenizer, adapter, requests, ctx, solve)
         MEMORY.remember(model, tokenizer, adapter, requests, ctx, layers)  # the batch's keys join the preserved set

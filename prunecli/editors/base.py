@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.editors.hparams import ModelModules, check_file, resolve_hparams
+from prunecli.editors.hparams import HParams, ModelModules
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.progress import ProgressTask, silent_task
@@ -44,8 +44,9 @@ class RequestOutcome:
     steps: int
 
 
-class HParams(Protocol):
-    """What the sequential driver reads of an editor's hyper-parameters (`EditHParams`, `MendHParams`)."""
+class EditSettings(Protocol):
+    """What the sequential driver reads of an editor's hyper-parameters (an `hparams.HParams` subclass, or MEND's
+    settings from its archive)."""
 
     layers: tuple[int, ...]
     context_template_length_params: tuple[tuple[int, int], ...]  # context prefixes to generate; () for none
@@ -67,7 +68,7 @@ class EditorInputs:
 class EditContext:
     """Everything an editor needs besides the model and the requests."""
 
-    hparams: Any  # the editor's own hyper-parameters (EditHParams for the key/value editors)
+    hparams: Any  # the editor's own hyper-parameters (its `Editor.hparams` class)
     prefixes: list[str]  # context prefixes; prefixes[0] == "" (the bare prompt)
     moments: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> C = E[k k^T] (float64)
     # State an editor carries from delta to delta (`Delta.extras`): editors read and update it in place, the driver
@@ -83,6 +84,7 @@ class Editor(ABC):
     class: adding one is a module with a subclass plus a line in `editors.registry`."""
 
     method: ClassVar[str]
+    hparams: ClassVar[type[HParams] | None] = None  # its hyper-parameter class (None: settings come otherwise)
     needs_stats: ClassVar[bool] = False  # key statistics (`prunecli stats`) are required
     batched: ClassVar[bool] = False  # edits a batch of requests at once (--batch-size) rather than one after another
 
@@ -94,8 +96,8 @@ class Editor(ABC):
         file is parsed; an archive is refused: only MEND takes one)."""
         if inputs.archive is not None:
             raise PruneCliError(f"--archive is only used by --method mend, not {cls.method}")
-        if inputs.hparams_file is not None:
-            check_file(cls.method, inputs.hparams_file)
+        if inputs.hparams_file is not None and cls.hparams is not None:
+            cls.hparams.check_file(inputs.hparams_file)
         editor = cls()
         editor.inputs = inputs
         return editor
@@ -104,14 +106,15 @@ class Editor(ABC):
         """Checks of the editor's own inputs against the base checkpoint, before the model loads (none by default)."""
 
     def resolve_hparams(self, model: torch.nn.Module, adapter: ModelAdapter,
-                        on_note: Callable[[str], None] | None = None) -> HParams:
+                        on_note: Callable[[str], None] | None = None) -> EditSettings:
         """Packaged defaults for this model < the hyper-parameter file < overrides, checked against the model."""
+        assert self.hparams is not None, f"{self.method} resolves its own settings"
         modules = ModelModules(frozenset(n for n, _ in model.named_modules()), adapter.module_name,
                                adapter.num_layers, adapter.model_type)
-        return resolve_hparams(self.method, adapter.family, adapter.num_layers, self.inputs.hparams_file,
-                               self.inputs.overrides, on_note, modules)
+        return self.hparams.resolve(adapter.family, adapter.num_layers, self.inputs.hparams_file,
+                                    self.inputs.overrides, on_note, modules)
 
-    def notes(self, hparams: HParams, has_moments: bool) -> list[str]:  # noqa: ARG002 - editors override
+    def notes(self, hparams: EditSettings, has_moments: bool) -> list[str]:  # noqa: ARG002 - editors override
         """Lines worth telling the user about this configuration before editing (none by default)."""
         return []
 

@@ -1,33 +1,39 @@
-"""Typed hyper-parameters of ROME, MEMIT and AlphaEdit: packaged per-family defaults, user files, `--set` overrides.
+"""Hyper-parameters: the machinery every editor's own class shares (packaged defaults, user files, `--set`).
 
-Defaults live in `hparams/{rome,memit,alphaedit}.yaml` next to this module: a `defaults` section, per-family sections
-that override it, and inside a family `by_depth` entries for model depths whose layers are known (GPT-2 XL's 48 layers,
-LLaMA-2-7B's 32, SmolLM2-135M's 30). For other depths the layers follow from `layer_fraction` (the position of the
-(last) edited layer as a fraction of the depth) and, for MEMIT and AlphaEdit, `num_edit_layers` consecutive layers
-ending there, so tiny test models and unknown sizes get sensible layers too.
+Each editor declares its hyper-parameters as a frozen dataclass derived from `HParams`, in its own module, with its
+own `validate()`; the fields say what is known and of which type, so a new editor adds no second list anywhere.
+Values come, later ones winning, from:
 
-User files (YAML or JSON) may use EasyEdit's key names, so existing `hparams/ROME/*.yaml` files work: keys that only
-tell EasyEdit where modules or statistics are (prunecli resolves those from the loaded model and the command line)
-are accepted and ignored with a note; unknown keys are an error. YAML 1.1 reads `5e-1` as a string, so every value
-is coerced to its field's type.
+1. the packaged defaults `hparams/<method>.yaml` next to this module: a `defaults` section, per-family sections that
+   override it, and inside a family `by_depth` entries for model depths whose layers are known (GPT-2 XL's 48
+   layers, LLaMA-2-7B's 32, SmolLM2-135M's 30). For other depths the layers follow from `layer_fraction` (the
+   position of the (last) edited layer as a fraction of the depth) and `num_edit_layers` consecutive layers ending
+   there, so tiny test models and unknown sizes get sensible layers too;
+2. a user file (`--hparams`, YAML or JSON), which may be EasyEdit's: keys that only tell EasyEdit where modules or
+   statistics are (prunecli resolves those from the loaded model and the command line) are accepted and ignored
+   with a note, unknown keys are an error, and module names are checked against the loaded model;
+3. `--set key=value` overrides.
+
+YAML 1.1 reads `5e-1` as a string, so every value is coerced to its field's type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from prunecli.core.textio import read_text
 from prunecli.errors import PruneCliError
 
-METHODS = ("rome", "memit", "alphaedit")
+H = TypeVar("H", bound="HParams")
 
 # EasyEdit keys that prunecli derives itself (from the loaded model, --stats, --device, --batch-size) or that only
 # keep EasyEdit's books (precision, device placement, where it caches things): accepted and reported as not used.
@@ -37,59 +43,11 @@ IGNORED_KEYS = frozenset({
     "mom2_dataset", "mom2_n_samples", "mom2_dtype", "max_length", "batch_size", "layer_selection", "fp16",
     "P_loc",  # EasyEdit AlphaEdit: where it saves its projector; prunecli computes P in memory per run
 })
-# EasyEdit's `alg_name` values and the prunecli method each selects (prunecli's ROME is R-ROME: one averaged key).
-ALG_NAMES = {"rome": "rome", "r-rome": "rome", "r_rome": "rome", "memit": "memit", "alphaedit": "alphaedit"}
-# R-ROME's key-handling switches, and the value of each that describes what prunecli's ROME does.
-RROME_SWITCHES = {"original_implementation": False, "enable_prompt_keys": False, "enable_random_prefix_keys": True}
 # Module names an EasyEdit file assumes: templates with `{}` for the layer number, and plain names.
 MODULE_TEMPLATES = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
 MODULE_NAMES = ("ln_f_module", "lm_head_module")
-# Keys only AlphaEdit has; None (and absent from `to_json`) for the other methods, so their records are unchanged.
-ALPHAEDIT_KEYS = ("nullspace_threshold", "L2")
-# ROME's key handling: "averaged" (R-ROME: the prefix-averaged key k* in the update and its denominator) or
-# "original" (the published ROME code: u = C^-1 k* but the denominator u^T k of the bare prompt's key), which the
-# R-ROME paper blames for the collapse of long sequential runs. None (and absent from `to_json`) for other methods.
-ROME_KEYS = ("averaged", "original")
-# Keys only MEMIT has and that are off unless a family's defaults or the user set them; None (and absent from
-# `to_json`) otherwise, so records of the published method are unchanged.
-MEMIT_KEYS = ("prior_edit_weight", "retry_rounds", "retry_below")
 # Keys of the packaged defaults that choose layers and are not hyper-parameters of the edit itself.
 _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
-
-
-@dataclass(frozen=True)
-class EditHParams:
-    """Everything that determines an edit besides the model, the request and the key statistics."""
-
-    method: str
-    layers: tuple[int, ...]
-    v_lr: float  # Adam learning rate of the value optimisation
-    v_num_grad_steps: int
-    v_stop_loss: float  # stop early once the mean target NLL is below this
-    clamp_norm_factor: float  # |delta| <= clamp_norm_factor * |initial value|
-    kl_factor: float  # weight of KL(original || edited) on the "{subject} is a" prompts
-    v_weight_decay: float  # weight of |delta|^2 / |initial value|^2
-    mom2_adjustment: bool  # ROME: u = C^-1 k* (needs statistics) instead of u = k*
-    mom2_update_weight: float  # MEMIT: lambda in (lambda C + K K^T)^-1
-    context_template_length_params: tuple[tuple[int, int], ...]  # (generated tokens, number of prefixes)
-    fact_token: str = "subject_last"
-    nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of the mean C below this span the null space
-    L2: float | None = None  # AlphaEdit: ridge term L2 I added after projecting (the official key name)
-    rome_key: str | None = None  # ROME: "averaged" | "original" (see ROME_KEYS)
-    # MEMIT: weight w of the earlier edits' keys K_p in (lambda C + w K_p K_p^T + K K^T)^-1 (editors/memit.py);
-    # None: the published MEMIT, which preserves only the corpus keys' outputs.
-    prior_edit_weight: float | None = None
-    # MEMIT: extra rounds per batch for the edits that did not take (editors/memit.py); None: one round, as published.
-    retry_rounds: int | None = None
-    # MEMIT with retry_rounds: also retry edits that took with the new target's mean token probability below this.
-    retry_below: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items()
-             if not (k in (*ALPHAEDIT_KEYS, *MEMIT_KEYS, "rome_key") and v is None)}
-        d["layers"] = list(self.layers)
-        d["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
-        return d
 
 
 # ------------------------------------------------------------------------------------------------- coercion
@@ -144,46 +102,180 @@ def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-_COERCE: dict[str, Callable[[Any], Any]] = {
-    "layers": _as_layers, "v_lr": _as_float, "v_num_grad_steps": _as_int, "v_stop_loss": _as_float,
-    "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
-    "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
-    "context_template_length_params": _as_length_params, "fact_token": str,
-    "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str, "prior_edit_weight": _as_float,
-    "retry_rounds": _as_int, "retry_below": _as_float,
+def _as_str_tuple(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    return tuple(items)
+
+
+# A field's declared type -> how a value from a file or --set becomes one (optional fields: the same without None).
+_COERCERS: dict[Any, Callable[[Any], Any]] = {
+    int: _as_int, float: _as_float, bool: _as_bool, str: str, tuple[int, ...]: _as_layers,
+    tuple[tuple[int, int], ...]: _as_length_params, tuple[str, ...]: _as_str_tuple,
 }
-assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
 
-def coerce(key: str, value: Any) -> Any:
+def coerce(key: str, value: Any, to: Any = tuple[int, ...]) -> Any:
+    """`value` as type `to` (a field type of `_COERCERS`; layer numbers by default), a bad one as one clear line."""
     try:
-        return _COERCE[key](value)
+        return _COERCERS[to](value)
     except (TypeError, ValueError) as exc:
         raise PruneCliError(f"hyper-parameter {key}: {exc}") from None
 
 
-# ------------------------------------------------------------------------------------------------- sources
-def _packaged(method: str) -> dict[str, Any]:
-    text = resources.files("prunecli.editors").joinpath("hparams", f"{method}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+def _field_type(hint: Any) -> Any:
+    """`float | None` -> float: optional fields coerce like their type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, type(float | None)) and len(args) == 1 else hint
 
 
-def default_values(method: str, family: str, num_layers: int) -> dict[str, Any]:
-    """The packaged defaults for a family and model depth, with the layers resolved to numbers."""
-    if method not in METHODS:
-        raise PruneCliError(f"unknown editing method {method!r}; use one of {', '.join(METHODS)}")
-    doc = _packaged(method)
-    family_doc = dict((doc.get("families") or {}).get(family) or {})
-    by_depth = family_doc.pop("by_depth", None) or {}
-    values = {**doc["defaults"], **family_doc, **(by_depth.get(num_layers) or {})}
-    rule = {k: values.pop(k) for k in _LAYER_RULE_KEYS if k in values}
-    if "layers" not in values:
-        last = round(float(rule["layer_fraction"]) * (num_layers - 1))
-        count = min(int(rule.get("num_edit_layers", 1)), last + 1)
-        values["layers"] = list(range(last - count + 1, last + 1))
-    return values
+# ------------------------------------------------------------------------------------------------- the base class
+@dataclass(frozen=True)
+class HParams:
+    """Hyper-parameters of one editing method; each editor derives its own class (fields with defaults only where a
+    file need not give them) and names it in `Editor.hparams`.
+
+    `to_json` is what delta histories record: the method, then every field in declaration order, fields that are
+    None left out (options that are off add nothing to the records of the published method)."""
+
+    method: ClassVar[str]
+    accepted: ClassVar[Mapping[str, Any]] = {}
+    """Keys of other tools' files that are accepted (and ignored) when they hold exactly this value: settings of
+    theirs that describe what prunecli does anyway (R-ROME's key-handling switches, for ROME)."""
+
+    layers: tuple[int, ...]
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: _field_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def coerce(cls, key: str, value: Any) -> Any:
+        return coerce(key, value, cls.field_types()[key])
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = _jsonable(value)
+        return out
+
+    def validate(self, num_layers: int) -> None:
+        """Checks against the model depth; subclasses add their own (and call this)."""
+        bad = [layer for layer in self.layers if not 0 <= layer < num_layers]
+        if bad:
+            raise PruneCliError(f"layers {bad} are out of range: the model has {num_layers} layers "
+                                f"(0-{num_layers - 1})")
+        if len(set(self.layers)) != len(self.layers):
+            raise PruneCliError(f"layers {list(self.layers)} contain duplicates")
+
+    def require(self, checks: Sequence[tuple[str, bool]]) -> None:
+        """Each (field, condition): a false condition is the error `hyper-parameter F=V is out of range`."""
+        for key, ok in checks:
+            if not ok:
+                raise PruneCliError(f"hyper-parameter {key}={getattr(self, key)!r} is out of range")
+
+    # ------------------------------------------------------------------------------------------ sources
+    @classmethod
+    def defaults(cls, family: str, num_layers: int) -> dict[str, Any]:
+        """The packaged defaults for a family and model depth, with the layers resolved to numbers."""
+        text = resources.files("prunecli.editors").joinpath("hparams", f"{cls.method}.yaml").read_text("utf-8")
+        doc = yaml.safe_load(text)
+        family_doc = dict((doc.get("families") or {}).get(family) or {})
+        by_depth = family_doc.pop("by_depth", None) or {}
+        values = {**doc["defaults"], **family_doc, **(by_depth.get(num_layers) or {})}
+        rule = {k: values.pop(k) for k in _LAYER_RULE_KEYS if k in values}
+        if "layers" not in values:
+            last = round(float(rule["layer_fraction"]) * (num_layers - 1))
+            count = min(int(rule.get("num_edit_layers", 1)), last + 1)
+            values["layers"] = list(range(last - count + 1, last + 1))
+        return values
+
+    @classmethod
+    def check_modules(cls, user: Mapping[str, Any], where: str, modules: ModelModules) -> None:
+        """A file written for another architecture is an error, not a silent edit of whatever its numbers select
+        (module names and depth against the loaded model; editors that edit other modules extend this)."""
+        other = f"{where} is for another architecture than this {modules.model_type} model"
+        for key in MODULE_TEMPLATES:
+            if key in user and str(user[key]).format(0) not in modules.names:
+                raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
+        if "rewrite_module_tmp" in user and str(user["rewrite_module_tmp"]).format(0) != modules.projection(0):
+            raise PruneCliError(f"{other}: its rewrite_module_tmp {user['rewrite_module_tmp']!r} is not the MLP output "
+                                f"projection prunecli edits ({modules.projection(0).replace('.0.', '.{}.')})")
+        for key in MODULE_NAMES:
+            if key in user and str(user[key]) not in modules.names:
+                raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
+        if "v_loss_layer" in user and _as_int(user["v_loss_layer"]) != modules.num_layers - 1:
+            raise PruneCliError(f"{where} is for a model of {_as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
+                                f"{user['v_loss_layer']}); this {modules.model_type} model has {modules.num_layers}: "
+                                "use a file for this model, or drop v_loss_layer and set its layers")
+
+    @classmethod
+    def known_keys(cls, values: Mapping[str, Any], where: str, ignored: list[str]) -> dict[str, Any]:
+        """The keys of `values` this class has; bookkeeping keys of other tools go to `ignored`, others are errors."""
+        known, types = {}, cls.field_types()
+        for key, value in values.items():
+            if key in types:
+                known[key] = value
+            elif key in IGNORED_KEYS:
+                ignored.append(key)
+            elif key in cls.accepted:
+                if coerce(key, value, bool) != cls.accepted[key]:
+                    raise PruneCliError(f"{key}: {value!r} in {where} asks for key handling prunecli's {cls.method} "
+                                        f"does not implement ({key}: {str(cls.accepted[key]).lower()} is what it "
+                                        "does)")
+                ignored.append(key)
+            else:
+                owners = sorted(c.method for c in _subclasses(HParams) if key in c.field_types())
+                if owners:
+                    raise PruneCliError(f"{key} only applies to {', '.join(owners)}, not {cls.method}")
+                raise PruneCliError(f"unknown hyper-parameter {key!r} in {where}; known: {', '.join(sorted(types))}")
+        return known
+
+    @classmethod
+    def check_file(cls, path: str | Path) -> None:
+        """Everything about a hyper-parameter file's keys that needs no model: run before the model loads (which
+        method an EasyEdit file's alg_name names is the registry's check, `registry.check_file`)."""
+        cls.known_keys(read_hparams_file(path), str(path), [])
+
+    @classmethod
+    def resolve(cls: type[H], family: str, num_layers: int, file: str | Path | None = None, sets: Sequence[str] = (),
+                on_note: Callable[[str], None] | None = None, modules: ModelModules | None = None) -> H:
+        """Packaged defaults < `--hparams FILE` < `--set key=value`, coerced and validated against the model depth
+        (and, with `modules`, the file's module names against the loaded model)."""
+        values = cls.defaults(family, num_layers)
+        ignored: list[str] = []
+        if file is not None:
+            user = read_hparams_file(file)
+            if modules is not None:
+                cls.check_modules(user, str(file), modules)
+            values.update(cls.known_keys(user, str(file), ignored))
+        values.update(cls.known_keys(parse_set(sets), "--set", ignored))
+        if ignored and on_note is not None:
+            on_note(f"not used (prunecli derives or does not need them): {', '.join(sorted(set(ignored)))}")
+        hp = cls(**{k: cls.coerce(k, v) for k, v in values.items()})
+        hp.validate(num_layers)
+        return hp
 
 
+def _subclasses(cls: type[HParams]) -> list[type[HParams]]:
+    """Every method's class defined so far (the registry imports them all before an editor checks its inputs)."""
+    out = []
+    for sub in cls.__subclasses__():
+        if "method" in vars(sub):
+            out.append(sub)
+        out.extend(_subclasses(sub))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+# ------------------------------------------------------------------------------------------------- files
 def read_hparams_file(path: str | Path) -> dict[str, Any]:
     """A user's YAML or JSON file as a flat mapping (EasyEdit files included)."""
     path = Path(path)
@@ -215,52 +307,6 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _check_keys(values: Mapping[str, Any], where: str, ignored: list[str]) -> dict[str, Any]:
-    known = {}
-    for key, value in values.items():
-        if key in _COERCE:
-            known[key] = value
-        elif key in IGNORED_KEYS:
-            ignored.append(key)
-        elif key in RROME_SWITCHES:
-            if coerce_bool(key, value) != RROME_SWITCHES[key]:
-                raise PruneCliError(f"{key}: {value!r} in {where} asks for key handling prunecli's ROME does not "
-                                    f"implement (it uses one averaged key everywhere, as R-ROME with {key}: "
-                                    f"{str(RROME_SWITCHES[key]).lower()})")
-            ignored.append(key)
-        else:
-            raise PruneCliError(f"unknown hyper-parameter {key!r} in {where}; known: {', '.join(sorted(_COERCE))}")
-    return known
-
-
-def coerce_bool(key: str, value: Any) -> bool:
-    try:
-        return _as_bool(value)
-    except ValueError as exc:
-        raise PruneCliError(f"hyper-parameter {key}: {exc}") from None
-
-
-def file_method(path: str | Path) -> str | None:
-    """The prunecli method an EasyEdit file's `alg_name` names (None without one); an unknown one is an error."""
-    user = read_hparams_file(path)
-    if "alg_name" not in user:
-        return None
-    name = str(user["alg_name"]).strip().lower()
-    if name not in ALG_NAMES:
-        raise PruneCliError(f"{path} holds {user['alg_name']} hyper-parameters; prunecli edits with "
-                            f"{', '.join(sorted(set(ALG_NAMES.values())))} (alg_name ROME, R-ROME, MEMIT, AlphaEdit)")
-    return ALG_NAMES[name]
-
-
-def check_file(method: str, path: str | Path) -> None:
-    """Everything about a hyper-parameter file that needs no model (parsing, keys, alg_name): run before loading."""
-    given = file_method(path)
-    if given is not None and given != method:
-        raise PruneCliError(f"{path} holds {read_hparams_file(path)['alg_name']} hyper-parameters, but the method is "
-                            f"{method} (drop --method to use the file's)")
-    _check_keys(read_hparams_file(path), str(path), [])
-
-
 @dataclass(frozen=True)
 class ModelModules:
     """What an EasyEdit file's module names are checked against: the loaded model's module names and the name of
@@ -270,82 +316,3 @@ class ModelModules:
     projection: Callable[[int], str]
     num_layers: int
     model_type: str
-
-
-def check_modules(user: Mapping[str, Any], where: str, modules: ModelModules) -> None:
-    """A file written for another architecture is an error, not a silent edit of whatever its numbers select."""
-    other = f"{where} is for another architecture than this {modules.model_type} model"
-    for key in MODULE_TEMPLATES:
-        if key in user and str(user[key]).format(0) not in modules.names:
-            raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
-    if "rewrite_module_tmp" in user and str(user["rewrite_module_tmp"]).format(0) != modules.projection(0):
-        raise PruneCliError(f"{other}: its rewrite_module_tmp {user['rewrite_module_tmp']!r} is not the MLP output "
-                            f"projection prunecli edits ({modules.projection(0).replace('.0.', '.{}.')})")
-    for key in MODULE_NAMES:
-        if key in user and str(user[key]) not in modules.names:
-            raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
-    if "v_loss_layer" in user and _as_int(user["v_loss_layer"]) != modules.num_layers - 1:
-        raise PruneCliError(f"{where} is for a model of {_as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
-                            f"{user['v_loss_layer']}); this {modules.model_type} model has {modules.num_layers}: use "
-                            "a file for this model, or drop v_loss_layer and set its layers")
-
-
-def resolve_hparams(method: str, family: str, num_layers: int, file: str | Path | None = None,
-                    sets: Sequence[str] = (), on_note: Callable[[str], None] | None = None,
-                    modules: ModelModules | None = None) -> EditHParams:
-    """Packaged defaults < `--hparams FILE` < `--set key=value`, coerced, validated against the model depth (and,
-    with `modules`, the file's module names against the loaded model)."""
-    values = default_values(method, family, num_layers)
-    ignored: list[str] = []
-    if file is not None:
-        check_file(method, file)
-        user = read_hparams_file(file)
-        if modules is not None:
-            check_modules(user, str(file), modules)
-        values.update(_check_keys(user, str(file), ignored))
-    values.update(_check_keys(parse_set(sets), "--set", ignored))
-    if ignored and on_note is not None:
-        on_note(f"not used (prunecli derives or does not need them): {', '.join(sorted(set(ignored)))}")
-    hp = EditHParams(method=method, **{k: coerce(k, v) for k, v in values.items()})
-    validate(hp, num_layers)
-    return hp
-
-
-def validate(hp: EditHParams, num_layers: int) -> None:
-    bad = [layer for layer in hp.layers if not 0 <= layer < num_layers]
-    if bad:
-        raise PruneCliError(f"layers {bad} are out of range: the model has {num_layers} layers (0-{num_layers - 1})")
-    if hp.method == "rome" and len(hp.layers) != 1:
-        raise PruneCliError(f"ROME edits exactly one layer, got layers {list(hp.layers)}")
-    if len(set(hp.layers)) != len(hp.layers):
-        raise PruneCliError(f"layers {list(hp.layers)} contain duplicates")
-    if hp.method == "alphaedit":
-        for key in ALPHAEDIT_KEYS:
-            if getattr(hp, key) is None or not getattr(hp, key) > 0:
-                raise PruneCliError(f"AlphaEdit needs {key} > 0, got {getattr(hp, key)!r}")
-    else:
-        given = [key for key in ALPHAEDIT_KEYS if getattr(hp, key) is not None]
-        if given:
-            raise PruneCliError(f"{', '.join(given)} only apply to alphaedit, not {hp.method}")
-    if hp.method == "rome" and hp.rome_key not in ROME_KEYS:
-        raise PruneCliError(f"rome_key must be one of {', '.join(ROME_KEYS)}, got {hp.rome_key!r}")
-    if hp.method != "rome" and hp.rome_key is not None:
-        raise PruneCliError(f"rome_key only applies to rome, not {hp.method}")
-    given = [key for key in MEMIT_KEYS if getattr(hp, key) is not None]
-    if given and hp.method != "memit":
-        raise PruneCliError(f"{', '.join(given)} only apply to memit, not {hp.method}")
-    if hp.prior_edit_weight is not None and not hp.prior_edit_weight >= 0:
-        raise PruneCliError(f"hyper-parameter prior_edit_weight={hp.prior_edit_weight!r} is out of range")
-    if hp.retry_rounds is not None and not hp.retry_rounds >= 0:
-        raise PruneCliError(f"hyper-parameter retry_rounds={hp.retry_rounds!r} is out of range")
-    if hp.retry_below is not None and not 0 <= hp.retry_below <= 1:
-        raise PruneCliError(f"hyper-parameter retry_below={hp.retry_below!r} is out of range (a probability)")
-    if hp.fact_token != "subject_last":
-        raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
-    checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),
-              ("clamp_norm_factor", hp.clamp_norm_factor > 0), ("kl_factor", hp.kl_factor >= 0),
-              ("v_weight_decay", hp.v_weight_decay >= 0), ("mom2_update_weight", hp.mom2_update_weight >= 0),
-              ("context_template_length_params", all(n >= 0 and c >= 0 for n, c in hp.context_template_length_params))]
-    for key, ok in checks:
-        if not ok:
-            raise PruneCliError(f"hyper-parameter {key}={getattr(hp, key)!r} is out of range")

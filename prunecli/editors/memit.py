@@ -19,6 +19,8 @@ Delta W = R K^T (lambda C + w K_p K_p^T + K K^T)^-1. Without it (the default) th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,10 +29,30 @@ from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.residual import needs_projection_output, projection_shift
 from prunecli.editors.success import check_edits
-from prunecli.editors.value import optimize_value
+from prunecli.editors.value import ValueHParams, optimize_value
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class MemitHParams(ValueHParams):
+    """MEMIT's hyper-parameters: the value optimisation's, consecutive layers, and three options that are off (None)
+    in the published method, so its records are unchanged."""
+
+    method: ClassVar[str] = "memit"
+    # Weight w of the earlier edits' keys K_p in (lambda C + w K_p K_p^T + K K^T)^-1 (see the module docstring).
+    prior_edit_weight: float | None = None
+    # Extra rounds per batch for the edits that did not take (`spread_over_layers`); None: one round, as published.
+    retry_rounds: int | None = None
+    # With retry_rounds: also retry edits that took with the new target's mean token probability below this.
+    retry_below: float | None = None
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        self.require([("prior_edit_weight", self.prior_edit_weight is None or self.prior_edit_weight >= 0),
+                      ("retry_rounds", self.retry_rounds is None or self.retry_rounds >= 0),
+                      ("retry_below", self.retry_below is None or 0 <= self.retry_below <= 1)])
 
 
 def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tensor, weight: float,
@@ -132,7 +154,7 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
     moves the subject's token at the earlier layers (whose change reaches later tokens through attention) and every
     other token whose keys it touches; on Gemma-3 an edit can reach its target residual at the subject (cosine 0.99)
     and still reach only P(new) 0.35 where the target alone gives 0.92, and some edits do not take. The MEMIT
-    hyper-parameter `retry_rounds` (None for AlphaEdit: one round) gives extra rounds that each check the
+    hyper-parameter `retry_rounds` (MEMIT's and AlphaEdit's; None: one round) gives extra rounds that each check the
     batch (`editors.success`) and, for the edits that did not take, optimise the value again on the model as edited
     (so it sees those side effects) and spread it; the batch's other edits are held where they are (target = their
     current residual), so a retry does not move them. `retry_below` p also retries edits that took with the new
@@ -165,6 +187,7 @@ MEMORY = KeyMemory("memit.keys::", "memit with prior_edit_weight", "MEMIT key ca
 
 class MemitEditor(Editor):
     method = "memit"
+    hparams = MemitHParams
     needs_stats = True
     batched = True
 

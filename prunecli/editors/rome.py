@@ -13,15 +13,41 @@ sequential runs collapse. `rome_key: original` reproduces that code's update for
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from prunecli.editors.base import EditContext, Editor, HParams, LayerUpdate, RequestOutcome
+from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.keys import subject_keys
-from prunecli.editors.value import optimize_value
+from prunecli.editors.value import ValueHParams, optimize_value
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
+
+
+ROME_KEYS = ("averaged", "original")
+
+
+@dataclass(frozen=True)
+class RomeHParams(ValueHParams):
+    """ROME's hyper-parameters: the value optimisation's, one layer, and the key handling."""
+
+    method: ClassVar[str] = "rome"
+    # R-ROME's key-handling switches (EasyEdit r_rome files) and the value of each that describes prunecli's ROME.
+    accepted: ClassVar[dict[str, Any]] = {"original_implementation": False, "enable_prompt_keys": False,
+                                          "enable_random_prefix_keys": True}
+    # "averaged" (R-ROME: the prefix-averaged key k* in the update and its denominator) or "original" (the published
+    # ROME code: u = C^-1 k* but the denominator u^T k of the bare prompt's key), which the R-ROME paper blames for
+    # the collapse of long sequential runs.
+    rome_key: str = "averaged"
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        if len(self.layers) != 1:
+            raise PruneCliError(f"ROME edits exactly one layer, got layers {list(self.layers)}")
+        if self.rome_key not in ROME_KEYS:
+            raise PruneCliError(f"rome_key must be one of {', '.join(ROME_KEYS)}, got {self.rome_key!r}")
 
 
 def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
@@ -44,11 +70,12 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
 
 class RomeEditor(Editor):
     method = "rome"
+    hparams = RomeHParams
 
-    def notes(self, hparams: HParams, has_moments: bool) -> list[str]:
-        if hparams.mom2_adjustment and not has_moments:  # type: ignore[attr-defined] - ROME's EditHParams
+    def notes(self, hparams: RomeHParams, has_moments: bool) -> list[str]:  # type: ignore[override]
+        if hparams.mom2_adjustment and not has_moments:
             return ["no --stats: ROME uses C = I (no second-moment adjustment); pass --stats for the full method"]
-        if not hparams.mom2_adjustment and has_moments:  # type: ignore[attr-defined]
+        if not hparams.mom2_adjustment and has_moments:
             return ["mom2_adjustment is false: the statistics are not used"]
         return []
 

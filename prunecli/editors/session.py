@@ -28,7 +28,7 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
-from prunecli.editors.base import EditContext, Editor, HParams
+from prunecli.editors.base import EditContext, EditSettings, Editor
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import check_edits
 from prunecli.models.scoring import score_targets
@@ -124,7 +124,7 @@ def _copy(delta: Delta) -> Delta:
 
 
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
-              editor: Editor, hparams: HParams, moments: dict[int, torch.Tensor] | None = None,
+              editor: Editor, hparams: EditSettings, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
               provenance: dict[str, Any] | None = None, progress: Progress = no_progress) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
@@ -182,8 +182,8 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
                     flush()
                     record = {"after_edits": edits_after, "trigger": reason,
                               **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
-                    run.delta, tensor_reports = restrain_delta(run.delta, base, **prune.restraint.kwargs(),
-                                                               spectra=spectra, record=record)
+                    run.delta, tensor_reports = restrain_delta(run.delta, base, prune.restraint, spectra=spectra,
+                                                               record=record)
                     run.restraints.append(tensor_reports)
                     run.restraint_points.append(record)
                     reset_to(model, base, run.delta)

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from prunecli.editors.hparams import EditHParams
+from prunecli.editors.hparams import HParams
 from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
 from prunecli.editors.tracing import shifted_output
+from prunecli.errors import PruneCliError
 from prunecli.models.forward import forward_keywords, returned_cache
 from prunecli.models.logits import OutputHead, output_head
 from prunecli.models.placement import input_device
@@ -38,6 +39,34 @@ from prunecli.progress import ProgressTask
 from prunecli.requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
+
+
+@dataclass(frozen=True)
+class ValueHParams(HParams):
+    """What every editor that optimises a target value shares (ROME, MEMIT, AlphaEdit), with EasyEdit's key names;
+    each method's class adds its own fields after these."""
+
+    v_lr: float  # Adam learning rate of the value optimisation
+    v_num_grad_steps: int
+    v_stop_loss: float  # stop early once the mean target NLL is below this
+    clamp_norm_factor: float  # |delta| <= clamp_norm_factor * |initial value|
+    kl_factor: float  # weight of KL(original || edited) on the "{subject} is a" prompts
+    v_weight_decay: float  # weight of |delta|^2 / |initial value|^2
+    mom2_adjustment: bool  # ROME: u = C^-1 k* (needs statistics) instead of u = k*
+    mom2_update_weight: float  # MEMIT: lambda in (lambda C + K K^T)^-1 (recorded, unused, by the others)
+    context_template_length_params: tuple[tuple[int, int], ...]  # (generated tokens, number of prefixes)
+    fact_token: str = "subject_last"
+
+    def validate(self, num_layers: int) -> None:
+        super().validate(num_layers)
+        if self.fact_token != "subject_last":
+            raise PruneCliError(f"fact_token {self.fact_token!r} is not supported (only subject_last)")
+        self.require([("v_num_grad_steps", self.v_num_grad_steps >= 1), ("v_lr", self.v_lr > 0),
+                      ("clamp_norm_factor", self.clamp_norm_factor > 0), ("kl_factor", self.kl_factor >= 0),
+                      ("v_weight_decay", self.v_weight_decay >= 0),
+                      ("mom2_update_weight", self.mom2_update_weight >= 0),
+                      ("context_template_length_params",
+                       all(n >= 0 and c >= 0 for n, c in self.context_template_length_params))])
 
 
 @dataclass(frozen=True)
@@ -110,7 +139,7 @@ def _logits_at(model: torch.nn.Module, head: OutputHead | None, batch: _SplitBat
 
 
 def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
-                   request: EditRequest, prefixes: list[str], hp: EditHParams,
+                   request: EditRequest, prefixes: list[str], hp: ValueHParams,
                    prefix_cache: bool = True, task: ProgressTask | None = None) -> ValueResult:
     """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
     `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).

@@ -15,6 +15,7 @@ from typing import Any
 from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.data import DEFAULT_DATA_DIR
 from prunecli.evaluation.metrics import MetricValue
+from prunecli.models.options import LoadOptions
 from prunecli.models.scoring import TargetScore
 from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
@@ -54,16 +55,10 @@ class EvalOptions:
     max_tokens: int | None = None
     seed: int | None = None  # None: the first `limit` examples; else a seeded random sample
     batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "fp32"
     locality_reference: str | None = None
     data_dir: Path = field(default=DEFAULT_DATA_DIR)
     ignore_base_mismatch: bool = False  # evaluate deltas made for a base whose tensors differ (with a warning)
-    device_map: str | None = None  # accelerate placement ("auto", ...) instead of `device`
-    max_memory: str | None = None  # e.g. "0=20GiB,cpu=60GiB"
-    offload_folder: Path | None = None
-    allow_pickle: bool = False  # --allow-pickle: .bin weights (read with weights_only=True)
-    tokenizer: str | None = None  # --tokenizer: for the evaluated model and the locality reference
+    load: LoadOptions = field(default_factory=LoadOptions)  # how the model (and the locality reference) is loaded
 
 
 @dataclass

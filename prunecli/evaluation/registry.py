@@ -30,7 +30,7 @@ class TaskDef:
 
 def _requests(ctx: EvalContext, task: str) -> list[EditRequest]:
     if not ctx.requests:
-        raise PruneCliError(f"task {task} needs edit requests: give --edits FILE (or deltas that record them)")
+        raise PruneCliError(f"task {task} needs edit requests: give --requests FILE (or deltas that record them)")
     return ctx.requests
 
 
@@ -103,7 +103,7 @@ def parse_tasks(spec: str) -> list[tuple[TaskDef, str | None]]:
                 known = ", ".join([*REGISTRY, *GROUPS])
                 raise PruneCliError(f"unknown task {n!r}; known tasks: {known}")
             if has_source and REGISTRY[n].needs == "edits":
-                raise PruneCliError(f"task {n} reads the requests given with --edits; it takes no =SOURCE")
+                raise PruneCliError(f"task {n} reads the requests given with --requests; it takes no =SOURCE")
             out[n] = (REGISTRY[n], (source.strip() or None) if has_source else None)
     if not out:
         raise PruneCliError("no task given in --tasks")

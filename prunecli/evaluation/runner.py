@@ -18,7 +18,7 @@ from typing import Any
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
-from prunecli.core.peft_io import load_deltas
+from prunecli.core.delta_files import load_deltas
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, EvalOptions, TaskOutcome
@@ -27,7 +27,7 @@ from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.models.scoring import TargetScore
 from prunecli.evaluation.zsre import reference_scores
-from prunecli.models.default_model import resolve_model_path
+from prunecli.models.builtin import resolve_model_path
 from prunecli.requests import EditRequest, load_requests, parse_record
 
 
@@ -42,7 +42,7 @@ def requests_from_history(delta: Delta) -> list[EditRequest]:
             else:
                 out.append(parse_record(rec, i))
         except (TypeError, ValueError, KeyError) as exc:
-            raise PruneCliError(f"the delta's recorded request {i} cannot be read ({exc}); give --edits FILE") from None
+            raise PruneCliError(f"the delta's recorded request {i} cannot be read ({exc}); give --requests FILE") from None
     return out
 
 
@@ -67,11 +67,11 @@ def plan(options: EvalOptions, requests: list[EditRequest] | None) -> list[tuple
         if options.text is not None:
             names.append("perplexity")
         if not names:
-            raise PruneCliError("nothing to evaluate: give --edits FILE, --text FILE or --tasks LIST")
+            raise PruneCliError("nothing to evaluate: give --requests FILE, --text FILE or --tasks LIST")
         tasks = parse_tasks(",".join(names))
     for task, _ in tasks:
         if task.needs == "edits" and not requests:
-            raise PruneCliError(f"task {task.name} needs edit requests: give --edits FILE")
+            raise PruneCliError(f"task {task.name} needs edit requests: give --requests FILE")
     check_inputs(tasks, options.data_dir, options.text)
     return tasks
 
@@ -79,9 +79,7 @@ def plan(options: EvalOptions, requests: list[EditRequest] | None) -> list[tuple
 def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, Any]:
     from prunecli.models.loading import load_model
 
-    return load_model(ref, workers.resolve_device(options.device), options.dtype, device_map=options.device_map,
-                      max_memory=options.max_memory, offload_folder=options.offload_folder,
-                      tokenizer=options.tokenizer, allow_pickle=options.allow_pickle)
+    return load_model(ref, options.load, device=workers.resolve_device(options.load.device))
 
 
 def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
@@ -110,13 +108,13 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: Progress = no
         raise PruneCliError("--batch-size must be at least 1")
     progress = workers.progress(progress)
     # The checkpoint is opened (lazily) first: PEFT adapter folders among the deltas are read against it.
-    delta = load_deltas(options.deltas, Checkpoint(resolve_model_path(model_ref), options.allow_pickle)
-                        if options.deltas else None)
+    checkpoint = Checkpoint(resolve_model_path(model_ref), options.load.allow_pickle)
+    delta = load_deltas(options.deltas, checkpoint)
+    if delta is not None:
+        delta.check_base(checkpoint, options.ignore_base_mismatch)
     requests = select_requests(options, delta)
     tasks = plan(options, requests)
-    model, tokenizer, base = _load(model_ref, options, workers)
-    if delta is not None:
-        delta.check_base(base, options.ignore_base_mismatch)
+    model, tokenizer, _ = _load(model_ref, options, workers)
     reference, reference_name = None, None
     if requests and any(t.name == "zsre" for t, _ in tasks):
         reference, reference_name = _reference(options, model, tokenizer, requests, model_ref, delta is not None,
@@ -144,8 +142,8 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: Progress = no
         "failed_tasks": failed,
         "locality_reference": reference_name,
         "settings": {"batch_size": options.batch_size, "device": str(input_device(model)),
-                     "device_map": getattr(model, "hf_device_map", None) if options.device_map else None,
-                     "processes": workers.world_size, "dtype": options.dtype, "limit": options.limit,
+                     "device_map": getattr(model, "hf_device_map", None) if options.load.device_map else None,
+                     "processes": workers.world_size, "dtype": options.load.dtype, "limit": options.limit,
                      "seed": options.seed, "data_dir": str(options.data_dir)},
     }
     return build_report(str(model_ref), [str(d) for d in options.deltas], info, outcomes)

@@ -10,6 +10,7 @@ Models larger than one device load with accelerate's big-model support (`device_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.errors import PruneCliError
-from prunecli.models.default_model import resolve_model_path
+from prunecli.models.builtin import resolve_model_path
+from prunecli.models.options import LoadOptions
 from prunecli.models.placement import add_to_tensor
 from prunecli.models.tokenizer import check_fits, embedding_rows, load_tokenizer, tokenizer_source
 
@@ -101,35 +103,32 @@ def placement_kwargs(device_map: str | None, max_memory: str | dict[int | str, i
     return kwargs
 
 
-def load_model(ref: str | Path, device: str = "cpu", dtype: str = "fp32", *, device_map: str | None = None,
-               max_memory: str | dict[int | str, int | str] | None = None,
-               offload_folder: str | Path | None = None,
-               tokenizer: str | Path | None = None, allow_pickle: bool = False) -> tuple[Any, Any, Checkpoint]:
-    """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name. Deltas are added
-    by the caller (`add_delta_to_model`) after whatever it needs of the unedited model (prefixes, references).
+def load_model(ref: str | Path, options: LoadOptions = LoadOptions(), /,
+               **changes: Any) -> tuple[Any, Any, Checkpoint]:
+    """(model in eval mode, tokenizer, base checkpoint) for a model folder or a built-in name, loaded as `options`
+    say (keyword `changes` replace single fields: `load_model(path, dtype="bf16")`). Deltas are added by the caller
+    (`add_delta_to_model`) after whatever it needs of the unedited model (prefixes, references).
 
-    The tokenizer is the model folder's own, or `tokenizer` (a folder, a tokenizer.json file or a built-in name);
-    it is checked before the weights load (it must encode text) and after (its ids must fit the embedding), so a
-    folder without a usable tokenizer fails with one line that says so, never later with a message about
-    something else.
-
-    With `device_map` (e.g. "auto", optionally bounded by `max_memory` such as "0=20GiB,cpu=60GiB", spilling to
-    `offload_folder`) accelerate places the model across GPUs, CPU and disk and `device` is not used.
+    The tokenizer is the model folder's own, or `options.tokenizer` (a folder, a tokenizer.json file or a built-in
+    name); it is checked before the weights load (it must encode text) and after (its ids must fit the embedding),
+    so a folder without a usable tokenizer fails with one line that says so, never later with a message about
+    something else. With `device_map` accelerate places the model across GPUs, CPU and disk and `device` is not used.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    options = replace(options, **changes)
     hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
-    placement = placement_kwargs(device_map, max_memory, offload_folder)
+    placement = placement_kwargs(options.device_map, options.max_memory, options.offload_folder)
     path = resolve_model_path(str(ref))
-    base = Checkpoint(path, allow_pickle=allow_pickle)  # pickle weights are refused here unless the user opted in
+    base = Checkpoint(path, allow_pickle=options.allow_pickle)  # pickle weights are refused unless opted in
     if not base.is_folder or not base.config:
         raise PruneCliError(f"{path} is not a model folder with config.json (needed to build the model)")
-    target = None if placement else resolve_device(device)
-    source = tokenizer_source(path, tokenizer)
+    target = None if placement else resolve_device(options.device)
+    source = tokenizer_source(path, options.tokenizer)
     tok = load_tokenizer(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **placement)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(options.dtype), **placement)
     except (OSError, ValueError, KeyError) as exc:
         raise PruneCliError(f"cannot load model from {path}: {exc}") from exc
     check_fits(tok, source, embedding_rows(model), str(path))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecli.errors import PruneCliError
-from prunecli.models.default_model import BUILTIN_MODELS, resolve_model_path
+from prunecli.models.builtin import BUILTIN_MODELS, resolve_model_path
 
 TOKENIZER_FILES_HINT = "tokenizer.json, tokenizer.model or vocab.json + merges.txt"
 TOKENIZER_FILE_NAMES = frozenset({

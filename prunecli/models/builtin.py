@@ -13,6 +13,7 @@ last, before the folder is moved into place; an entry without it (left by a kill
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -183,7 +184,13 @@ def ensure_default_model() -> Path:
 
 
 def resolve_model_path(ref: str) -> Path:
-    """A model reference is a folder/file path, or a built-in name (`smollm2`, `gemma3-270m`) not shadowed by one."""
-    if ref in BUILTIN_MODELS and not Path(ref).exists():
+    """A model reference is a folder/file path, or a built-in name (`smollm2`, `gemma3-270m`) not shadowed by one.
+    A missing path that is one typo away from a built-in name is an error that names it."""
+    path = Path(ref)
+    if ref in BUILTIN_MODELS and not path.exists():
         return ensure_builtin(ref)
-    return Path(ref)
+    if not path.exists() and len(path.parts) == 1:
+        close = difflib.get_close_matches(ref, BUILTIN_MODELS, n=1, cutoff=0.6)
+        if close:
+            raise PruneCliError(f"{ref} is neither a file nor a folder, nor a built-in model: did you mean {close[0]}?")
+    return path

@@ -1,22 +1,33 @@
-"""Progress on stderr where people look: a live bar on a terminal, plain timestamped lines in a log file.
+"""How the CLI shows the library's progress protocol (`prunecli.progress`) on stderr, where people look.
 
-rich draws nothing until the end when stderr is not a terminal, so `make > log 2> err` showed an empty `err` through
-a 16-minute edit. `LineProgress` offers the subset of rich's `Progress` API the commands use (`add_task`, `advance`,
-`update`, `tasks`) and prints one line per task update at most every `PRUNECLI_PROGRESS_INTERVAL` seconds
-(default 15) per task (a busy inner task, e.g. the optimisation steps within an edit, does not silence the outer one),
-always at the first and the last item, plus a heartbeat line when an item runs longer than that, so a log shows that
-a long step is alive: `editing 12/200 (6%), 4.1 s/item, elapsed 49 s, eta 12.9 min, loss 3.10 -> 0.04`.
+On a terminal every task is a live rich bar. In a log file or pipe rich would draw nothing until the end (a long
+`make > log 2> err` would show an empty `err` for its whole run), so `LineProgress` prints plain lines instead: one
+per task update at most every `PRUNECLI_PROGRESS_INTERVAL` seconds (default 15) per task (a busy inner task, e.g. the
+optimisation steps within an edit, does not silence the outer one), always at the first and the last item, plus a
+heartbeat line when an item runs longer than that, so a log shows that a long step is alive:
+`editing 12/200 (6%), 4.1 s/item, elapsed 49 s, eta 12.9 min, loss 3.10 -> 0.04`. PRUNECLI_NO_PROGRESS turns both off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from prunecli.commands._output import err_console, say, warn
+from prunecli.progress import Progress as ProgressProtocol
+from prunecli.progress import track as track_items
+
+T = TypeVar("T")
 
 DEFAULT_INTERVAL = 15.0
 
@@ -129,3 +140,64 @@ class LineProgress:
                 running = [t for t in self.tasks if t.total is None or t.completed < t.total]
                 if running and self.clock() - self._last_line >= self.every:
                     self._print(running[-1], force=True)
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second (seconds per item when slow), the throughput of the task."""
+
+    def render(self, task: Task) -> Text:
+        if not task.speed:
+            return Text("")
+        rate = f"{1 / task.speed:.1f} s/item" if task.speed < 1 else f"{task.speed:,.1f}/s"
+        return Text(rate, style="progress.data.speed")
+
+
+class _FieldsColumn(ProgressColumn):
+    """The text fields a task reports (`task.advance(loss="...")`)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(" ".join(str(v) for v in task.fields.values() if str(v)))
+
+
+def _display() -> Progress | LineProgress:
+    """A rich bar on a terminal, plain lines in a log file, nothing when PRUNECLI_NO_PROGRESS is set."""
+    off = bool(os.environ.get("PRUNECLI_NO_PROGRESS"))
+    if not err_console.is_terminal and not off:
+        return LineProgress(err_console)
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), _RateColumn(), _FieldsColumn(), console=err_console,
+                    transient=False, disable=off)
+
+
+class _DisplayTask:
+    """A `prunecli.progress.ProgressTask` drawn by the display."""
+
+    def __init__(self, display: Progress | LineProgress, task_id: Any) -> None:
+        self.display, self.task_id = display, task_id
+
+    def advance(self, n: float = 1, **fields: str) -> None:
+        self.display.update(self.task_id, advance=n, **fields)
+
+    def update(self, *, completed: float | None = None, total: float | None = None, **fields: str) -> None:
+        self.display.update(self.task_id, completed=completed, total=total, **fields)
+
+    def log(self, message: str, *, warning: bool = False) -> None:
+        (warn if warning else say)(message)
+
+
+@contextlib.contextmanager
+def cli_progress() -> Iterator[ProgressProtocol]:
+    """The renderer a command opens around a library call and passes down: every task the library opens becomes a
+    bar (a log line in a file)."""
+    with _display() as display:
+        @contextlib.contextmanager
+        def open_task(description: str, total: float | None = None) -> Iterator[_DisplayTask]:
+            yield _DisplayTask(display, display.add_task(description, total=total or None))
+
+        yield open_task
+
+
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """Iterate with a progress bar on stderr."""
+    with cli_progress() as progress:
+        yield from track_items(progress, items, description, total)

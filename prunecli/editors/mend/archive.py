@@ -22,7 +22,7 @@ import torch
 
 from prunecli.core.artifacts import MEND_ARCHIVE, read_artifact, write_artifact
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.editors.mend import MendConfig, MendNetworks, MendTarget
+from prunecli.editors.mend.networks import MendConfig, MendNetworks, MendTarget
 from prunecli.errors import PruneCliError
 
 def base_fingerprints(base: Checkpoint, targets: list[MendTarget]) -> dict[str, str]:

@@ -15,8 +15,8 @@ from torch import nn
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.editors.base import EditContext, Editor, EditorInputs, LayerUpdate, RequestOutcome
-from prunecli.editors.mend import add_to_weight, edit_factors, encode_targets, sequence_nll
-from prunecli.editors.mend_archive import MendArchive
+from prunecli.editors.mend.networks import add_to_weight, edit_factors, encode_targets, sequence_nll
+from prunecli.editors.mend.archive import MendArchive
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.placement import input_device
@@ -25,7 +25,7 @@ from prunecli.requests import EditRequest
 
 @dataclass(frozen=True)
 class MendHParams:
-    """What `edit --method mend` records in the delta history (an `editors.base.HParams`: the edited layers, no
+    """What `edit --method mend` records in the delta history (an `editors.base.EditSettings`: the edited layers, no
     context prefixes, a JSON form)."""
 
     layers: tuple[int, ...]
