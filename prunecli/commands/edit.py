@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,13 @@ from prunecli.commands._restraint import (AlphaOpt, BetaOpt, ClampOpt, FnOpt, St
                                           restraint_settings)
 from prunecli.editors.registry import METHODS
 from prunecli.errors import PruneCliError
+
+
+class Check(str, Enum):
+    """The rules of `editors.success`."""
+
+    teacher_forced = "teacher-forced"
+    generation = "generation"
 
 
 def main(
@@ -60,7 +68,11 @@ def main(
     = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 and write nothing if any edit did not take "
-                                         "(P(new) <= P(true) on the edit prompt after it).")] = False,
+                                         "(by --check, on the edit prompt after it).")] = False,
+    check: Annotated[Check, typer.Option(
+        "--check", help="When an edit took: teacher-forced (fast): the new target's mean token probability beats the "
+        "true object's; generation: greedy decoding of the edit prompt starts with the new target (normalised, "
+        "the rule of `evaluate -t counterfact-gen`).")] = Check.teacher_forced,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     ignore_base_mismatch: IgnoreBaseMismatchOpt = False,
@@ -81,9 +93,10 @@ def main(
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
 
     Every edit is checked on its edit prompt right after it (MEMIT: after its batch): it took when the new target's
-    mean token probability is above the true object's (or >= 0.1 for records without one). Failures are warned
-    about, counted in --json (`failed_edits`) and the summary; --strict makes any failure an error, and a run in
-    which no edit took is always an error (nothing is written).
+    mean token probability is above the true object's (or >= 0.1 for records without one); with --check generation,
+    when what greedy decoding writes starts with the new target. Failures are warned about, counted in --json
+    (`failed_edits`) and the summary; --strict makes any failure an error, and a run in which no edit took is always
+    an error (nothing is written).
 
     Big models: --device-map auto [--max-memory 0=20GiB,cpu=60GiB]; offloaded weights are edited too (only the
     edited matrices are materialised, in fp32, while an update is computed).
@@ -149,7 +162,7 @@ def main(
                     if prune_every is not None or kappa_trigger is not None else None)
         with cli_progress() as progress:
             run = run_edits(lm, tokenizer, base, edit_requests, editor, hp, moments, prior, batch_size, schedule,
-                            seed, provenance, progress)
+                            seed, provenance, progress, check.value)
         for tensor_reports in run.restraints:
             for w in {r.info.warning for r in tensor_reports if r.info.warning}:
                 warn(w)
@@ -160,7 +173,7 @@ def main(
                                 f"nothing written")
         run.delta.save(output, force)
         summary = {"output": str(output), "model": str(base.path), "method": chosen, "layers": list(hp.layers),
-                   "hparams": hp.to_json(), "edits": n, "failed_edits": len(failed),
+                   "hparams": hp.to_json(), "edits": n, "check": check.value, "failed_edits": len(failed),
                    "failed_records": failed, "total_edits": len(run.delta.requests),
                    "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                    "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
@@ -169,7 +182,7 @@ def main(
         if json_out:
             emit_json(summary)
         else:
-            _print_table(run.reports)
+            _print_table(run.reports, check is Check.generation)
             say(f"wrote {output}: {n} new edit(s), {len(run.delta.requests)} in total, layers {list(hp.layers)}, "
                 f"{run.seconds / n:.1f} s per edit"
                 + (f"; {len(failed)} of {n} edit(s) did not take (records {_ranges(failed)})"
@@ -189,14 +202,17 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
-def _print_table(reports) -> None:  # noqa: ANN001
+def _print_table(reports, generated: bool) -> None:  # noqa: ANN001
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="edits")
-    for col in ("#", "prompt", "target", "P before", "P after", "loss", "s", "took"):
-        table.add_column(col, justify="left" if col in ("prompt", "target") else "right")
+    columns = ["#", "prompt", "target", "P before", "P after", "loss", "s", *(["generated"] if generated else []),
+               "took"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("prompt", "target", "generated") else "right")
     for r in reports:
+        said = [cell(r.generated)] if generated else []
         table.add_row(str(r.index), cell(r.prompt), cell(r.target_new), f"{r.prob_before:.3g}", f"{r.prob_after:.3g}",
-                      f"{r.loss:.3f}", f"{r.seconds:.1f}", "yes" if r.took else "NO")
+                      f"{r.loss:.3f}", f"{r.seconds:.1f}", *said, "yes" if r.took else "NO")
     Console().print(table)
