@@ -18,20 +18,23 @@ def _metrics_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from prunecli.evaluation.report import format_value
+    from prunecli.evaluation.report import format_interval, format_value
+    from prunecli.evaluation.uncertainty import INTERVALS_TEXT
 
     deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
     table = Table(title=cell(f"{report['model']}{deltas}"))
-    for col in ("metric", "value", "n", "NaN/Inf", "protocol"):
-        table.add_column(col, justify="right" if col in ("value", "n", "NaN/Inf") else "left")
+    for col in ("metric", "value", "95 % interval", "n", "NaN/Inf", "protocol"):
+        table.add_column(col, justify="left" if col in ("metric", "protocol") else "right", no_wrap=col == "metric")
     for name, value in report["metrics"].items():
         bad = report["n_nonfinite"][name]
-        table.add_row(name, format_value(value), str(report["n"][name]), f"[red]{bad}[/]" if bad else "0",
-                      report["metric_group"][name])
+        table.add_row(name, format_value(value), format_interval(report["interval"].get(name)),
+                      str(report["n"][name]), f"[red]{bad}[/]" if bad else "0", report["metric_group"][name])
     console = Console()
     console.print(table)
     for group, text in report["protocol"].items():
         console.print(f"[bold]{escape(group)}[/]: {escape(text)}", highlight=False)
+    if report["interval"]:
+        console.print(f"[bold]95 % intervals[/]: {INTERVALS_TEXT}", highlight=False)
 
 
 def main(
@@ -48,7 +51,8 @@ def main(
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general task.")] = None,
     tasks: Annotated[str | None, typer.Option(
-        "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, gsm8k, "
+        "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre (teacher forced), "
+        "counterfact-gen, zsre-gen (greedy generation), perplexity, gsm8k, "
         "rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --requests "
         "(+ perplexity with --text).")] = None,
     text: Annotated[Path | None, typer.Option(
@@ -85,8 +89,10 @@ def main(
     """Evaluate MODEL + deltas: CounterFact/zsRE editing metrics and general abilities, each with its protocol named.
 
     Every request is judged on the final model (all deltas added in memory; nothing is written to disk). Reports
-    give each metric's value, case count, NaN/Inf count and protocol; `--compare` lines reports up side by side and
-    warns when their protocols differ.
+    give each metric's value, 95 % interval, case count, NaN/Inf count and protocol, and its per-record outcomes;
+    `--compare` lines reports up side by side, warns when their protocols differ, and tests the differences record by
+    record when the reports scored the same records. `counterfact-gen` / `zsre-gen` judge what greedy decoding
+    writes instead of teacher-forced scores (docs/EVALUATION.md).
 
     Example: prunecli evaluate smollm2 -d edits.safetensors -r counterfact.json --limit 50 -t counterfact,perplexity -o edited.json
 
