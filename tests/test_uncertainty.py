@@ -102,6 +102,7 @@ def test_outcomes_json_round_trip_and_rejects_garbage() -> None:
     o = Outcomes(PERPLEXITY, [2.0, None], [3.0, 4.0])
     assert Outcomes.from_json(o.to_json()) == o
     for bad in ({"statistic": "median", "values": []}, {"statistic": MEAN}, [1, 2],
-                {"statistic": PERPLEXITY, "values": [1.0], "weights": [1.0, 2.0]}):
+                {"statistic": PERPLEXITY, "values": [1.0], "weights": [1.0, 2.0]},
+                {"statistic": PERPLEXITY, "values": [1.0]}, {"statistic": WEIGHTED_F1, "values": [1.0]}):
         with pytest.raises(ValueError):
             Outcomes.from_json(bad)

@@ -38,7 +38,7 @@ EXACT_BELOW = 25
 """McNemar: discordant counts below this use the exact binomial test (the chi-square approximation is poor there)."""
 _CELLS_PER_CHUNK = 4_000_000  # resample weights held at once (rows x records), about 32 MB of float64
 
-INTERVALS_TEXT = (f"Wilson score for proportions (one success or failure per case); otherwise a percentile "
+INTERVALS_TEXT = ("Wilson score for proportions (one success or failure per case); otherwise a percentile "
                   f"bootstrap over cases (perplexity: over windows), {RESAMPLES} resamples, seed {SEED}.")
 
 PROPORTION = "proportion"  # values 0/1: the share of successes
@@ -71,6 +71,9 @@ class Outcomes:
         values = [None if v is None else float(v) for v in obj["values"]]
         weights = [float(w) for w in obj["weights"]] if obj.get("weights") is not None else None
         labels = [int(x) for x in obj["labels"]] if obj.get("labels") is not None else None
+        required = {PERPLEXITY: "weights", WEIGHTED_F1: "labels"}.get(obj["statistic"])
+        if required is not None and obj.get(required) is None:
+            raise ValueError(f"{obj['statistic']} outcomes need their {required}")
         for column in (weights, labels):
             if column is not None and len(column) != len(values):
                 raise ValueError("outcome columns differ in length")
