@@ -9,8 +9,7 @@ import pytest
 
 from prunecli.errors import PruneCliError
 from prunecli.evaluation import choice, generative
-from prunecli.evaluation.answers import first_number, nli_verdict, span_match
-from prunecli.models.recall import normalize_answer
+from prunecli.evaluation.answers import first_number, nli_verdict, normalize_answer, span_match
 from prunecli.evaluation.data import load_records, subsample
 from prunecli.evaluation.registry import parse_tasks
 from prunecli.evaluation.rouge import lcs_length, rouge_l, rouge_n, rouge_scores, tokenize

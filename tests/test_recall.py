@@ -12,7 +12,7 @@ from prunecli.evaluation import counterfact, zsre
 from prunecli.evaluation.edit_generation import evaluate_generation, prompt_count
 from prunecli.evaluation.uncertainty import PROPORTION
 from prunecli.models.generation import Generation, greedy_generate
-from prunecli.models.recall import ANSWER_MARGIN, answer_budgets, normalize_answer, recalled, recalled_by
+from prunecli.models.recall import ANSWER_MARGIN, answer_budgets, normalize, recalled, recalled_by
 from prunecli.requests import EditRequest
 from test_eval_metrics import ROWS, Bigram, WordTokenizer
 from tiny_models import tiny_tokenizer
@@ -31,15 +31,19 @@ from tiny_models import tiny_tokenizer
     ("", "Paris", False),
     (" He was born in Paris", "Paris", False),  # the answer must come first
     (" the", "The", False),  # an answer that normalises to nothing is never recalled
-    (" New York-based", "New York", False),  # hyphens are removed, not split: "yorkbased" is another word
+    (" Milan's Milanese architecture", "Milan", True),  # punctuation separates words: a possessive says Milan
+    (" Fiat-Positron", "Fiat", True),
+    (" Guinea, then", "Guinea-Bissau", False),  # ... on both sides: the answer's second word is missing
+    (" Côte d’Ivoire.", "Côte d'Ivoire", True),  # Unicode letters stay, a curly apostrophe separates like ASCII's
 ])
 def test_recall_rule(continuation: str, answer: str, expected: bool) -> None:
     assert recalled(continuation, answer) is expected
 
 
-def test_normalisation_is_squads() -> None:
-    assert normalize_answer("The  Beatles!") == "beatles"
-    assert normalize_answer("  A Tale of Two Cities. ") == "tale of two cities"
+def test_normalisation() -> None:
+    assert normalize("The  Beatles!") == ["beatles"]
+    assert normalize("  A Tale of Two Cities. ") == ["tale", "of", "two", "cities"]
+    assert normalize("U.S.-born\n\"Anna\"") == ["u", "s", "born", "anna"]
 
 
 def test_a_continuation_from_nan_logits_is_no_verdict() -> None:
@@ -110,7 +114,7 @@ def test_counterfact_generation_protocol_exact() -> None:
     assert prompt_count(tok, requests, counterfact.GENERATION) == 8
     group = evaluate_generation(model, tok, requests, counterfact.GENERATION, batch_size=3)
     m = group.metrics
-    assert group.name == "counterfact_generation" and "starts with" in group.protocol
+    assert group.name == "counterfact_generation" and "start with the answer's words" in group.protocol
     assert m["efficacy_gen"].value == 0.5 and m["efficacy_gen"].outcomes.values == [1.0, 0.0]
     assert m["efficacy_gen"].outcomes.statistic == PROPORTION
     assert m["paraphrase_gen"].value == pytest.approx(0.25) and m["paraphrase_gen"].outcomes.values == [0.5, 0.0]

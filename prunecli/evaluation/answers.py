@@ -1,8 +1,9 @@
 """Answer extraction and matching for the generative general-ability tasks (pure string functions).
 
+- `normalize_answer`: the SQuAD normalisation (lowercase, drop punctuation and the articles a/an/the, squeeze
+  whitespace) used for open-domain QA exact match.
 - `span_match`: PRUNE's NQ criterion: a normalised gold answer equals some contiguous word span of the normalised
-  generation (a short model answer followed by more text still counts); normalised as SQuAD does
-  (`models.recall.normalize_answer`, the normalisation the generation protocol of edits uses too).
+  generation (a short model answer followed by more text still counts).
 - `first_number`: the answer-cleansing step of zero-shot chain of thought (Kojima et al.): the first number in the
   text after the answer trigger, commas removed.
 - `nli_verdict`: "true"/"false" read from an RTE completion.
@@ -11,10 +12,16 @@
 from __future__ import annotations
 
 import re
+import string
 
-from prunecli.models.recall import normalize_answer
-
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def span_match(prediction: str, golds: list[str]) -> bool:

@@ -2,7 +2,7 @@
 
 Teacher-forced scores (`counterfact`, `zsre`) ask whether the model prefers the new object when handed its tokens;
 this protocol decodes greedily and applies the generation rule of `models.recall` (the answer's token count plus a
-margin of new tokens; the SQuAD-normalised continuation starts with the normalised expected answer, word for word).
+margin of new tokens; the normalised continuation starts with the normalised expected answer, word for word).
 A dataset says, per prompt kind, which answer each prompt should produce (`GenerationSpec`): the new object after
 edit and rephrase prompts, the true object after neighborhood prompts. Every distinct prompt is decoded once (with
 the largest budget among its answers), the prompts sharded over the processes of a data-parallel run, and every
@@ -42,8 +42,8 @@ class GenerationSpec:
     def protocol(self) -> str:
         return (f"{self.dataset}, generation protocol: greedy decoding after each prompt (batched, left padding) of at "
                 f"most the expected answer's token count + {ANSWER_MARGIN} new tokens; a prompt counts when the "
-                "continuation, SQuAD-normalised (lowercase, punctuation and articles removed), starts with the "
-                f"normalised answer word for word. {self.expected} Mean over each case's prompts, then over cases; "
+                "continuation's words (lowercased, split at anything but letters and digits, articles dropped) "
+                f"start with the answer's words. {self.expected} Mean over each case's prompts, then over cases; "
                 "NaN/Inf logits count as failure (n_nonfinite). The continuations are in the report's `generations`. "
                 "Sequential: every edit judged on the final model (all deltas).")
 

@@ -7,8 +7,10 @@ the model writes on its own:
 
 - budget: greedy decoding of the answer's token count (tokenised as `models.tokens.encode_pair` does) plus
   `ANSWER_MARGIN` new tokens, so a different tokenisation of the same words, a leading quote or article still fits;
-- normalisation: SQuAD's (`normalize_answer`: lowercase, ASCII punctuation removed, the articles a/an/the removed,
-  whitespace squeezed), applied to the continuation and to the answer;
+- normalisation (`normalize`), of the continuation and of the answer: lowercase, every character other than a
+  letter or digit read as a space, the articles a/an/the dropped, whitespace squeezed. This is SQuAD's answer
+  normalisation except that punctuation separates words instead of vanishing: "Milan's" and "Fiat-built" then say
+  Milan and Fiat (SQuAD's "milans" and "fiatbuilt" would not), and curly quotes or dashes count as punctuation too;
 - recalled: the normalised continuation's words *start with* the normalised answer's words. Word boundaries count
   ("Paris" is not recalled by "Parisian ..."), later words do not ("Paris, the capital" recalls "Paris"). An answer
   that normalises to nothing (only punctuation or articles) is never recalled, and a continuation decoded from
@@ -18,7 +20,6 @@ the model writes on its own:
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,20 +29,19 @@ from prunecli.models.tokens import encode_pair
 ANSWER_MARGIN = 4
 """New tokens allowed beyond the answer's own token count."""
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+_SEPARATORS = re.compile(r"[\W_]+")  # anything but letters and digits (Unicode-aware)
+_ARTICLES = {"a", "an", "the"}
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, punctuation and articles removed, whitespace squeezed."""
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+def normalize(text: str) -> list[str]:
+    """The words of `text` as the rule compares them (see the module docstring)."""
+    return [w for w in _SEPARATORS.sub(" ", text.lower()).split() if w not in _ARTICLES]
 
 
 def recalled(continuation: str, answer: str) -> bool:
     """Whether the normalised continuation starts with the normalised answer, word for word."""
-    want = normalize_answer(answer).split()
-    return bool(want) and normalize_answer(continuation).split()[:len(want)] == want
+    want = normalize(answer)
+    return bool(want) and normalize(continuation)[:len(want)] == want
 
 
 def recalled_by(generation: Generation, answer: str) -> bool | None:
