@@ -24,7 +24,8 @@ def _metrics_table(report: dict[str, Any]) -> None:
     deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
     table = Table(title=cell(f"{report['model']}{deltas}"))
     for col in ("metric", "value", "95 % interval", "n", "NaN/Inf", "protocol"):
-        table.add_column(col, justify="left" if col in ("metric", "protocol") else "right", no_wrap=col == "metric")
+        table.add_column(col, justify="left" if col in ("metric", "protocol") else "right",
+                         no_wrap=col in ("metric", "95 % interval"))
     for name, value in report["metrics"].items():
         bad = report["n_nonfinite"][name]
         table.add_row(name, format_value(value), format_interval(report["interval"].get(name)),
