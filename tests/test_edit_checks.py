@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.cli import app
+from prunecli.models.recall import recalled
 
 runner = CliRunner()
 SETS = [a for s in [*TINY_SETS, "layers=1"] for a in ("--set", s)]
@@ -29,6 +30,7 @@ def test_failed_edit_is_warned_counted_and_summarised(tmp_path, llama_dir):
     result = _edit(llama_dir, requests, tmp_path / "d.safetensors", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    assert summary["check"] == "teacher-forced"  # the default
     assert summary["failed_edits"] == 1 and summary["failed_records"] == [1]
     took = {r["index"]: r["took"] for r in summary["requests"]}
     assert took == {0: True, 1: False, 2: True}
@@ -55,3 +57,31 @@ def test_a_run_where_no_edit_took_is_an_error(tmp_path, llama_dir):
     assert result.exit_code == 1
     assert "3 of 3 edit(s) did not take (records 0-2); no edit took: nothing written" in _stderr(result)
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_generation_check_uses_the_evaluation_rule(tmp_path, llama_dir):
+    """`--check generation` judges each edit by what greedy decoding writes: record 1 (new target = true object)
+    cannot take teacher-forced but takes when the model writes it. On the final model (the last edit's check) the
+    check agrees, text and verdict, with `evaluate -t counterfact-gen`, which applies the same rule."""
+    requests = write_requests(tmp_path / "r.jsonl", MIXED)
+    out = tmp_path / "d.safetensors"
+    result = _edit(llama_dir, requests, out, "--check", "generation", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["check"] == "generation"
+    for r in summary["requests"]:
+        assert r["took"] == recalled(r["generated"], r["target_new"]), r
+    tied = summary["requests"][1]
+    assert tied["new_mean_prob"] == tied["true_mean_prob"] and tied["took"]
+    report = runner.invoke(app, ["evaluate", str(llama_dir), "-d", str(out), "-t", "counterfact-gen", "--json"])
+    assert report.exit_code == 0, report.stderr
+    evaluated = json.loads(report.stdout)
+    last = summary["requests"][-1]
+    written = evaluated["generations"]["counterfact_generation"][-1]
+    assert written["efficacy"] == [[last["prompt"], last["generated"]]]
+    assert evaluated["outcomes"]["efficacy_gen"]["values"][-1] == float(last["took"])
+    # The table shows what was generated.
+    table = runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), *SETS, "-o",
+                                str(tmp_path / "e.safetensors"), "--check", "generation"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "generated" in table.stdout and last["generated"].strip() in table.stdout
+    assert _edit(llama_dir, requests, tmp_path / "f.safetensors", "--check", "vibes").exit_code == 2

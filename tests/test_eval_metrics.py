@@ -16,9 +16,10 @@ from prunecli.evaluation.base import EvalContext, EvalOptions
 from prunecli.evaluation.choice import TASKS as CHOICE_TASKS
 from prunecli.evaluation.choice import run_choice
 from prunecli.evaluation.counterfact import evaluate_counterfact
-from prunecli.evaluation.generation import greedy_generate
+from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.metrics import MetricValue, case_means, lower, prob_gap, weighted_f1
 from prunecli.evaluation.perplexity import evaluate_perplexity, sliding_windows
+from prunecli.evaluation.uncertainty import MEAN, PROPORTION, Outcomes
 from prunecli.models.scoring import score_targets
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
 from prunecli.requests import EditRequest
@@ -132,13 +133,17 @@ def test_nonfinite_cases_are_counted_not_dropped() -> None:
     broken = EditRequest(2, "{} bad", "s", "N", "T", source_format="counterfact")
     m = _metrics(evaluate_counterfact(Bigram(ROWS), WordTokenizer(), [*_requests(), broken]))
     # Scores: the NaN case counts as a failure in the denominator (3 cases), and is reported.
-    assert m["efficacy_score"] == MetricValue(pytest.approx(1 / 3), 3, 1)
-    assert m["efficacy_acc"] == MetricValue(pytest.approx(1 / 3), 3, 1)
+    # Per case: the broken one is a failure (0.0) in its outcomes too, one judgement per case: a proportion.
+    flags = Outcomes(PROPORTION, [1.0, 0.0, 0.0])
+    assert m["efficacy_score"] == MetricValue(pytest.approx(1 / 3), 3, 1, flags)
+    assert m["efficacy_acc"] == MetricValue(pytest.approx(1 / 3), 3, 1, flags)
     # Magnitudes cannot use a NaN probability: averaged over the finite cases, still counted in n and n_nonfinite.
     assert m["efficacy_magnitude"].value == pytest.approx(0.0, abs=1e-6)
     assert (m["efficacy_magnitude"].n, m["efficacy_magnitude"].n_nonfinite) == (3, 1)
-    # Cases without paraphrases do not take part in paraphrase metrics.
+    assert m["efficacy_magnitude"].outcomes.statistic == MEAN and m["efficacy_magnitude"].outcomes.values[2] is None
+    # Cases without paraphrases do not take part in paraphrase metrics (None in the outcomes, in record order).
     assert (m["paraphrase_score"].n, m["paraphrase_score"].n_nonfinite) == (2, 0)
+    assert m["paraphrase_score"].outcomes.values[2] is None
 
 
 def test_nan_scores_are_never_argmax_correct() -> None:
@@ -147,9 +152,12 @@ def test_nan_scores_are_never_argmax_correct() -> None:
 
 
 def test_case_means_and_helpers() -> None:
-    assert case_means([[1.0, 0.0], [None], []], 0.0) == MetricValue(0.25, 2, 1)
-    assert case_means([[1.0, None], [None]], None) == MetricValue(1.0, 2, 2)
+    assert case_means([[1.0, 0.0], [None], []], 0.0) == MetricValue(0.25, 2, 1, Outcomes(MEAN, [0.5, 0.0, None]))
+    assert case_means([[1.0, None], [None]], None) == MetricValue(1.0, 2, 2, Outcomes(MEAN, [1.0, None]))
     assert math.isnan(case_means([[None]], None).value)
+    # Success flags, one per case: a proportion; two prompts in a case make its outcome a share, hence a mean.
+    assert case_means([[1.0], [], [0.0]], 0.0, flags=True).outcomes == Outcomes(PROPORTION, [1.0, None, 0.0])
+    assert case_means([[1.0, 0.0], [0.0]], 0.0, flags=True).outcomes == Outcomes(MEAN, [0.5, 0.0])
     assert lower(1.0, 1.0) == 0.0 and lower(0.5, 1.0) == 1.0 and lower(math.inf, 1.0) is None
     assert prob_gap(0.0, math.log(2)) == pytest.approx(0.5) and prob_gap(math.nan, 0.0) is None
     assert weighted_f1([1, 1, 1, 0], [1, 1, 1, 1]) == pytest.approx(float(F(3, 4) * F(6, 7)))
@@ -201,6 +209,7 @@ def test_perplexity_nan_is_reported(tmp_path: Path) -> None:
     text.write_text("a bad a")
     value = evaluate_perplexity(Bigram(ROWS), WordTokenizer(), text, 4, 2).groups[0].metrics["perplexity"]
     assert math.isnan(value.value) and value.n_nonfinite == 1 and value.n == 3
+    assert value.outcomes is None  # no interval for a NaN perplexity
 
 
 def test_label_word_classification_arithmetic(tmp_path: Path) -> None:
@@ -211,9 +220,11 @@ def test_label_word_classification_arithmetic(tmp_path: Path) -> None:
     ctx = EvalContext(model, WordTokenizer(), EvalOptions(batch_size=3))
     outcome = run_choice(CHOICE_TASKS["glue:sst2"], ctx, str(data))
     m = outcome.groups[0].metrics
-    assert m["glue_sst2_acc"] == MetricValue(pytest.approx(0.75), 4, 0)
+    assert m["glue_sst2_acc"] == MetricValue(pytest.approx(0.75), 4, 0, Outcomes(PROPORTION, [1.0, 1.0, 1.0, 0.0]))
     assert m["glue_sst2_f1"].value == pytest.approx(float(F(3, 4) * F(6, 7)))  # class 1: tp 3, fp 1 -> F1 6/7
-    assert outcome.cases == 4
+    # The F1 outcomes (predictions and gold labels) recompute the F1 itself.
+    assert m["glue_sst2_f1"].outcomes.estimate() == pytest.approx(m["glue_sst2_f1"].value, abs=1e-12)
+    assert outcome.cases == 4 and outcome.groups[0].records.ids == [0, 1, 2, 3]
 
 
 def test_greedy_generation_follows_the_argmax_chain() -> None:
@@ -221,3 +232,6 @@ def test_greedy_generation_follows_the_argmax_chain() -> None:
     out = greedy_generate(model, WordTokenizer(), ["s p1", "s p1 s", "bad"], max_new_tokens=5, batch_size=2)
     assert out[0].token_ids == [ID["N"], ID["X"]] and out[0].text == "N X"  # stops at EOS (<s> = id 0)
     assert out[0].finite and not out[2].finite
+    # One budget per prompt: a row that spent its budget stops, the others go on.
+    short = greedy_generate(model, WordTokenizer(), ["s p1", "s p1"], max_new_tokens=[1, 5], batch_size=2)
+    assert [g.text for g in short] == ["N", "N X"]

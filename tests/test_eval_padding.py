@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prunecli.evaluation.counterfact import evaluate_counterfact
-from prunecli.evaluation.generation import greedy_generate
+from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.perplexity import evaluate_perplexity
 from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest

@@ -107,17 +107,15 @@ def test_data_loading_and_subsampling(tmp_path: Path) -> None:
     assert [r["dialogue"] for r in load_records(str(js), "samsum")] == ["d", "e"]
     with pytest.raises(PruneCliError, match="does not exist"):
         load_records(str(tmp_path / "missing.jsonl"), "gsm8k")
-    records = [{"i": i} for i in range(20)]
-    assert subsample(records, 5, None) == records[:5]
-    picked = subsample(records, 5, 3)
-    assert picked == subsample(records, 5, 3) and len(picked) == 5
-    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)
-    assert subsample(records, None, 3) == records and subsample(records, 50, 1) == records
+    assert subsample(20, 5, None) == [0, 1, 2, 3, 4]
+    picked = subsample(20, 5, 3)
+    assert picked == subsample(20, 5, 3) and len(set(picked)) == 5 and picked == sorted(picked) != [0, 1, 2, 3, 4]
+    assert subsample(20, None, 3) == list(range(20)) and subsample(20, 50, 1) == list(range(20))
 
 
 def test_every_default_data_file_loads_and_builds(shared_data: Path) -> None:
     for task in [*generative.TASKS.values(), *choice.TASKS.values()]:
-        records = subsample(load_records(str(shared_data / task.default_file), task.name), 3, None)
-        for i, rec in enumerate(records):
-            prompt, gold = task.build(rec, i)
+        records = load_records(str(shared_data / task.default_file), task.name)
+        for i in subsample(len(records), 3, None):
+            prompt, gold = task.build(records[i], i)
             assert prompt and gold is not None, task.name

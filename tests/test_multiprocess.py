@@ -2,8 +2,9 @@
 
 accelerate's `--cpu` flag starts a single process (it spreads CPU runs only through MPI); `--multi_gpu
 --num_processes 2` runs torch.distributed.run, and on a machine without GPUs prunecli joins the group over gloo.
-The launched runs shard every task's items (CounterFact pairs, perplexity windows, label words, generations) and the
-corpus batches; metrics must equal the single-process run's and the statistics its sums to float64 tolerance.
+The launched runs shard every task's items (CounterFact pairs and prompts decoded, perplexity windows, label words,
+generations) and the corpus batches; metrics must equal the single-process run's and the statistics its sums to
+float64 tolerance.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_evaluate_two_processes_equals_one(llama_dir: Path, inputs: dict[str, Path]) -> None:
     args = [llama_dir, "-e", inputs["cf"], "--text", inputs["text"], "--window", 24, "--stride", 8, "--batch-size", 2,
-            "-t", f"counterfact,perplexity,glue:sst2={inputs['sst2']},gsm8k={inputs['gsm8k']}", "--device", "cpu"]
+            "-t", f"counterfact,counterfact-gen,perplexity,glue:sst2={inputs['sst2']},gsm8k={inputs['gsm8k']}",
+            "--device", "cpu"]
     single = runner.invoke(app, ["evaluate", *[str(a) for a in args], "--json"])
     assert single.exit_code == 0, single.output
     one = json.loads(single.stdout)
@@ -82,6 +84,10 @@ def test_evaluate_two_processes_equals_one(llama_dir: Path, inputs: dict[str, Pa
     assert two["metrics"].keys() == one["metrics"].keys()
     for name, value in one["metrics"].items():
         assert two["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+    # The generation protocol's prompts are sharded too: the same continuations, records and per-record outcomes.
+    assert two["generations"] == one["generations"] and two["records"] == one["records"]
+    assert two["outcomes"]["efficacy_gen"] == one["outcomes"]["efficacy_gen"]
+    assert two["interval"].keys() == one["interval"].keys()
 
 
 def test_stats_two_processes_equals_one(llama_dir: Path, inputs: dict[str, Path]) -> None:

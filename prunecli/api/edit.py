@@ -15,6 +15,7 @@ from prunecli.editors.base import EditorInputs
 from prunecli.editors.registry import editor_for, file_method
 from prunecli.editors.session import EditRun, PruneSchedule, run_edits
 from prunecli.editors.stats import KeyStats, load_moments
+from prunecli.editors.success import CHECKS, TEACHER_FORCED
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.builtin import resolve_model_path
@@ -48,6 +49,7 @@ class EditOptions:
     restraint: RestraintSettings = field(default_factory=RestraintSettings)
     seed: int = 0  # of the context-prefix sampler
     strict: bool = False  # any edit that did not take is an error (nothing written)
+    check: str = TEACHER_FORCED  # how an edit is judged to have taken (`editors.success`)
     load: LoadOptions = field(default_factory=LoadOptions)
     force: bool = False
     ignore_base_mismatch: bool = False
@@ -68,7 +70,8 @@ class EditResult:
     def to_json(self) -> dict[str, Any]:
         run, n = self.run, len(self.run.reports)
         return {"output": str(self.options.output), "model": str(run.delta.source), "method": self.method,
-                "layers": self.layers, "hparams": self.hparams, "edits": n, "failed_edits": len(self.failed_records),
+                "layers": self.layers, "hparams": self.hparams, "edits": n, "check": self.options.check,
+                "failed_edits": len(self.failed_records),
                 "failed_records": self.failed_records, "total_edits": len(run.delta.requests),
                 "seconds": run.seconds, "seconds_per_edit": run.seconds / n,
                 "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
@@ -118,6 +121,8 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
         raise PruneCliError(f"{method} needs key statistics: compute them with `prunecli stats {o.model} --method "
                             f"{method} --text FILE -o STATS` and pass --stats STATS")
     schedule = _schedule(o)
+    if o.check not in CHECKS:
+        raise PruneCliError(f"unknown edit check {o.check!r}; use one of {', '.join(CHECKS)}")
     if o.load.dtype.lower() not in ("fp32", "float32", "bf16", "bfloat16"):
         raise PruneCliError(f"--dtype must be fp32 or bf16 for editing, got {o.load.dtype!r}")
     requests = load_requests(o.requests, o.start, o.limit)
@@ -140,7 +145,7 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
     if o.load.tokenizer is not None:
         provenance["tokenizer"] = o.load.tokenizer  # the edits were computed with this tokenizer
     run = run_edits(model, tokenizer, base, requests, editor, hp, moments, prior, o.batch_size, schedule, o.seed,
-                    provenance, progress)
+                    provenance, progress, o.check)
     n, failed = len(run.reports), [r.index for r in run.failed]
     if failed and (o.strict or len(failed) == n):
         why = "--strict" if len(failed) < n else "no edit took"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,6 +13,9 @@ from prunecli.commands._errors import guarded
 from prunecli.commands._options import (Deltas, Force, IgnoreBaseMismatch, Load, Model, Out, OutputFile, Requests,
                                         Restraint, Start)
 from prunecli.editors.registry import METHODS
+
+Check = Enum("Check", {"teacher_forced": "teacher-forced", "generation": "generation"}, type=str)  # type: ignore[misc]
+"""`--check`'s choices: the rules of `editors.success` (its CHECKS)."""
 
 if TYPE_CHECKING:
     from prunecli.api.edit import EditResult
@@ -45,7 +49,11 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
              "exceeds T (checked after every edit; with --prune-every, either triggers).")] = None,
          seed: Annotated[int, typer.Option("--seed", help="Seed of the context-prefix sampler.")] = 0,
          strict: Annotated[bool, typer.Option("--strict", help="Exit 1 and write nothing if any edit did not take "
-                                              "(P(new) <= P(true) on the edit prompt after it).")] = False,
+                                              "(by --check, on the edit prompt after it).")] = False,
+         check: Annotated[Check, typer.Option(  # type: ignore[valid-type]
+             "--check", help="When an edit took: teacher-forced (fast): the new target's mean token probability beats "
+             "the true object's; generation: greedy decoding of the edit prompt starts with the new target "
+             "(normalised, the rule of `evaluate -t counterfact-gen`).")] = Check("teacher-forced"),
          force: Force = False, ignore_base_mismatch: IgnoreBaseMismatch = False) -> None:
     """Edit facts into a model, one after another (batched methods: batch after batch), and write the accumulated
     edits as a low-rank delta; with --delta PREV it continues a previous run, so deltas chain like Makefile steps.
@@ -58,10 +66,11 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
     MEND needs --archive (from train-mend); MEMIT and AlphaEdit need --stats for their layers (stats --method).
 
-    Every edit is checked on its edit prompt right after it (batched methods: after its batch): it took when the new
-    target's mean token probability is above the true object's (or >= 0.1 for records without one). Failures are
-    warned about, counted in --json (`failed_edits`) and the summary; --strict makes any failure an error, and a run
-    in which no edit took is always an error (nothing is written).
+    Every edit is checked on its edit prompt right after it (batched methods: after its batch): by default it took
+    when the new target's mean token probability is above the true object's (or >= 0.1 for records without one);
+    --check generation asks what greedy decoding writes instead. Failures are warned about, counted in --json
+    (`failed_edits`) and the summary; --strict makes any failure an error, and a run in which no edit took is always
+    an error (nothing is written).
     """
     from prunecli.api.edit import EditOptions, run_edit_job
 
@@ -72,8 +81,8 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
         raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger", param_hint="--target-kappa")
     overrides = (*(set_ or ()), *((f"layers={layers}",) if layers is not None else ()))
     options = EditOptions(model, requests, output, method, start, limit, stats, tuple(deltas or ()), batch_size,
-                          hparams, overrides, archive, prune_every, kappa_trigger, restraint, seed, strict, load, force,
-                          ignore_base_mismatch)
+                          hparams, overrides, archive, prune_every, kappa_trigger, restraint, seed, strict,
+                          check.value, load, force, ignore_base_mismatch)
     with cli_progress() as progress:
         result = run_edit_job(options, progress)
     for tensor_reports in result.run.restraints:
@@ -86,9 +95,12 @@ def _render(out: Out, result: EditResult) -> None:
     from prunecli.api.edit import ranges
 
     run, failed = result.run, result.failed_records
-    out.table("edits", ["#", "prompt", "target", "P before", "P after", "loss", "s", "took"],
+    generated = result.options.check == "generation"
+    out.table("edits", ["#", "prompt", "target", "P before", "P after", "loss", "s",
+                        *(["generated"] if generated else []), "took"],
               [[str(r.index), r.prompt, r.target_new, f"{r.prob_before:.3g}", f"{r.prob_after:.3g}", f"{r.loss:.3f}",
-                f"{r.seconds:.1f}", "yes" if r.took else "NO"] for r in run.reports],
+                f"{r.seconds:.1f}", *([r.generated or ""] if generated else []), "yes" if r.took else "NO"]
+               for r in run.reports],
               right=["#", "P before", "P after", "loss", "s"])
     n = len(run.reports)
     out.say(f"wrote {result.options.output}: {n} new edit(s), {len(run.delta.requests)} in total, layers "

@@ -25,9 +25,10 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
              "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general "
              "task.")] = None,
          tasks: Annotated[str | None, typer.Option(
-             "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre, perplexity, "
-             "gsm8k, rte, nq, samsum, glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics "
-             "of --requests (+ perplexity with --text).")] = None,
+             "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre (teacher forced), "
+             "counterfact-gen, zsre-gen (greedy generation), perplexity, gsm8k, rte, nq, samsum, "
+             "glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --requests (+ "
+             "perplexity with --text).")] = None,
          text: Annotated[Path | None, typer.Option(
              "--text", help="Text file for `perplexity` (default task source: DATA_DIR/wikitext/wiki.test.raw).")]
          = None,
@@ -58,10 +59,13 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
     """Evaluate MODEL + deltas: CounterFact/zsRE editing metrics and general abilities, each with its protocol named.
 
     Every request is judged on the final model (all deltas added in memory; nothing is written to disk). Reports
-    give each metric's value, case count, NaN/Inf count and protocol; `--compare` lines reports up side by side and
-    warns when their protocols differ. Task data come from --data-dir ($PRUNECLI_DATA_DIR).
+    give each metric's value, 95 % interval, case count, NaN/Inf count and protocol, and its per-record outcomes;
+    `--compare` lines reports up side by side, warns when their protocols differ, and tests the differences record
+    by record when the reports scored the same records. `counterfact-gen` / `zsre-gen` judge what greedy decoding
+    writes instead of teacher-forced scores (docs/EVALUATION.md). Task data come from --data-dir
+    ($PRUNECLI_DATA_DIR).
 
-    Example: prunecli evaluate smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 -t counterfact -o base.json
+    Example: prunecli evaluate smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 -t counterfact,counterfact-gen -o base.json
 
     Example: prunecli evaluate smollm2 -d pruned.safetensors -t counterfact,perplexity --max-tokens 512 -o pruned.json
 
@@ -117,13 +121,16 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
 
 
 def _metrics_table(out: Out, report: dict[str, Any]) -> None:
-    from prunecli.evaluation.report import format_value
+    from prunecli.evaluation.report import format_interval, format_value
+    from prunecli.evaluation.uncertainty import INTERVALS_TEXT
 
     deltas = f" + {len(report['deltas'])} delta(s)" if report["deltas"] else ""
-    out.table(Text(f"{report['model']}{deltas}"), ["metric", "value", "n", "NaN/Inf", "protocol"],
-              [[name, format_value(value), str(report["n"][name]),
+    out.table(Text(f"{report['model']}{deltas}"), ["metric", "value", "95 % interval", "n", "NaN/Inf", "protocol"],
+              [[name, format_value(value), format_interval(report["interval"].get(name)), str(report["n"][name]),
                 Text(str(report["n_nonfinite"][name]), style="red" if report["n_nonfinite"][name] else ""),
                 report["metric_group"][name]] for name, value in report["metrics"].items()],
-              right=["value", "n", "NaN/Inf"])
+              right=["value", "95 % interval", "n", "NaN/Inf"])
     for group, text in report["protocol"].items():
         out.say(f"{group}: {text}")
+    if report["interval"]:
+        out.say(f"95 % intervals: {INTERVALS_TEXT}")

@@ -30,7 +30,7 @@ from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, EditSettings, Editor
 from prunecli.editors.prompts import generate_prefixes
-from prunecli.editors.success import check_edits
+from prunecli.editors.success import TEACHER_FORCED, check_edits
 from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import add_delta_to_model
@@ -60,8 +60,8 @@ class PruneSchedule:
 @dataclass(frozen=True)
 class RequestReport:
     """What one edit did: probabilities of the whole target sequence on the edit prompt before and after, and the
-    success check after it (`editors.success`: mean token probabilities of the new and true target, and whether
-    the edit took)."""
+    success check after it (`editors.success`: mean token probabilities of the new and true target, whether the
+    edit took, and with the generation check what greedy decoding wrote)."""
 
     index: int
     case_id: Any
@@ -76,6 +76,7 @@ class RequestReport:
     new_mean_prob: float
     true_mean_prob: float | None
     took: bool
+    generated: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,8 +108,9 @@ def _report(task: ProgressTask, reports: list[RequestReport]) -> None:
     for r in reports:
         if not r.took:
             true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
+            said = f"; greedy decoding wrote {r.generated!r}" if r.generated is not None else ""
             task.log(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
-                     "(mean token probability)", warning=True)
+                     f"(mean token probability){said}", warning=True)
     task.advance(len(reports), loss=f"loss {reports[-1].initial_loss:.2f} -> {reports[-1].loss:.2f}")
 
 
@@ -126,13 +128,15 @@ def _copy(delta: Delta) -> Delta:
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
               editor: Editor, hparams: EditSettings, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
-              provenance: dict[str, Any] | None = None, progress: Progress = no_progress) -> EditRun:
+              provenance: dict[str, Any] | None = None, progress: Progress = no_progress,
+              check: str = TEACHER_FORCED) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
     editors (MEMIT, AlphaEdit) edit `batch_size` requests at a time, the others one at a time. `provenance` is merged
     into each edit op of the history. `progress` gets two tasks: the requests (with the last value-optimisation
     loss; an edit that did not take is logged as a warning) and the steps of the value optimisation in progress.
+    `check` is the rule that says whether an edit took (`editors.success`: teacher-forced or generation).
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
@@ -162,7 +166,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
             t0 = time.perf_counter()
             before = _target_probs(model, tokenizer, batch)
             updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
-            checks = check_edits(model, tokenizer, batch)
+            checks = check_edits(model, tokenizer, batch, check)
             for u in updates:
                 name = u.weight or adapter.weight_name(u.layer)
                 run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
@@ -170,7 +174,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
             pending.extend(r.to_json() for r in batch)
             seconds = (time.perf_counter() - t0) / len(batch)
             reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
-                                     c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took)
+                                     c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took, c.generated)
                        for r, o, p0, c in zip(batch, outcomes, before, checks)]
             run.reports.extend(reports)
             if prune is not None:

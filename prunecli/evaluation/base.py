@@ -2,11 +2,14 @@
 
 A task returns metric groups; each group names the protocol its metrics were computed under, because numbers from
 different protocols (probability comparison vs argmax, agreement vs gold) are not comparable and must never be
-reported without saying which one they are.
+reported without saying which one they are. A group also names the records its metrics' per-record outcomes belong
+to (`RecordSet`), so two reports can be compared record by record only when they scored the same ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +25,41 @@ from prunecli.requests import EditRequest
 
 
 @dataclass(frozen=True)
+class RecordSet:
+    """The records a group's per-record outcomes belong to, in order: their ids (CounterFact `case_id`, a task
+    record's index in its file, a perplexity window's number) and a digest of what was scored, so records that share
+    ids but not content (another file, another text) are never paired."""
+
+    ids: list[Any]
+    digest: str
+
+    @classmethod
+    def of(cls, ids: Sequence[Any], content: Any) -> RecordSet:
+        """Ids and the SHA-256 of `content` (anything JSON can write: prompts, targets, token ids)."""
+        text = json.dumps(content, sort_keys=True, default=str, ensure_ascii=False)
+        return cls(list(ids), "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ids": self.ids, "digest": self.digest}
+
+
+def request_records(requests: Sequence[EditRequest]) -> RecordSet:
+    """The records of edit metrics: each request's `case_id` (its index in the file when it has none), and its
+    content without that index (the same record read from another position of another file is the same record)."""
+    ids = [r.case_id if r.case_id is not None else r.index for r in requests]
+    return RecordSet.of(ids, [{k: v for k, v in r.to_json().items() if k != "index"} for r in requests])
+
+
+@dataclass(frozen=True)
 class MetricGroup:
-    """Metrics computed under one protocol, with the protocol stated in words."""
+    """Metrics computed under one protocol, with the protocol stated in words; `records` when the metrics keep
+    per-record outcomes, `generations` (one JSON object per record) when the protocol decodes text worth reading."""
 
     name: str
     protocol: str
     metrics: dict[str, MetricValue]
+    records: RecordSet | None = None
+    generations: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import EvalContext, MetricGroup, TaskOutcome
+from prunecli.evaluation.base import EvalContext, MetricGroup, RecordSet, TaskOutcome
 from prunecli.evaluation.data import field, load_records, resolve_source, subsample
 from prunecli.evaluation.metrics import MetricValue, case_means, weighted_f1
+from prunecli.evaluation.uncertainty import WEIGHTED_F1, Outcomes
 from prunecli.models.scoring import score_targets
 
 
@@ -87,9 +88,9 @@ TASKS: dict[str, ChoiceTask] = {t.name: t for t in [
 def run_choice(task: ChoiceTask, ctx: EvalContext, source: str | None) -> TaskOutcome:
     """Score every label word of every (subsampled) record in one batched pass; accuracy and weighted F1."""
     opts = ctx.options
-    records = subsample(load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name),
-                        opts.limit, opts.seed)
-    built = [task.build(rec, i) for i, rec in enumerate(records)]
+    records = load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name)
+    picked = subsample(len(records), opts.limit, opts.seed)
+    built = [task.build(records[i], i) for i in picked]
     prompts = [p for p, _ in built for _ in task.labels]
     words = [w for _ in built for w in task.labels]
     with ctx.progress(f"{task.name} (label words)", len(prompts)) as bar:
@@ -105,11 +106,12 @@ def run_choice(task: ChoiceTask, ctx: EvalContext, source: str | None) -> TaskOu
         golds.append(gold)
         preds.append(pred)
         judged.append([float(pred == gold) if ok else None])
-    acc = case_means(judged, 0.0)
-    f1 = MetricValue(weighted_f1(golds, preds), acc.n, acc.n_nonfinite)
+    acc = case_means(judged, 0.0, flags=True)
+    predicted = Outcomes(WEIGHTED_F1, [float(p) for p in preds], labels=golds)
+    f1 = MetricValue(weighted_f1(golds, preds), acc.n, acc.n_nonfinite, predicted)
     protocol = (f"{task.name}: zero-shot label-word likelihood (AlphaEdit's protocol): each label word "
                 f"{list(task.labels)} is scored teacher-forced after the prompt '{task.template}'; prediction = the "
                 "lowest mean token NLL; accuracy and class-frequency-weighted F1. NaN/Inf scores count as wrong "
                 "(n_nonfinite).")
-    return TaskOutcome([MetricGroup(task.prefix, protocol, {f"{task.prefix}_acc": acc, f"{task.prefix}_f1": f1})],
-                       len(built))
+    return TaskOutcome([MetricGroup(task.prefix, protocol, {f"{task.prefix}_acc": acc, f"{task.prefix}_f1": f1},
+                                    RecordSet.of(picked, built))], len(built))

@@ -1,4 +1,5 @@
-"""CounterFact editing metrics: ROME's probability protocol and the argmax protocol of PRUNE's main text.
+"""CounterFact editing metrics: ROME's probability protocol, the argmax protocol of PRUNE's main text, and the
+generation protocol (`GENERATION`, task `counterfact-gen`: what greedy decoding writes, `evaluation.edit_generation`).
 
 Every (prompt, target) pair of every request is scored in one batched teacher-forced pass; the judgements follow
 ROME's definitions:
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
-from prunecli.evaluation.base import MetricGroup
+from prunecli.evaluation.base import MetricGroup, request_records
+from prunecli.evaluation.edit_generation import Answers, GenerationSpec
 from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, MetricValue, case_means, flag, lower, prob_gap
 from prunecli.models.scoring import TargetScore, score_targets
@@ -52,6 +54,18 @@ def _pairs_of(req: EditRequest) -> dict[str, list[tuple[str, str, str | None]]]:
     }
 
 
+def expected_answers(req: EditRequest) -> Answers:
+    """Per prompt kind: (prompt, what the model should say): the new object after edit and rephrase prompts, the
+    neighborhood prompt's true object after it."""
+    return {kind: [(prompt, win) for prompt, win, _ in pairs] for kind, pairs in _pairs_of(req).items()}
+
+
+GENERATION = GenerationSpec(
+    "counterfact_generation", "CounterFact", {kind: f"{kind}_gen" for kind in _KINDS}, expected_answers,
+    "efficacy_gen / paraphrase_gen: the answer is target_new, after the edit prompt / each rephrase; neighborhood_gen: "
+    "the neighborhood prompt's ground truth (the model still says the true object).")
+
+
 def _judge(win: TargetScore, lose: TargetScore | None) -> tuple[Judgement, Judgement, Judgement]:
     """(score, magnitude, argmax) judgements of one prompt; the first two need the losing target."""
     acc = flag(win.all_correct, *win.token_logprobs)
@@ -76,18 +90,19 @@ def counterfact_metrics(requests: Sequence[EditRequest], scores: dict[tuple[str,
             for name, judgements in cells.items():
                 per_metric.setdefault(name, []).append(judgements)
 
-    def agg(suffix: str, nonfinite_as: float | None) -> dict[str, MetricValue]:
+    def agg(suffix: str, nonfinite_as: float | None, flags: bool) -> dict[str, MetricValue]:
         out = {}
         for kind in _KINDS:
-            value = case_means(per_metric.get(f"{kind}_{suffix}", []), nonfinite_as)
+            value = case_means(per_metric.get(f"{kind}_{suffix}", []), nonfinite_as, flags)
             if value.n:
                 out[f"{kind}_{suffix}"] = value
         return out
 
-    prob = {**agg("score", 0.0), **agg("magnitude", None)}
-    argmax = agg("acc", 0.0)
-    return [g for g in (MetricGroup(GROUP_PROB, PROTOCOL_PROB, prob), MetricGroup(GROUP_ARGMAX, PROTOCOL_ARGMAX, argmax))
-            if g.metrics]
+    prob = {**agg("score", 0.0, True), **agg("magnitude", None, False)}
+    argmax = agg("acc", 0.0, True)
+    records = request_records(requests)
+    return [g for g in (MetricGroup(GROUP_PROB, PROTOCOL_PROB, prob, records),
+                        MetricGroup(GROUP_ARGMAX, PROTOCOL_ARGMAX, argmax, records)) if g.metrics]
 
 
 def needed_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:

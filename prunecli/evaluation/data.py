@@ -64,14 +64,14 @@ def load_records(source: str, task: str) -> list[dict[str, Any]]:
     return records
 
 
-def subsample(records: list[dict[str, Any]], limit: int | None, seed: int | None) -> list[dict[str, Any]]:
-    """The first `limit` records, or with a seed a random sample of `limit` (kept in file order); deterministic."""
-    if limit is None or limit >= len(records):
-        return records
+def subsample(n: int, limit: int | None, seed: int | None) -> list[int]:
+    """Indices of the records to use out of n: the first `limit`, or with a seed a random sample of `limit` (in
+    file order); deterministic. The indices name the records in reports (their per-record outcomes)."""
+    if limit is None or limit >= n:
+        return list(range(n))
     if seed is None:
-        return records[:limit]
-    picked = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in picked]
+        return list(range(limit))
+    return sorted(random.Random(seed).sample(range(n), limit))
 
 
 def field(record: dict[str, Any], key: str, task: str, index: int) -> Any:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunecli.evaluation.answers import first_number, nli_verdict, parse_number, span_match
-from prunecli.evaluation.base import EvalContext, MetricGroup, TaskOutcome
+from prunecli.evaluation.base import EvalContext, MetricGroup, RecordSet, TaskOutcome
 from prunecli.evaluation.data import field, load_records, resolve_source, subsample
-from prunecli.evaluation.generation import greedy_generate
+from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.metrics import Judgement, case_means
 from prunecli.evaluation.rouge import rouge_scores
 
@@ -40,6 +40,7 @@ class GenerativeTask:
     metric_text: str
     build: Callable[[dict[str, Any], int], tuple[str, Any]]  # (record, index) -> (prompt, gold)
     judge: Callable[[str, Any], dict[str, float]]  # (completion, gold) -> {metric: value}
+    flags: bool = True  # the judge's values are successes (1.0/0.0: a proportion), not scores such as ROUGE
 
 
 def _gsm8k(rec: dict[str, Any], i: int) -> tuple[str, Any]:
@@ -98,16 +99,17 @@ TASKS: dict[str, GenerativeTask] = {t.name: t for t in [
                    lambda text, golds: {"nq_exact_match": float(span_match(text, golds))}),
     GenerativeTask("samsum", "tasks/test-summarization.json", "{dialogue}\\nTL;DR:", 25,
                    "ROUGE-1/2/L F1 against the reference summary (prunecli.evaluation.rouge: lowercase alphanumeric "
-                   "tokens, no stemming); samsum_rouge = their mean (PRUNE's number)", _samsum, _samsum_judge),
+                   "tokens, no stemming); samsum_rouge = their mean (PRUNE's number)", _samsum, _samsum_judge,
+                   flags=False),
 ]}
 
 
 def run_generative(task: GenerativeTask, ctx: EvalContext, source: str | None) -> TaskOutcome:
     """Generate for the (subsampled) records, judge each completion, average per metric."""
     opts = ctx.options
-    records = subsample(load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name),
-                        opts.limit, opts.seed)
-    built = [task.build(rec, i) for i, rec in enumerate(records)]
+    records = load_records(resolve_source(source, task.default_file, opts.data_dir, task.name), task.name)
+    picked = subsample(len(records), opts.limit, opts.seed)
+    built = [task.build(records[i], i) for i in picked]
     with ctx.progress(f"{task.name} (generations)", len(built)) as bar:
         outputs = ctx.workers.map(lambda part: greedy_generate(ctx.model, ctx.tokenizer, part, task.max_new_tokens,
                                                                opts.batch_size, bar.advance), [p for p, _ in built])
@@ -118,5 +120,5 @@ def run_generative(task: GenerativeTask, ctx: EvalContext, source: str | None) -
     protocol = (f"{task.name}: {task.metric_text}. Prompt: '{task.template}'; greedy decoding of at most "
                 f"{task.max_new_tokens} new tokens (stops at end-of-sequence), batched with left padding. "
                 "NaN/Inf logits while decoding count as failure (n_nonfinite).")
-    metrics = {name: case_means(cases, 0.0) for name, cases in per_metric.items()}
-    return TaskOutcome([MetricGroup(task.name, protocol, metrics)], len(built))
+    metrics = {name: case_means(cases, 0.0, task.flags) for name, cases in per_metric.items()}
+    return TaskOutcome([MetricGroup(task.name, protocol, metrics, RecordSet.of(picked, built))], len(built))

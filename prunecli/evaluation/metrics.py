@@ -4,6 +4,7 @@ Every metric is a mean over cases of a mean over that case's prompts (ROME's sum
 paraphrases weighs as much as a case with one). A judgement that cannot be computed because the model produced
 NaN/Inf is `None`; each aggregate says what it does with those (`nonfinite_as`) and always counts them, so a
 collapsed model can never look good by having its broken cases silently dropped (the reference code drops them).
+Each aggregate keeps its per-case values (`Outcomes`), from which its interval and paired tests are computed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prunecli.evaluation.uncertainty import MEAN, PROPORTION, Outcomes
+
 Judgement = float | None
 """One prompt's value (1.0/0.0 for a success flag, a number for a magnitude), or None when non-finite."""
 
 
 @dataclass(frozen=True)
 class MetricValue:
-    """An aggregate: its value, over how many cases, and how many of those had non-finite scores."""
+    """An aggregate: its value, over how many cases, how many of those had non-finite scores, and the per-case
+    outcomes it was computed from (None: not kept, so no interval)."""
 
     value: float
     n: int
     n_nonfinite: int = 0
+    outcomes: Outcomes | None = None
 
 
 def finite(*xs: float) -> bool:
@@ -48,27 +53,27 @@ def flag(ok: bool, *values: float) -> Judgement:
     return (1.0 if ok else 0.0) if finite(*values) else None
 
 
-def case_means(cases: Sequence[Sequence[Judgement]], nonfinite_as: float | None) -> MetricValue:
+def case_means(cases: Sequence[Sequence[Judgement]], nonfinite_as: float | None, flags: bool = False) -> MetricValue:
     """Mean over cases of the mean over each case's prompts; cases without prompts do not take part.
 
     `nonfinite_as` replaces a None judgement (0.0: a broken prompt is a failure); with None the broken prompts are
     left out of their case's mean (and a case left with nothing is left out). Either way `n_nonfinite` counts the
-    cases that had at least one broken prompt, and `n` counts every case that had prompts.
+    cases that had at least one broken prompt, and `n` counts every case that had prompts. The outcomes hold each
+    case's mean (None where a case takes no part); they are a proportion (Wilson interval, McNemar test) when the
+    judgements are success `flags` and every case has exactly one, else a mean (bootstrap).
     """
-    values: list[float] = []
+    per_case: list[float | None] = []
     n = n_bad = 0
     for case in cases:
-        if not case:
-            continue
-        n += 1
-        if any(j is None for j in case):
-            n_bad += 1
-        kept = [(nonfinite_as if j is None else j) for j in case]
-        kept_f = [k for k in kept if k is not None]
-        if kept_f:
-            values.append(sum(kept_f) / len(kept_f))
+        kept = [k for k in ((nonfinite_as if j is None else j) for j in case) if k is not None]
+        per_case.append(sum(kept) / len(kept) if kept else None)
+        if case:
+            n += 1
+            n_bad += any(j is None for j in case)
+    values = [v for v in per_case if v is not None]
     value = sum(values) / len(values) if values else math.nan
-    return MetricValue(value, n, n_bad)
+    single = all(len(case) <= 1 for case in cases)
+    return MetricValue(value, n, n_bad, Outcomes(PROPORTION if flags and single else MEAN, per_case))
 
 
 def weighted_f1(labels: Sequence[int], predictions: Sequence[int]) -> float:

@@ -3,7 +3,8 @@
 The text is tokenised once (special tokens as the tokenizer adds them, e.g. LLaMA's BOS at the very start). Windows
 of `window` tokens start every `stride` tokens; each token after the first is scored exactly once, in the first
 window that reaches it, so every scored token beyond the first window sees at least `window - stride` tokens of
-context. perplexity = exp(total NLL / scored tokens).
+context. perplexity = exp(total NLL / scored tokens). Its per-record outcomes are the windows (each window's mean NLL
+and scored tokens), the blocks its bootstrap interval resamples (`evaluation.uncertainty`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from prunecli.core.textio import read_text
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import MetricGroup, TaskOutcome
+from prunecli.evaluation.base import MetricGroup, RecordSet, TaskOutcome
 from prunecli.progress import Advance, Progress, no_progress
 from prunecli.evaluation.metrics import MetricValue
+from prunecli.evaluation.uncertainty import PERPLEXITY, Outcomes
 from prunecli.models.forward import forward_keywords, max_context
 from prunecli.models.logits import OutputHead, capture_last_hidden, output_head
 from prunecli.models.placement import input_device
@@ -133,13 +135,18 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
     stride = stride or window // 2
     windows = sliding_windows(len(ids), window, stride)
     with progress("perplexity (windows)", len(windows)) as bar:
-        nll = torch.cat(workers.map(lambda part: window_nlls(model, ids, part, batch_size, bar.advance), windows))
+        per_window = workers.map(lambda part: window_nlls(model, ids, part, batch_size, bar.advance), windows)
+    nll = torch.cat(per_window)
     bad = int((~torch.isfinite(nll)).sum())
     ppl = math.exp(float(nll.sum()) / len(nll)) if not bad else math.nan
+    outcomes = None if bad else Outcomes(PERPLEXITY, [float(w.mean()) for w in per_window],
+                                         [float(len(w)) for w in per_window])
+    records = RecordSet.of(range(len(windows)), {"tokens": ids,
+                                                  "windows": [[w.begin, w.end, w.first_scored] for w in windows]})
     budget = f"the first {len(ids)} tokens" if max_tokens is not None else f"all {len(ids)} tokens"
     protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} scored tokens ({budget} of {path.name}, tokenised "
                 f"once, special tokens as the tokenizer adds them); sliding window of {window} tokens with stride {stride}: every "
                 f"token after the first is scored once, with >= {window - stride} tokens of context after the first "
                 "window. Any NaN/Inf token NLL makes the perplexity NaN (n_nonfinite counts such tokens).")
-    return TaskOutcome([MetricGroup(GROUP, protocol, {"perplexity": MetricValue(ppl, len(nll), bad)})], len(nll),
-                       "tokens")
+    return TaskOutcome([MetricGroup(GROUP, protocol, {"perplexity": MetricValue(ppl, len(nll), bad, outcomes)},
+                                    records)], len(nll), "tokens")

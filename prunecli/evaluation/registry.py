@@ -2,7 +2,8 @@
 
 A task list is comma-separated names, each optionally `=SOURCE` (a data file, or `hub:NAME[:CONFIG][@SPLIT]`;
 for `perplexity` a text file): `counterfact,perplexity,glue:sst2,gsm8k=my/gsm8k.jsonl`. Groups expand: `glue` is
-every GLUE-style subset, `general` the four generative tasks of PRUNE's Table 5.
+every GLUE-style subset, `general` the four generative tasks of PRUNE's Table 5. `counterfact` and `zsre` score edits
+teacher-forced; `counterfact-gen` and `zsre-gen` judge what greedy decoding writes (`evaluation.edit_generation`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prunecli.errors import PruneCliError
 from prunecli.evaluation import choice, counterfact, generative, zsre
 from prunecli.evaluation.base import EvalContext, TaskOutcome
 from prunecli.evaluation.data import resolve_source
+from prunecli.evaluation.edit_generation import GenerationSpec, evaluate_generation, prompt_count
 from prunecli.evaluation.perplexity import evaluate_perplexity
 from prunecli.requests import EditRequest
 
@@ -52,6 +54,17 @@ def _run_zsre(ctx: EvalContext, source: str | None) -> TaskOutcome:
     return TaskOutcome(groups, len(requests))
 
 
+def _generation_task(name: str, spec: GenerationSpec) -> TaskDef:
+    def run(ctx: EvalContext, source: str | None) -> TaskOutcome:
+        requests = _requests(ctx, name)
+        with ctx.progress(f"{name} (prompts decoded)", prompt_count(ctx.tokenizer, requests, spec)) as bar:
+            group = evaluate_generation(ctx.model, ctx.tokenizer, requests, spec, ctx.options.batch_size, bar.advance,
+                                        ctx.workers)
+        return TaskOutcome([group], len(requests))
+
+    return TaskDef(name, "edits", run)
+
+
 def _perplexity_text(data_dir: Path, text: Path | None, source: str | None) -> str:
     return source or str(text or data_dir / "wikitext" / "wiki.test.raw")
 
@@ -80,6 +93,8 @@ def _choice(task: choice.ChoiceTask) -> TaskDef:
 REGISTRY: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("counterfact", "edits", _run_counterfact),
     TaskDef("zsre", "edits", _run_zsre),
+    _generation_task("counterfact-gen", counterfact.GENERATION),
+    _generation_task("zsre-gen", zsre.GENERATION),
     TaskDef("perplexity", "text", _run_perplexity, _perplexity_text),
     *(_generative(t) for t in generative.TASKS.values()),
     *(_choice(t) for t in choice.TASKS.values()),

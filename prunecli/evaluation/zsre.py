@@ -7,6 +7,9 @@
   predictions are computed before any delta is added (see `reference_scores`).
 - zsre_locality_gold_acc: token accuracy against the gold locality answer (ROME's definition).
 NaN/Inf scores count as failures and are counted in n_nonfinite.
+
+The generation protocol (`GENERATION`, task `zsre-gen`, `evaluation.edit_generation`) decodes greedily instead: the
+continuation of the edit prompt / rephrases must start with target_new, a locality prompt's with its gold answer.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.base import MetricGroup
+from prunecli.evaluation.base import MetricGroup, request_records
+from prunecli.evaluation.edit_generation import Answers, GenerationSpec
 from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, case_means
 from prunecli.models.scoring import TargetScore, score_targets
@@ -31,6 +35,19 @@ def protocol_text(reference_name: str) -> str:
             f"positions where the top-1 token equals the reference model's ({reference_name}, EasyEdit's definition); "
             "zsre_locality_gold_acc = token accuracy on the gold locality answer (ROME's definition). Mean over a "
             "case's prompts, then over cases; NaN/Inf counts as failure (n_nonfinite). Sequential: final model.")
+
+
+def expected_answers(req: EditRequest) -> Answers:
+    """Per prompt kind: (prompt, what the model should say)."""
+    return {"edit": [(req.text, req.target_new)], "rephrase": [(p, req.target_new) for p in req.rephrase_prompts],
+            "locality": list(zip(req.locality_prompts, req.locality_answers))}
+
+
+GENERATION = GenerationSpec(
+    "zsre_generation", "zsRE",
+    {"edit": "zsre_edit_gen", "rephrase": "zsre_rephrase_gen", "locality": "zsre_locality_gen"}, expected_answers,
+    "zsre_edit_gen / zsre_rephrase_gen: the answer is target_new, after the edit prompt / each rephrase; "
+    "zsre_locality_gen: the locality prompt's gold answer.")
 
 
 def _locality_pairs(requests: Sequence[EditRequest]) -> list[list[tuple[str, str]]]:
@@ -76,7 +93,8 @@ def zsre_metrics(requests: Sequence[EditRequest], scores: dict[tuple[str, str], 
     metrics = {name: case_means(cases, 0.0) for name, cases in [
         ("zsre_edit_acc", edit), ("zsre_rephrase_acc", rephrase), ("zsre_locality_agreement", agree),
         ("zsre_locality_gold_acc", gold)]}
-    return MetricGroup(GROUP, protocol_text(reference_name), {k: v for k, v in metrics.items() if v.n})
+    return MetricGroup(GROUP, protocol_text(reference_name), {k: v for k, v in metrics.items() if v.n},
+                       request_records(requests))
 
 
 def needed_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:

@@ -3,6 +3,10 @@
 Prompts of a batch are left-padded so every row's next token is predicted at the same (last) column; pads are
 masked out, and position ids count only real tokens (a left-padded row starts at position 0 at its first real
 token), so a prompt decodes to the same text alone or in any batch. A key/value cache keeps each step one token.
+Every prompt has its own budget of new tokens (a task's fixed budget, or an answer's length plus a margin): a row
+that has spent its budget is done, exactly as if it had been decoded alone with that budget.
+
+Shared by evaluation (general tasks, the generation protocol of edits) and editors (`edit --check generation`).
 """
 
 from __future__ import annotations
@@ -44,21 +48,26 @@ def stop_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                    on_batch: Advance | None = None) -> list[Generation]:
-    """Greedy continuations (up to `max_new_tokens`, stopping at end-of-sequence) of each prompt.
+def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
+                    batch_size: int = 16, on_batch: Advance | None = None) -> list[Generation]:
+    """Greedy continuations of each prompt, stopping at end-of-sequence or after `max_new_tokens` new tokens (one
+    budget for all prompts, or one per prompt).
 
-    A prompt longer than the model's context minus `max_new_tokens` keeps its last tokens (the question/instruction
+    A prompt longer than the model's context minus its budget keeps its last tokens (the question/instruction
     usually sits at the end).
     """
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or any(b < 1 for b in budgets):
+        raise ValueError("need one budget of at least 1 new token per prompt")
     device = input_device(model)
     cache_kw, can_trim = forward_keywords(model)
     last_only = {"logits_to_keep": 1} if can_trim else {}  # the prompt's other logits are vocabulary-sized waste
     stops = stop_ids(model, tokenizer)
     pid = pad_id(tokenizer)
     context = max_context(model)
-    keep = None if context is None else max(1, context - max_new_tokens)
-    encoded = [list(tokenizer(p)["input_ids"])[-keep:] if keep else list(tokenizer(p)["input_ids"]) for p in prompts]
+    encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if context is not None:
+        encoded = [ids[-max(1, context - b):] for ids, b in zip(encoded, budgets)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -76,7 +85,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
         tokens: list[list[int]] = [[] for _ in idx]
         finite = [True] * len(idx)
         done = [False] * len(idx)
-        for step in range(max_new_tokens):
+        while True:
             logits = out.logits[:, -1].float()
             ok = torch.isfinite(logits).all(-1).tolist()
             chosen = logits.argmax(-1)
@@ -88,7 +97,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
                     done[row] = True
                 else:
                     tokens[row].append(tok)
-            if all(done) or step == max_new_tokens - 1:
+                    done[row] = len(tokens[row]) >= budgets[idx[row]]
+            if all(done):
                 break
             # Finished rows keep decoding (their outputs are ignored) so the batch stays rectangular.
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
