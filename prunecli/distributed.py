@@ -141,10 +141,10 @@ def _leave_together(rank: int, world_size: int) -> None:
 
     A barrier alone is not enough: gloo lets a process leave a barrier while its last message to a peer is still
     queued, and destroying its group then closes that connection under the peer, which aborts (SIGABRT) with
-    "connection closed by peer" (gloo issue 155: barrier followed by context destruction). `test_multiprocess` saw it
-    once in about a dozen runs. So after the barrier every process says so through the launcher's key-value store
-    (not through gloo) and waits until all have: by then every barrier message has been received. The store's server
-    lives in process 0, so process 0 also waits until the others have read that, and leaves last.
+    "connection closed by peer" (gloo issue 155: barrier followed by context destruction). So after the barrier every
+    process says so through the launcher's key-value store (not through gloo) and waits until all have: by then every
+    barrier message has been received. The store's server lives in process 0, so process 0 also waits until the
+    others have read that, and leaves last.
     """
     import torch.distributed as dist
 

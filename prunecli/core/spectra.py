@@ -11,10 +11,9 @@ diagonal block: about 5/8 of the flops of a full product), which `eigvalsh(..., 
 sigma_max alone (what the restraint needs when no kappa is asked for) is `largest_singular_value`: Lanczos on the
 float32 Gram matrix, certified in float64; where kappa is computed, sigma_max comes with the spectrum.
 
-Threads: nothing here changes torch's (process-wide) thread count. On a shared CPU, small eigvalsh calls are much
-faster on one thread (measured on our 2-core box for n = 1600: 0.27 s on one thread vs 0.49 s on two when lightly
-loaded, 1.3-3.6 s on two when other processes compete), so the CLI takes the count once (`prunecli --threads N`,
-or OMP_NUM_THREADS).
+Threads: nothing here changes torch's (process-wide) thread count. On a CPU shared with other processes, small
+eigvalsh calls run faster on one thread than on several (a descheduled thread stalls the others; docs/RESULTS.md), so
+the CLI takes the count once (`prunecli --threads N`, or OMP_NUM_THREADS).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 AlphaEdit always preserves them (its `cache_c`); MEMIT does when `prior_edit_weight` is set. Each layer's keys
 K_p [rows, d_in] are read again on the edited model after all layers of a batch are written (the edits' keys as the
 next batch will see them) and appended: one row per edit (the subject's last token, averaged over the context
-prefixes) and, where `whole_prompts` is set (MEMIT), one row per token of each bare edit prompt as well. Later
-batches undo earlier edits through those other tokens too: on Gemma-3-270M (records 300-349, five batches of 10) 45
-of 50 edits held with the subject keys alone and 47 with every prompt token's key added. They travel in the delta as
+prefixes) and, where `whole_prompts` is set (MEMIT), one row per token of each bare edit prompt as well: later
+batches also undo earlier edits through those other tokens (docs/ARCHITECTURES.md, Gemma-3). They travel in the delta as
 extra tensors `<prefix><weight name>` (see `core/delta.py`), so `edit --delta a -o b` preserves the same keys as one
 run over all requests. Continuing a delta that lacks them (made by another method, or by `diff`) is refused: the
 earlier edits could not be preserved.

@@ -152,9 +152,9 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
 
     The value optimisation shifts the subject's last token at the last edited layer only, while the update also
     moves the subject's token at the earlier layers (whose change reaches later tokens through attention) and every
-    other token whose keys it touches; on Gemma-3 an edit can reach its target residual at the subject (cosine 0.99)
-    and still reach only P(new) 0.35 where the target alone gives 0.92, and some edits do not take. The MEMIT
-    hyper-parameter `retry_rounds` (MEMIT's and AlphaEdit's; None: one round) gives extra rounds that each check the
+    other token whose keys it touches, so an edit can reach its target residual at the subject and still not make the
+    model say the target (docs/ARCHITECTURES.md, Gemma-3). The hyper-parameter `retry_rounds` (MEMIT's and
+    AlphaEdit's; None: one round) gives extra rounds that each check the
     batch (`editors.success`) and, for the edits that did not take, optimise the value again on the model as edited
     (so it sees those side effects) and spread it; the batch's other edits are held where they are (target = their
     current residual), so a retry does not move them. `retry_below` p also retries edits that took with the new
