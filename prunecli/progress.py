@@ -8,7 +8,7 @@ A function that takes a while accepts `progress: Progress = no_progress` and ope
         task.log("one line worth reading now")    # an event above the bar (warning=True for a warning)
 
 The library never draws, prints or imports the CLI; notebooks and tests pass nothing (`no_progress`) or their own
-callable. `commands/_common.cli_progress` renders tasks as a rich bar on a terminal and as timestamped lines in a
+callable. `commands/_display.cli_progress` renders tasks as a rich bar on a terminal and as timestamped lines in a
 log file. This module sits below everything (core may import it).
 """
 

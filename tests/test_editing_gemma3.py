@@ -2,7 +2,7 @@
 
 Before MEMIT mapped its residual targets through `post_feedforward_layernorm` (editors/residual.py), every target's
 probability fell (to 1e-6 .. 1e-14 on these records) and the model was destroyed. Kept small: statistics from 4096
-WikiText tokens, no context prefixes; the 0-49 acceptance figures are in the README."""
+WikiText tokens, no context prefixes; the 0-49 acceptance figures are in docs/RESULTS.md."""
 
 from __future__ import annotations
 

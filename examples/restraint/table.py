@@ -1,4 +1,4 @@
-"""The README table of the restraint study (issue 15) from one model's work folder (see study.sh).
+"""The docs/RESULTS.md table of the restraint study (issue 15) from one model's work folder (see study.sh).
 
     python examples/restraint/table.py WORK N        # prints a Markdown table
 
