@@ -174,10 +174,10 @@ def spectrum(w: torch.Tensor, exact: bool = False, device: str | torch.device | 
     return torch.linalg.eigvalsh(_gram_upper(w, dev), UPLO="U").clamp_min(0.0).sqrt().flip(0).cpu(), PATH_GRAM64
 
 
-def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None,
-                    precision: Precision = "float64") -> torch.Tensor:
-    """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU (`spectrum` without the path)."""
-    return spectrum(w, exact, device, precision)[0]
+def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> torch.Tensor:
+    """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU (the float64 paths of
+    `spectrum`)."""
+    return spectrum(w, exact, device)[0]
 
 
 # ------------------------------------------------------------------------------------------------ sigma_max
