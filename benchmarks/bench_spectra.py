@@ -165,7 +165,7 @@ def main() -> None:
 
     print(f"{args.n} matrices {OUT}x{IN} fp32, kappa {min(kappas):.3g}..{max(kappas):.3g}, device {dev}, "
           f"torch threads {torch.get_num_threads()}, best of {args.repeat} runs each")
-    print(f"fast  (Gram fp64 + eigvalsh, inspect's path): {t_fast:8.3f} s  ({t_fast / args.n:.3f} s/matrix)  "
+    print(f"fast  (Gram fp64 + eigvalsh, inspect float64): {t_fast:8.3f} s  ({t_fast / args.n:.3f} s/matrix)  "
           f"max rel err sigma_min vs float64 SVD: {max_rel(s_fast):.2e}")
     print(f"naive (torch.linalg.svdvals float32):         {t_naive:8.3f} s  ({t_naive / args.n:.3f} s/matrix)  "
           f"max rel err sigma_min vs float64 SVD: {max_rel(s_naive):.2e}")
