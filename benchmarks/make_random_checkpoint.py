@@ -5,6 +5,7 @@ The weights are random, the files are real: config.json, shards of about --shard
 is made with well under 1 GB of memory.
 
 Example: python benchmarks/make_random_checkpoint.py /tmp/llama7b --shape llama-7b
+         python benchmarks/make_random_checkpoint.py /tmp/tinyllama --shape tinyllama-1.1b   (1.10B parameters, 2.2 GB)
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ import torch
 
 from prunecli.core.safetensors_stream import DTYPE_NAMES, TensorSource, write_safetensors
 
-SHAPES = {  # hidden, intermediate, layers, heads, vocab
-    "llama-7b": (4096, 11008, 32, 32, 32000),
-    "llama-1b": (2048, 5632, 22, 32, 32000),
-    "tiny": (256, 688, 2, 4, 1000),
+SHAPES = {  # hidden, intermediate, layers, heads, key/value heads, vocab
+    "llama-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama-1b": (2048, 5632, 22, 32, 32, 32000),  # TinyLlama's sizes without its grouped-query attention: 1.26B
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B: 4 key/value heads, 1.10B parameters
+    "tiny": (256, 688, 2, 4, 4, 1000),
 }
 
 
-def tensor_shapes(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_shapes(hidden: int, inter: int, layers: int, heads: int, kv_heads: int,
+                  vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    kv = hidden // heads * kv_heads
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
-        shapes += [(p + f"self_attn.{m}_proj.weight", (hidden, hidden)) for m in "qkvo"]
+        shapes += [(p + f"self_attn.{m}_proj.weight", (kv if m in "kv" else hidden, hidden)) for m in "qkvo"]
         shapes += [(p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
                    (p + "mlp.down_proj.weight", (hidden, inter))]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    hidden, inter, layers, heads, vocab = SHAPES[args.shape]
+    hidden, inter, layers, heads, kv_heads, vocab = SHAPES[args.shape]
     args.out.mkdir(parents=True, exist_ok=False)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -54,7 +58,7 @@ def main() -> None:
             return torch.ones(shape, dtype=dtype)
         return (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(dtype)
 
-    shapes = tensor_shapes(hidden, inter, layers, vocab)
+    shapes = tensor_shapes(hidden, inter, layers, heads, kv_heads, vocab)
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
@@ -77,9 +81,10 @@ def main() -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": heads, "vocab_size": vocab, "max_position_embeddings": 4096,
+              "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": str(dtype).split(".")[-1]}
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"{sum(int(torch.tensor(s).prod()) for _, s in shapes) / 1e9:.3g}B parameters, {total / 2**30:.3g} GiB")
 
 
 if __name__ == "__main__":

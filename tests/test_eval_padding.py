@@ -10,7 +10,7 @@ import torch
 
 from prunecli.evaluation.counterfact import evaluate_counterfact
 from prunecli.models.generation import greedy_generate
-from prunecli.evaluation.perplexity import evaluate_perplexity
+from prunecli.evaluation.perplexity import evaluate_perplexity, leading_ids
 from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest
 from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
@@ -98,3 +98,13 @@ def test_perplexity_does_not_depend_on_batching(model: torch.nn.Module, tmp_path
     nll = -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
     full = evaluate_perplexity(model, tok, text, window=100, stride=50, max_tokens=100).groups[0].metrics["perplexity"]
     assert full.value == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-5)
+
+
+def test_leading_ids_equal_the_start_of_the_whole_text(shared_data: Path) -> None:
+    """Prefixes ending at line breaks (WikiText), or the whole text when it has none (the corpus on one line)."""
+    tok = tiny_tokenizer()
+    for text in [(shared_data / "wikitext" / "wiki.test.raw").read_text()[:200_000], " ".join(CORPUS) * 20]:
+        whole = tok(text)["input_ids"]
+        for limit in (1, 9, 300, 2500, len(whole) + 10):
+            assert leading_ids(tok, text, limit) == whole[:limit]
+        assert leading_ids(tok, text, None) == whole

@@ -74,6 +74,24 @@ def test_select_and_exact(gpt2_dir: Path) -> None:
                                                    "transformer.h.3.attn.c_attn.weight"]
 
 
+def test_precision_float32_for_a_whole_checkpoint_float64_otherwise(llama_dir: Path) -> None:
+    whole = json.loads(_invoke(llama_dir, "--json").stdout)
+    assert whole["precision"] == "float32"
+    assert {t["path"] for t in whole["tensors"]} == {"gram-float32", "gram-float64"}  # the guard decides per matrix
+    forced = json.loads(_invoke(llama_dir, "--precision", "float64", "--json").stdout)
+    assert forced["precision"] == "float64" and {t["path"] for t in forced["tensors"]} == {"gram-float64"}
+    for fast, ref in zip(whole["tensors"], forced["tensors"], strict=True):
+        for key in ("sigma_max", "sigma_min", "kappa", "fro", "stable_rank"):
+            assert fast[key] == pytest.approx(ref[key], rel=2 * 1e-3)  # kappa and stable rank: two values' errors
+    selected = json.loads(_invoke(llama_dir, "-s", "*.mlp.*", "--json").stdout)
+    assert selected["precision"] == "float64" and {t["path"] for t in selected["tensors"]} == {"gram-float64"}
+    chosen = json.loads(_invoke(llama_dir, "-s", "*.mlp.*", "--precision", "float32", "--json").stdout)
+    assert chosen["precision"] == "float32"
+    exact = json.loads(_invoke(llama_dir, "--exact", "--json").stdout)
+    assert exact["precision"] is None and {t["path"] for t in exact["tensors"]} == {"svd-float64"}
+    assert _invoke(llama_dir, "--precision", "float16").exit_code == 2
+
+
 def test_bad_glob_is_one_line_error(llama_dir: Path) -> None:
     line = _one_line_error(_invoke(llama_dir, "--select", "*.nothing.*"))
     assert "no tensor matches --select '*.nothing.*'" in line

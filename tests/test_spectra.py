@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.inspection import checkpoint_candidates, checkpoint_reports, delta_reports, delta_singular_values
 from prunecli.core.selection import select_names
-from prunecli.core.spectra import SpectrumStats, _gram_upper, matrix_stats, numerical_rank, singular_values
+from prunecli.core.spectra import (FLOAT32_TOLERANCE, PATH_GRAM32, PATH_GRAM64, Float32Attempts, SpectrumStats,
+                                   _gram_upper, float32_kappa_limit, matrix_stats, numerical_rank, singular_values,
+                                   spectrum)
 from prunecli.errors import PruneCliError, PruneCliWarning
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -56,6 +59,78 @@ def test_exact_mode_is_accurate_where_the_fast_path_is_not() -> None:
     assert abs(float(singular_values(w, exact=True)[-1]) - ref) / ref < 1e-6
     fast = matrix_stats(w)
     assert not math.isclose(fast.kappa, kappa, rel_tol=1e-2)  # eps64 * kappa^2 >> 1: why --exact exists
+
+
+def _spread(kind: str, k: int, kappa: float) -> torch.Tensor:
+    """k singular values from 1 down to 1/kappa: evenly spaced, geometric, or one small value below a flat rest."""
+    if kind == "linear":
+        return torch.linspace(1.0, 1.0 / kappa, k, dtype=torch.float64)
+    if kind == "geometric":
+        return torch.logspace(0.0, -math.log10(kappa), k, dtype=torch.float64)
+    return torch.cat([torch.ones(k - 1, dtype=torch.float64), torch.tensor([1.0 / kappa], dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (640, 256)])  # short side 64 and 256, both orientations
+@pytest.mark.parametrize("kind", ["linear", "geometric", "isolated"])
+@pytest.mark.parametrize("side", [0.95, 1.05])  # kappa just below / just above the switch
+def test_float32_guard_on_both_sides_of_the_switch(shape: tuple[int, int], kind: str, side: float) -> None:
+    m = min(shape)
+    kappa = side * float32_kappa_limit(m)
+    w = _with_spectrum(_spread(kind, m, kappa), *shape, seed=m).float()
+    ref = torch.linalg.svdvals(w.double())  # exact SVD of the matrix as stored
+    got, path = spectrum(w, precision="float32")
+    rel = float(((got - ref).abs() / ref).max())
+    if side < 1:
+        assert path == PATH_GRAM32
+        assert rel <= FLOAT32_TOLERANCE
+        assert rel > 1e-8  # a float32 result indeed: the tolerance is what it has to meet
+    else:
+        assert path == PATH_GRAM64
+        assert rel < 1e-10
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e5])
+def test_float32_path_falls_back_where_float32_would_be_wrong(kappa: float) -> None:
+    w = _with_spectrum(_spread("geometric", 64, kappa), 64, 200, seed=5).float()
+    ref = torch.linalg.svdvals(w.double())
+    raw = torch.linalg.eigvalsh(_gram_upper(w, torch.device("cpu"), dtype=torch.float32), UPLO="U")
+    unguarded = raw.double().clamp_min(0.0).sqrt().flip(0)
+    assert float(((unguarded - ref).abs() / ref).max()) > FLOAT32_TOLERANCE  # what the guard protects from
+    got, path = spectrum(w, precision="float32")
+    assert path == PATH_GRAM64
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float32_path_on_well_conditioned_stored_dtypes(dtype: torch.dtype) -> None:
+    w = (torch.randn(96, 400, generator=torch.Generator().manual_seed(6)) / 20).to(dtype)  # kappa about 3
+    ref = torch.linalg.svdvals(w.double())
+    got, path = spectrum(w, precision="float32")
+    assert path == PATH_GRAM32
+    assert float(((got - ref).abs() / ref).max()) <= FLOAT32_TOLERANCE
+    # float64 input is never narrowed; widening 16-bit values to float32 first changes nothing on the float64 path
+    assert spectrum(w.double(), precision="float32")[1] == PATH_GRAM64
+    assert torch.equal(singular_values(w), singular_values(w.float()))
+
+
+def test_float32_kappa_limit_shrinks_with_the_size() -> None:
+    limits = [float32_kappa_limit(m) for m in (64, 256, 2048, 4096)]
+    assert limits == sorted(limits, reverse=True)
+    assert 4.0 < limits[2] < 8.0  # 2048: random 5632 x 2048 MLP weights (kappa about 4) are kept
+
+
+def test_float32_attempts_give_up_per_shape() -> None:
+    attempts = Float32Attempts(give_up_after=2)
+    for accepted in (False, True, False):  # an accepted attempt resets the count
+        attempts.record((8, 4), accepted)
+    assert attempts.worth_trying((8, 4))
+    attempts.record((8, 4), False)
+    assert not attempts.worth_trying((8, 4)) and attempts.worth_trying((4, 8))
+    bad = _with_spectrum(_spread("geometric", 8, 1e4), 8, 20).float()
+    good = torch.randn(8, 20, generator=torch.Generator().manual_seed(7))
+    run = Float32Attempts()
+    assert [spectrum(x, precision="float32", attempts=run)[1] for x in (bad, bad, good)] == [PATH_GRAM64] * 3
+    assert spectrum(good.T.contiguous(), precision="float32", attempts=run)[1] == PATH_GRAM32  # another shape
 
 
 @pytest.mark.parametrize("shape", [(20, 300), (300, 20)])
@@ -130,6 +205,37 @@ def test_edited_stats_match_dense_reference(family: str, names: list[str], exact
         assert r.delta.n_above_sigma_max == int((d_ref[:2] > base_ref[0]).sum())
     untouched = reports[ckpt.canonical(ckpt.matrices()[0])]
     assert untouched.edited is None and untouched.delta is None
+
+
+def test_reading_ahead_gives_the_reports_of_reading_in_turn(llama_sharded_bf16_dir: Path) -> None:
+    ckpt = Checkpoint(llama_sharded_bf16_dir)
+    names = [aliases[0] for aliases in checkpoint_candidates(ckpt)]
+    for precision in ("float32", "float64"):
+        ahead = list(checkpoint_reports(ckpt, names, keep_spectra=True, precision=precision))
+        in_turn = list(checkpoint_reports(ckpt, names, keep_spectra=True, precision=precision, prefetch=False))
+        assert [(r.name, r.path, r.stats) for r in ahead] == [(r.name, r.path, r.stats) for r in in_turn]
+        assert all(torch.equal(a.spectrum, b.spectrum) for a, b in zip(ahead, in_turn, strict=True))
+        assert {r.path for r in ahead} == ({PATH_GRAM32, PATH_GRAM64} if precision == "float32" else {PATH_GRAM64})
+
+
+def test_a_read_error_in_the_reader_surfaces_after_the_earlier_reports(tmp_path: Path) -> None:
+    import threading
+
+    from safetensors.torch import save_file
+
+    from prunecli.core.safetensors_stream import read_header
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.randn(8, 12), "b": torch.randn(8, 12), "c": torch.randn(8, 12)}, str(path))
+    ckpt = Checkpoint(path)  # opened (headers checked) while the file was whole
+    _, header = read_header(path)
+    order = sorted(header, key=lambda n: header[n]["data_offsets"][0])  # the last one's data gets cut off
+    path.write_bytes(path.read_bytes()[:-16])
+    reports = checkpoint_reports(ckpt, order)
+    assert [next(reports).name for _ in range(2)] == order[:2]
+    with pytest.raises(PruneCliError, match=f"cannot read {re.escape(str(path))}: .*truncated"):
+        next(reports)
+    assert not [t for t in threading.enumerate() if t.name == "prunecli-read-ahead"]
 
 
 def test_delta_for_another_base_is_refused_unless_mismatch_ignored(gpt2_dir: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prunecli.core.artifacts import DELTA, is_artifact
 from prunecli.core.atomic import check_output_path, labelled
@@ -30,12 +30,22 @@ class InspectOptions:
     deltas: tuple[str | Path, ...] = ()
     select: tuple[str, ...] = ()
     exact: bool = False  # float64 SVD instead of the Gram path
+    precision: str = "auto"  # the Gram path's: float32 (where provably within 1e-3), float64, auto (see `gram`)
     top: int = 5  # top singular values of each delta to report
     plot: Path | None = None  # a PNG of the spectra
     device: str = "auto"
     force: bool = False  # replace an existing plot file
     ignore_base_mismatch: bool = False
     allow_pickle: bool = False
+
+    @property
+    def gram(self) -> Literal["float32", "float64"]:
+        """The Gram path's precision: `auto` is float32 for a whole checkpoint (no --select, no --delta), where speed
+        matters, and float64 otherwise."""
+        if self.precision not in ("auto", "float32", "float64"):
+            raise PruneCliError(f"precision must be auto, float32 or float64, got {self.precision!r}")
+        whole = not self.select and not self.deltas
+        return "float32" if self.precision == "float32" or (self.precision == "auto" and whole) else "float64"
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,8 @@ class InspectResult:
         with_delta = bool(o.deltas)
         tensors = [r.to_json() if self.kind == "delta" else r.to_json(with_delta=with_delta) for r in self.reports]
         return {"path": str(self.path), "kind": self.kind, "deltas": [str(d) for d in o.deltas], "exact": o.exact,
-                "device": self.device, "tensors": tensors}
+                "precision": None if o.exact or self.kind == "delta" else o.gram, "device": self.device,
+                "tensors": tensors}
 
 
 def run_inspect(options: InspectOptions, progress: Progress = no_progress) -> InspectResult:
@@ -91,7 +102,8 @@ def run_inspect(options: InspectOptions, progress: Progress = no_progress) -> In
             raise PruneCliError(f"{target} holds no 2-D matrix to inspect")
         reports = list(track(progress, checkpoint_reports(ckpt, names, composed, exact=o.exact, device=device,
                                                           top_k=o.top, keep_spectra=keep,
-                                                          ignore_base_mismatch=o.ignore_base_mismatch),
+                                                          ignore_base_mismatch=o.ignore_base_mismatch,
+                                                          precision=o.gram),
                              "spectra", len(names)))
         kind = "checkpoint"
         if not o.exact:

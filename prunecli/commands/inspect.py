@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,6 +16,8 @@ from prunecli.commands._output import number
 if TYPE_CHECKING:
     from prunecli.api.inspect import InspectResult
 
+Precision = Enum("Precision", {p: p for p in ("auto", "float32", "float64")}, type=str)  # type: ignore[misc]
+
 
 @guarded
 def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint folder, .safetensors file, prunecli "
@@ -22,6 +25,10 @@ def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint fo
          out: Out, deltas: Deltas = None, select: Select = None,
          exact: Annotated[bool, typer.Option("--exact", help="Float64 SVD instead of the fast Gram + eigvalsh path "
                                              "(needed when kappa approaches 1e7).")] = False,
+         precision: Annotated[Precision, typer.Option(  # type: ignore[valid-type]
+             "--precision", help="Gram path: float64, or float32 (kept only where every singular value is provably within 1e-3 "
+             "relative of float64, i.e. small kappa; float64 elsewhere). auto: float32 for a whole checkpoint (no "
+             "--select, no --delta), float64 otherwise. See docs/SPECTRA.md.")] = Precision("auto"),
          plot: Annotated[Path | None, typer.Option(
              "--plot", dir_okay=False, help="Write a PNG of the singular spectra (log-log; one panel per edited matrix "
              "with W, W + D and D, sigma_max(W) marked). Needs matplotlib.")] = None,
@@ -33,7 +40,8 @@ def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint fo
          ignore_base_mismatch: IgnoreBaseMismatch = False, allow_pickle: AllowPickle = False) -> None:
     """Report the singular spectra of a checkpoint's weight matrices: sigma_max, sigma_min, kappa, norm, stable rank.
 
-    Fast path: eigenvalues of the smaller Gram matrix in float64 (accurate while kappa << 1e7); --exact: float64 SVD.
+    Fast path: eigenvalues of the smaller Gram matrix in float64 (accurate while kappa << 1e7), or in float32 where
+    that is provably within 1e-3 (--precision; the default for a whole checkpoint); --exact: float64 SVD.
     With --delta: also W + D, and the rank and top singular values of D (computed from its low-rank factors). PATH
     may be a delta file: then each entry's rank, norm and top singular values are reported.
 
@@ -45,7 +53,7 @@ def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint fo
     """
     from prunecli.api.inspect import InspectOptions, run_inspect
 
-    options = InspectOptions(path, tuple(deltas or ()), tuple(select or ()), exact, top, plot, device, force,
+    options = InspectOptions(path, tuple(deltas or ()), tuple(select or ()), exact, precision.value, top, plot, device, force,
                              ignore_base_mismatch, allow_pickle)
     with cli_progress() as progress:
         result = run_inspect(options, progress)

@@ -1,7 +1,8 @@
 """What `prunecli inspect` computes: spectra of checkpoint matrices, of edited matrices W + D, and of delta entries.
 
 Everything is a generator over the selected tensors that reads one tensor at a time, so inspecting a large model
-costs one matrix (plus its Gram matrix) of memory, and callers can show progress. A delta's own spectrum always comes
+costs about two matrices (plus a Gram matrix) of memory, and callers can show progress: a checkpoint's next tensor is
+read (file I/O, 16-bit values widened to float32) in a background thread while the current one is decomposed. A delta's own spectrum always comes
 from its factors (`entry_svd`): a low-rank delta is never densified for it. W + D is formed densely in float64,
 because its spectrum is the question and W is dense anyway.
 """
@@ -17,8 +18,10 @@ import torch
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry, check_finite_weight
 from prunecli.core.lowrank import entry_svd
+from prunecli.core.prefetch import read_ahead
+from prunecli.core.safetensors_stream import SAFETENSORS_DTYPES
 from prunecli.core.selection import tensor_aliases
-from prunecli.core.spectra import SpectrumStats, numerical_rank, singular_values
+from prunecli.core.spectra import Float32Attempts, Precision, SpectrumStats, numerical_rank, singular_values, spectrum
 from prunecli.errors import PruneCliError
 
 
@@ -56,6 +59,7 @@ class MatrixReport:
     dtype: str  # stored safetensors dtype (F32, BF16, ...)
     layout: str  # out_in | in_out
     stats: SpectrumStats
+    path: str  # how W's spectrum was computed (spectra.PATH_*)
     spectrum: torch.Tensor | None = None  # all singular values of W (kept only on request)
     edited: SpectrumStats | None = None
     edited_spectrum: torch.Tensor | None = None
@@ -64,7 +68,7 @@ class MatrixReport:
 
     def to_json(self, with_delta: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                               "layout": self.layout, **self.stats.to_json()}
+                               "layout": self.layout, **self.stats.to_json(), "path": self.path}
         if with_delta:
             out["edited"] = self.edited.to_json() if self.edited else None
             out["delta"] = self.delta.to_json() if self.delta else None
@@ -126,12 +130,29 @@ def _add_update(w: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
     return w.addmm_(a, b.T) if entry.layout == "out_in" else w.addmm_(b, a.T)
 
 
+def _read_matrix(ckpt: Checkpoint, name: str) -> tuple[str, torch.Tensor]:
+    """(name, the stored matrix, bf16/fp16 widened to float32, which is exact): checked to be a finite 2-D matrix."""
+    info = ckpt.info(name)
+    if len(info.shape) != 2:
+        raise PruneCliError(f"tensor {name} has shape {list(info.shape)}: only 2-D matrices have a spectrum")
+    w = ckpt.get(name)
+    if w.dtype in (torch.bfloat16, torch.float16):
+        w = w.float()
+    if not bool(torch.isfinite(w).all()):
+        raise PruneCliError(f"tensor {ckpt.canonical(name)} in {ckpt.path} contains NaN or Inf values")
+    return name, w
+
+
 def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | None = None, *, exact: bool = False,
                        device: str | torch.device = "cpu", top_k: int = 5, keep_spectra: bool = False,
-                       ignore_base_mismatch: bool = False) -> Iterator[MatrixReport]:
-    """Spectra of the named matrices of `ckpt`, one tensor in memory at a time.
+                       ignore_base_mismatch: bool = False, precision: Precision = "float64",
+                       prefetch: bool = True) -> Iterator[MatrixReport]:
+    """Spectra of the named matrices of `ckpt`, each tensor read while the previous one is decomposed (`prefetch`;
+    False reads them in turn, in this thread).
 
-    With `delta`, matrices it touches also get the spectrum of W + D and of D. The delta is checked against the base
+    `precision` applies to W (`spectra.spectrum`; with "float32", one `Float32Attempts` spans the pass); W + D,
+    formed in float64, always takes the float64 path. With
+    `delta`, matrices it touches also get the spectrum of W + D and of D. The delta is checked against the base
     first (same tensors, shapes and, unless `ignore_base_mismatch`, bytes), before any spectrum is computed; W + D
     must be finite in the base's dtype.
     """
@@ -140,20 +161,18 @@ def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | No
     dev = torch.device(device)
 
     def generate() -> Iterator[MatrixReport]:
-        for name in names:
+        matrices = (_read_matrix(ckpt, name) for name in names)
+        attempts = Float32Attempts()
+        for name, w in read_ahead(matrices) if prefetch else matrices:
             info, canonical = ckpt.info(name), ckpt.canonical(name)
-            if len(info.shape) != 2:
-                raise PruneCliError(f"tensor {name} has shape {list(info.shape)}: only 2-D matrices have a spectrum")
-            w = ckpt.get(name)
-            if not bool(torch.isfinite(w).all()):
-                raise PruneCliError(f"tensor {canonical} in {ckpt.path} contains NaN or Inf values")
-            s = singular_values(w, exact, dev)
+            s, path = spectrum(w, exact, dev, precision, attempts)
             stats = SpectrumStats.from_singular_values(s)
             entry = delta.entries.get(canonical) if delta is not None else None
             edited = edited_s = dspec = delta_s = None
             if entry is not None:
                 edited_w = _add_update(w.to(dev, torch.float64, copy=True), entry)
-                check_finite_weight(canonical, edited_w.to(w.dtype), w)
+                stored = w.to(SAFETENSORS_DTYPES[info.dtype])  # W as stored (widening was exact)
+                check_finite_weight(canonical, edited_w.to(stored.dtype), stored)
                 edited_s = singular_values(edited_w, exact, dev)
                 del edited_w
                 edited = SpectrumStats.from_singular_values(edited_s)
@@ -162,7 +181,7 @@ def checkpoint_reports(ckpt: Checkpoint, names: Sequence[str], delta: Delta | No
             del w
             kept = (s, edited_s, delta_s) if keep_spectra else (None, None, None)
             yield MatrixReport(canonical, (info.shape[0], info.shape[1]), info.dtype, ckpt.layout(name),
-                               stats, kept[0], edited, kept[1], dspec, kept[2])
+                               stats, path, kept[0], edited, kept[1], dspec, kept[2])
 
     return generate()
 

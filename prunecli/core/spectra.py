@@ -1,8 +1,19 @@
-"""Singular spectra of weight matrices: the fast path (Gram + eigvalsh in float64) and the exact one (SVD).
+"""Singular spectra of weight matrices: the Gram paths (eigvalsh of the Gram matrix, in float64 or guarded float32)
+and the exact one (SVD).
 
 Full SVDs are slow (docs/DESIGN.md section 4). The singular values of W are the square roots of the eigenvalues of the
 smaller Gram matrix W W^T (or W^T W); formed and diagonalised in float64 they are accurate while kappa stays far below
 1e7 (relative error of sigma_min about eps64 * kappa^2). `exact=True` uses an SVD in float64 instead.
+
+`precision="float32"` forms and diagonalises the Gram matrix in float32 (half the memory traffic of float64 and about
+twice its speed on a CPU) and keeps the result only where it is provably within `FLOAT32_TOLERANCE` of the float64
+path; any other matrix goes through the float64 path. The bound: every computed eigenvalue of the m x m Gram matrix is
+within delta = c(m) eps32 lambda_max of the exact one (`float32_error_factor`), so sigma_i has a relative error of at
+most r / (2 (1 - r)) with r = delta / lambda_i, largest for sigma_min, where r = c(m) eps32 kappa^2. The guard
+evaluates that bound at the measured kappa; c(m) carries a margin of at least 3 over the largest errors measured, so
+the switch to float64 comes well before the actual error reaches the tolerance (figures in docs/SPECTRA.md). Trained
+weights are mostly too ill-conditioned for float32: a Cholesky test turns them away before the eigvalsh, and
+`Float32Attempts` stops trying a shape that keeps being turned away.
 
 The Gram matrix is accumulated over column chunks cast to float64 one at a time, so a float32/bf16 matrix never has a
 full float64 copy in memory, and only its upper triangle is formed (block rows times the columns right of the
@@ -18,14 +29,25 @@ the CLI takes the count once (`prunecli --threads N`, or OMP_NUM_THREADS).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 FAST_KAPPA_LIMIT = 1e6
 """Above this kappa the fast path's sigma_min loses more than ~1e-4 relative accuracy: use `exact=True`."""
+
+Precision = Literal["float32", "float64"]
+"""The Gram paths: float64, or float32 guarded by `FLOAT32_TOLERANCE` (float64 wherever that cannot be met)."""
+PATH_GRAM32, PATH_GRAM64, PATH_SVD = "gram-float32", "gram-float64", "svd-float64"
+"""How a spectrum was computed, as reports name it."""
+FLOAT32_TOLERANCE = 1e-3
+"""Relative error bound of every singular value the float32 Gram path keeps, against the float64 path."""
+_EPS32 = torch.finfo(torch.float32).eps
+_FLOAT32_EXACT = (torch.float32, torch.bfloat16, torch.float16)
+"""Stored dtypes the float32 path reads without rounding (wider ones go through float64)."""
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 chunk of the long side: 64 MiB
 _ROW_BLOCKS = 4  # upper-triangle blocking of the Gram product
@@ -66,14 +88,95 @@ def _gram(w: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.floa
     return upper.triu() + upper.triu(1).T
 
 
-def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> torch.Tensor:
-    """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU."""
+def float32_error_factor(m: int) -> float:
+    """c(m) in the float32 path's bound |computed lambda_i - lambda_i| <= c(m) eps32 lambda_max (m x m Gram matrix).
+
+    Two errors add up: the float32 Gram product's (products of float32/bf16/fp16 values round once or not at all,
+    the sums round; a few eps32 lambda_max at most) and float32 eigvalsh's (the backward error of the Householder
+    tridiagonalisation, which grows about linearly with m). 4 + m / 5 is at least three times the largest sum of
+    both measured at every m from 256 to 4096 (`benchmarks/spectra_float32_error.py`, figures in docs/SPECTRA.md).
+    """
+    return 4.0 + m / 5.0
+
+
+def _float32_trusted(m: int, kappa: float) -> bool:
+    """Whether the float32 path's bound at this measured kappa is within `FLOAT32_TOLERANCE` (module docstring)."""
+    c = float32_error_factor(m) * _EPS32
+    r = c * kappa**2 / (1 - c)  # delta / lambda_min, with lambda_max <= computed lambda_max + delta folded in
+    return r < 1 and r / (2 * (1 - r)) <= FLOAT32_TOLERANCE
+
+
+def float32_kappa_limit(m: int) -> float:
+    """The largest measured kappa at which the float32 path keeps its result for an m x m Gram matrix."""
+    c = float32_error_factor(m) * _EPS32
+    r = 2 * FLOAT32_TOLERANCE / (1 + 2 * FLOAT32_TOLERANCE)
+    return math.sqrt(r * (1 - c) / c)
+
+
+class Float32Attempts:
+    """Which matrices the float32 path is tried on during one pass over a checkpoint.
+
+    A rejected attempt costs the float32 Gram matrix and a Cholesky factorisation on top of the float64 path (about
+    a fifth more). Trained weights are mostly too ill-conditioned for float32, and a checkpoint repeats each shape
+    once per layer with similar conditioning, so a shape whose last `give_up_after` attempts were all rejected is
+    not attempted again in this pass; an accepted attempt resets its count. Only the speed depends on this: every
+    matrix's values are within `FLOAT32_TOLERANCE` of the float64 path either way, and its report names its path.
+    """
+
+    def __init__(self, give_up_after: int = 2) -> None:
+        self.give_up_after = give_up_after
+        self._rejected: dict[tuple[int, int], int] = {}  # shape -> consecutive rejections
+
+    def worth_trying(self, shape: tuple[int, int]) -> bool:
+        return self._rejected.get(shape, 0) < self.give_up_after
+
+    def record(self, shape: tuple[int, int], accepted: bool) -> None:
+        self._rejected[shape] = 0 if accepted else self._rejected.get(shape, 0) + 1
+
+
+def _gram32_singular_values(w: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Singular values from the float32 Gram matrix and float32 eigvalsh, or None where the guard does not trust
+    them (kappa too large for `FLOAT32_TOLERANCE`, a singular or zero matrix) or w is stored wider than float32."""
+    if w.dtype not in _FLOAT32_EXACT:
+        return None
+    m = min(w.shape)
+    g = _gram_upper(w, device, dtype=torch.float32)
+    # kappa <= limit needs lambda_min >= lambda_max / limit^2 >= max_i G_ii / limit^2 (a Rayleigh quotient), i.e. a
+    # positive definite G - shift I: a Cholesky factorisation (a fifth of eigvalsh's cost) turns the hopeless away.
+    shifted = g.clone()
+    shifted.diagonal().sub_(float(g.diagonal().max()) / float32_kappa_limit(m) ** 2)
+    if int(torch.linalg.cholesky_ex(shifted, upper=True).info) != 0:
+        return None
+    del shifted
+    eig = torch.linalg.eigvalsh(g, UPLO="U").double()
+    top, low = float(eig[-1]), float(eig[0])
+    if low <= 0.0 or not math.isfinite(top) or not _float32_trusted(m, math.sqrt(top / low)):
+        return None
+    return eig.sqrt().flip(0)
+
+
+def spectrum(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None,
+             precision: Precision = "float64", attempts: Float32Attempts | None = None) -> tuple[torch.Tensor, str]:
+    """(all min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU; the path that computed
+    them: `PATH_SVD` with `exact`, else `PATH_GRAM32` where `precision="float32"` could be trusted, else
+    `PATH_GRAM64`). `attempts` skips the float32 attempt on shapes that keep failing it (`Float32Attempts`)."""
     dev = torch.device(device) if device is not None else w.device
     if exact:
-        s = torch.linalg.svdvals(w.to(dev, torch.float64))
-    else:
-        s = torch.linalg.eigvalsh(_gram_upper(w, dev), UPLO="U").clamp_min(0.0).sqrt().flip(0)
-    return s.cpu()
+        return torch.linalg.svdvals(w.to(dev, torch.float64)).cpu(), PATH_SVD
+    shape = (w.shape[0], w.shape[1])
+    if precision == "float32" and (attempts is None or attempts.worth_trying(shape)):
+        s = _gram32_singular_values(w, dev)
+        if attempts is not None:
+            attempts.record(shape, s is not None)
+        if s is not None:
+            return s.cpu(), PATH_GRAM32
+    return torch.linalg.eigvalsh(_gram_upper(w, dev), UPLO="U").clamp_min(0.0).sqrt().flip(0).cpu(), PATH_GRAM64
+
+
+def singular_values(w: torch.Tensor, exact: bool = False, device: str | torch.device | None = None) -> torch.Tensor:
+    """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU (the float64 paths of
+    `spectrum`)."""
+    return spectrum(w, exact, device)[0]
 
 
 # ------------------------------------------------------------------------------------------------ sigma_max

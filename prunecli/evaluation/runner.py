@@ -26,7 +26,8 @@ from prunecli.progress import Progress, no_progress
 from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
 from prunecli.models.scoring import TargetScore
-from prunecli.evaluation.zsre import reference_scores
+from prunecli.evaluation.reference_cache import ReferenceCache, reference_key
+from prunecli.evaluation.zsre import locality_pairs, reference_scores, score_pairs
 from prunecli.models.builtin import resolve_model_path
 from prunecli.requests import EditRequest, load_requests, parse_record
 
@@ -82,17 +83,41 @@ def _load(ref: str, options: EvalOptions, workers: Workers) -> tuple[Any, Any, A
     return load_model(ref, options.load, device=workers.resolve_device(options.load.device))
 
 
+def _reference_cache(options: EvalOptions, reference: str, workers: Workers) -> ReferenceCache | None:
+    """The disk cache of `reference`'s locality scores under these options; none for a parallel run (its processes
+    must agree on what is missing) or a reference that is not a model folder (loading it gives the error)."""
+    from prunecli.models.loading import resolve_device
+    from prunecli.models.tokenizer import tokenizer_source
+
+    folder = resolve_model_path(reference)
+    if workers.parallel or not folder.is_dir():
+        return None
+    source = tokenizer_source(folder, options.load.tokenizer)
+    device = options.load.device_map or resolve_device(workers.resolve_device(options.load.device)).type
+    return ReferenceCache(reference_key(folder, source.path if source.given else None,
+                                        {"dtype": options.load.dtype, "device": device, "batch_size": options.batch_size}))
+
+
 def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
                has_delta: bool, progress: Progress, workers: Workers) -> tuple[list[list[TargetScore]], str]:
-    """Locality predictions of the reference model: --locality-reference, else the base model before the deltas."""
-    total = sum(min(len(r.locality_prompts), len(r.locality_answers)) for r in requests)
+    """Locality predictions of the reference model: --locality-reference, else the base model before the deltas.
+    Scores of the same reference from earlier runs come from the disk cache (`reference_cache`); a reference model
+    of its own is loaded only when some pair is missing there."""
+    cache = _reference_cache(options, options.locality_reference or model_ref, workers)
+    pairs = locality_pairs(requests)
+    known = cache.lookup(pairs) if cache is not None else {}
+    missing = [pair for pair in pairs if pair not in known]
+    if missing:
+        if options.locality_reference:
+            model, tokenizer, _ = _load(options.locality_reference, options, workers)
+        with progress("zsre locality reference", len(missing)) as bar:
+            scored = score_pairs(model, tokenizer, missing, options.batch_size, bar.advance, workers)
+        if cache is not None:
+            cache.store(scored)
+        known.update(scored)
+    scores = reference_scores(model, tokenizer, requests, known=known)  # every pair known: arranged per request
     if options.locality_reference:
-        ref_model, ref_tok, _ = _load(options.locality_reference, options, workers)
-        with progress("zsre locality reference", total) as bar:
-            scores = reference_scores(ref_model, ref_tok, requests, options.batch_size, bar.advance, workers)
         return scores, options.locality_reference
-    with progress("zsre locality reference", total) as bar:
-        scores = reference_scores(model, tokenizer, requests, options.batch_size, bar.advance, workers)
     return scores, (f"{model_ref} without deltas" if has_delta else f"{model_ref} (the evaluated model itself)")
 
 

@@ -14,7 +14,7 @@ continuation of the edit prompt / rephrases must start with target_new, a locali
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
@@ -54,14 +54,28 @@ def _locality_pairs(requests: Sequence[EditRequest]) -> list[list[tuple[str, str
     return [list(zip(r.locality_prompts, r.locality_answers)) for r in requests]
 
 
+def locality_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
+    """Every distinct (locality prompt, answer) pair of the requests, in first-use order."""
+    return list(dict.fromkeys(pair for pairs in _locality_pairs(requests) for pair in pairs))
+
+
+def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                on_batch: Advance | None = None, workers: Workers = SINGLE) -> dict[tuple[str, str], TargetScore]:
+    """Teacher-forced scores of (prompt, answer) pairs, each process scoring its share."""
+    return dict(zip(pairs, workers.map(lambda part: score_targets(model, tokenizer, [p for p, _ in part],
+                                                                  [a for _, a in part], batch_size, on_batch), pairs)))
+
+
 def reference_scores(model: Any, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int = 16,
-                     on_batch: Advance | None = None, workers: Workers = SINGLE) -> list[list[TargetScore]]:
-    """Teacher-forced scores of every locality answer (per request, per prompt) under the reference model."""
-    per_case = _locality_pairs(requests)
-    flat = [pair for pairs in per_case for pair in pairs]
-    scores = iter(workers.map(lambda part: score_targets(model, tokenizer, [p for p, _ in part],
-                                                         [a for _, a in part], batch_size, on_batch), flat))
-    return [[next(scores) for _ in pairs] for pairs in per_case]
+                     on_batch: Advance | None = None, workers: Workers = SINGLE,
+                     known: Mapping[tuple[str, str], TargetScore] | None = None) -> list[list[TargetScore]]:
+    """Teacher-forced scores of every locality answer (per request, per prompt) under the reference model; pairs in
+    `known` (a cache's, `reference_cache`) are taken from it, the model is run only for the others."""
+    scores = dict(known or {})
+    missing = [pair for pair in locality_pairs(requests) if pair not in scores]
+    if missing:
+        scores.update(score_pairs(model, tokenizer, missing, batch_size, on_batch, workers))
+    return [[scores[pair] for pair in pairs] for pairs in _locality_pairs(requests)]
 
 
 def _agreement(edited: TargetScore, ref: TargetScore) -> Judgement:
