@@ -37,7 +37,7 @@ import torch
 
 from prunecli.core.artifacts import DELTA, check_digests, parse_document, read_tensors, write_artifact
 from prunecli.core.checkpoint import Checkpoint, Layout
-from prunecli.core.history import HistoryOp, entry_problem
+from prunecli.core.history import HistoryOp, PartialOp, entry_problem
 from prunecli.errors import PruneCliError, PruneCliWarning
 
 FORMAT = DELTA.format
@@ -134,6 +134,12 @@ class Delta:
     @property
     def restraints(self) -> list[dict[str, Any]]:
         return [op for op in self.history if op.get("op") == "prune"]
+
+    @property
+    def partial(self) -> PartialOp | None:
+        """The marker of an `edit` run that has not finished (`history.PartialOp`), when the history ends with one."""
+        last = self.history[-1] if self.history else None
+        return PartialOp.from_json(last) if last is not None and last.get("op") == "partial" else None
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
