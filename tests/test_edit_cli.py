@@ -137,10 +137,9 @@ def _bad(tmp_path, *args) -> str:
 def test_bad_requests(tmp_path, llama_dir):
     f = write_requests(tmp_path / "r.jsonl", [RECORDS[0], {"prompt": "Where is it", "subject": "Lyon",
                                                            "target_new": "Paris"}])
-    assert "record 1" in _bad(tmp_path, llama_dir, "--requests", f) and "does not occur" in _bad(
-        tmp_path, llama_dir, "--requests", f)
+    assert "line 2: subject 'Lyon' does not occur" in _bad(tmp_path, llama_dir, "--requests", f)
     f = write_requests(tmp_path / "e.jsonl", [{**RECORDS[0], "target_new": "  "}])
-    assert "record 0: target_new is missing or empty" in _bad(tmp_path, llama_dir, "--requests", f)
+    assert "line 1: target_new is missing or empty" in _bad(tmp_path, llama_dir, "--requests", f)
 
 
 def test_bad_method_and_missing_stats(tmp_path, llama_dir, requests_file):
