@@ -35,7 +35,7 @@ PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 APPLIED_KEY = "prunecli.applied"
-"""Header metadata key of the files `prunecli apply` rewrites: JSON list of the delta files merged into them, in order."""
+"""Header metadata key of the files `prunecli apply` rewrites: JSON list of the delta files merged into them."""
 
 Layout = Literal["out_in", "in_out"]
 """How a 2-D weight is stored: `out_in` for nn.Linear ([out, in], y = W x), `in_out` for GPT-2's Conv1D (y = x W)."""
