@@ -197,3 +197,21 @@ def test_non_finite_weights_are_named(tmp_path: Path) -> None:
               str(tmp_path / "m.safetensors"))
     assert "tensor bad" in _one_line_error(_invoke(tmp_path / "m.safetensors"))
     assert _invoke(tmp_path / "m.safetensors", "--select", "good").exit_code == 0
+
+
+def test_layers_are_listed_in_numeric_order(tmp_path: Path) -> None:
+    """Layer 10 comes after layer 9, not after layer 1 (text order), in a checkpoint and in a delta file."""
+    from helpers import random_delta
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "deep", n_layer=11)
+    result = _invoke(model, "--select", "*.mlp.down_proj.weight", "--json")
+    assert result.exit_code == 0, result.output
+    layers = [int(t["name"].split(".")[2]) for t in json.loads(result.stdout)["tensors"]]
+    assert layers == list(range(11))
+    deltas = [Delta.load(random_delta(model, f"model.layers.{i}.mlp.down_proj.weight", tmp_path / f"{i}.safetensors",
+                                      i)) for i in (10, 2)]
+    deltas[0].compose(deltas[1]).save(tmp_path / "both.safetensors")
+    for args in ([tmp_path / "both.safetensors"], [model, "--delta", tmp_path / "both.safetensors"]):
+        shown = json.loads(_invoke(*args, "--json").stdout)["tensors"]
+        assert [t["name"].split(".")[2] for t in shown] == ["2", "10"], args
