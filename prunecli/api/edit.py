@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,10 +260,7 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
     key_stats = KeyStats.load(o.stats) if o.stats is not None else None  # read once, before the model loads
     editor.check_base(checkpoint)
 
-    log.info(f"loading {o.model} ({model_path})")
-    loading = time.perf_counter()
     model, tokenizer, base = load_model(o.model, o.load)
-    log.info(f"loaded {o.model} in {time.perf_counter() - loading:.1f} s")
     adapter = resolve_adapter(model)
     hp = editor.resolve_hparams(model, adapter, log.info)
     moments = load_moments(key_stats, base, adapter, hp.layers) if key_stats is not None else None

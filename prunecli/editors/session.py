@@ -25,6 +25,7 @@ interrupt (`EditRun.stopped`) for the caller to write; it writes no file itself.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta, DeltaEntry
+from prunecli.core.delta import Delta, DeltaEntry, check_finite_weight
 from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, EditSettings, Editor
@@ -46,6 +47,8 @@ from prunecli.models.adapters import resolve_adapter
 from prunecli.models.placement import input_device, write_tensor
 from prunecli.progress import Progress, ProgressTask, no_progress
 from prunecli.requests import EditRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,12 @@ def _report(task: ProgressTask, reports: list[RequestReport]) -> None:
 
 def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta, names: Iterable[str] | None = None) -> None:
     """Set every parameter the delta touches (or those of `names`) to base + D, undoing whatever was added before,
-    offloaded ones too."""
+    offloaded ones too; a sum with NaN/Inf is refused, naming the tensor."""
     for name in delta.entries if names is None else names:
-        write_tensor(model, name, base.get(name).float() + delta.entries[name].stored_update(torch.float32))
+        weight = base.get(name)
+        value = weight.float() + delta.entries[name].stored_update(torch.float32)
+        check_finite_weight(name, value, weight)
+        write_tensor(model, name, value)
 
 
 def _copy(delta: Delta) -> Delta:
@@ -184,6 +190,9 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     adapter = resolve_adapter(model)
     model.requires_grad_(False)
     device = input_device(model)
+    if hparams.context_template_length_params:
+        count = sum(n for _, n in hparams.context_template_length_params)
+        log.info(f"generating {count} context prefixes on the base model (seed {seed})")
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
     op = EditOp(editor.method, hparams.to_json(), seed, [], provenance or {})
     total, pending = continue_partial(_copy(prior), op) if prior is not None else (Delta.for_base(base), [])
