@@ -130,6 +130,20 @@ def test_one_name_per_concept_old_spellings_still_work(llama_dir: Path, tmp_path
         assert "-d, --delta" in runner.invoke(app, [command, "--help"]).output, command
 
 
+def test_every_spelling_of_the_requests_works_in_every_command_that_takes_them() -> None:
+    """`--requests`/`-r`, and the old `--edits`/`-e`/`--data` (hidden, with a deprecation line), in edit, evaluate and
+    train-mend alike (parsed only: the option group turns each into the same requests file)."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    rest = {"edit": ["m", "-o", "x"], "evaluate": ["m"], "train-mend": ["m", "-o", "x"]}
+    for name, args in rest.items():
+        for spelling in ("--requests", "-r", "--edits", "-e", "--data"):
+            with commands[name].make_context(name, [*args, spelling, "facts.jsonl"]) as ctx:
+                given = {k: v for k, v in ctx.params.items() if k in ("requests", "edits_old") and v is not None}
+            assert [str(v) for v in given.values()] == ["facts.jsonl"], (name, spelling, given)
+
+
 def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
     from editing_helpers import RECORDS, TINY_SETS, write_requests
 
