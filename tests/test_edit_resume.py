@@ -206,6 +206,9 @@ def test_continuations_must_repeat_the_run(tmp_path: Path, llama_dir: Path, six:
     with pytest.raises(KeyboardInterrupt):
         run_edit_job(EditOptions(llama_dir, six, out, **options), StopAfter(2))
     before = out.read_bytes()
+    shown = runner.invoke(app, ["inspect", str(llama_dir), "--delta", str(out)])  # usable, and said to be partial
+    said = " ".join(shown.stderr.split())
+    assert shown.exit_code == 0 and "is partial: its edit run stopped (interrupted) after records 0-1 of 0-5" in said
 
     def refused(*args: object) -> str:
         result = runner.invoke(app, ["edit", str(llama_dir), "-r", str(six), "--method", "rome",
