@@ -215,3 +215,38 @@ def test_layers_are_listed_in_numeric_order(tmp_path: Path) -> None:
     for args in ([tmp_path / "both.safetensors"], [model, "--delta", tmp_path / "both.safetensors"]):
         shown = json.loads(_invoke(*args, "--json").stdout)["tensors"]
         assert [t["name"].split(".")[2] for t in shown] == ["2", "10"], args
+
+
+def test_the_plot_says_what_it_shows(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restrained delta's plot: "wrote" on stderr, a title naming the delta and "restrained", kappa in the panel
+    title, D' in the legend, sigma as mathtext (no literal underscore), and at least 1260 pixels wide."""
+    import struct
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> object:
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    pruned = tmp_path / "pruned.safetensors"
+    assert runner.invoke(app, ["prune", str(gpt2_dir), str(gpt2_delta), "--fn", "linear", "-o", str(pruned)]
+                         ).exit_code == 0
+    png = tmp_path / "spectra.png"
+    result = _invoke(gpt2_dir, "--delta", pruned, "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {png}" in result.stderr
+    (figure,) = figures
+    assert f"+ {pruned.name} (restrained)" in figure._suptitle.get_text()
+    panel = figure.axes[0]
+    assert "κ(W) " in panel.get_title() and "κ(W + D') " in panel.get_title()
+    labels = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert {"W", "D'", "W + D'"} <= set(labels) and any(label.startswith(r"$\sigma_{max}(W)$") for label in labels)
+    assert panel.get_ylabel() == r"singular value $\sigma_i$"
+    width, _ = struct.unpack(">II", png.read_bytes()[16:24])
+    assert width >= 1260
