@@ -218,3 +218,35 @@ def test_apply_select_merges_only_matching_entries(llama_dir: Path, tmp_path: Pa
     base, out = Checkpoint(llama_dir), Checkpoint(tmp_path / "out")
     one, two = "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"
     assert torch_equal(out.get(one), base.get(one)) and not torch_equal(out.get(two), base.get(two))
+
+
+def test_a_closed_pipe_is_no_error(tmp_path: Path) -> None:
+    """`prunecli compare ... | head -1`: the reader went away before the table was written; exit 0 and no error or
+    traceback on stderr (a shell pipeline's normal end), with and without --json (rich alone would exit 1)."""
+    a, b = _report(tmp_path / "a.json", 20.0), _report(tmp_path / "b.json", 25.0)
+    for extra in ([], ["--json"]):
+        proc = subprocess.Popen([sys.executable, "-m", "prunecli", "compare", str(a), str(b), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.close()  # before the child (still importing) writes anything
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert not any(word in err for word in (b"error", b"Error", b"Traceback", b"Exception")), err
+
+
+def test_a_misspelt_built_in_model_gets_a_suggestion() -> None:
+    result = runner.invoke(app, ["inspect", "smolm2"])
+    assert result.exit_code == 1 and "did you mean smollm2?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tables_follow_one_width_rule_when_piped(gpt2_dir: Path) -> None:
+    """Piped, every table may use PIPED_WIDTH columns: a wide table is not squeezed to 80 (names cut, rows wrapped)."""
+    from prunecli.commands._output import PIPED_WIDTH, stdout_console
+
+    assert stdout_console().width == PIPED_WIDTH  # pytest's stdout is not a terminal
+    result = runner.invoke(app, ["inspect", str(gpt2_dir), "--select", "*.h.1.*"])
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "transformer.h.1." in line]
+    assert rows and all(len(line) <= PIPED_WIDTH for line in result.stdout.splitlines())
+    assert all(line.split()[1].startswith("transformer.h.1.") and line.split()[1].endswith(".weight") for line in rows)

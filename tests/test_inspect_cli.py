@@ -250,3 +250,17 @@ def test_the_plot_says_what_it_shows(gpt2_dir: Path, gpt2_delta: Path, tmp_path:
     assert panel.get_ylabel() == r"singular value $\sigma_i$"
     width, _ = struct.unpack(">II", png.read_bytes()[16:24])
     assert width >= 1260
+
+
+def test_values_kept_above_sigma_max_by_the_restraint_are_explained(gpt2_dir: Path, gpt2_delta: Path,
+                                                                   tmp_path: Path) -> None:
+    """After linear F the count of D' values above sigma_max(W) stays > 0 by design: the table says so."""
+    pruned = tmp_path / "pruned.safetensors"
+    assert runner.invoke(app, ["prune", str(gpt2_dir), str(gpt2_delta), "--fn", "linear", "-o", str(pruned)]
+                         ).exit_code == 0
+    shown = json.loads(_invoke(gpt2_dir, "--delta", pruned, "--json").stdout)["tensors"]
+    assert any(t["delta"]["n_above_sigma_max"] > 0 for t in shown)
+    result = _invoke(gpt2_dir, "--delta", pruned)
+    assert "#σ(D')>σ_max(W)" in result.stdout
+    assert "log and linear F shrink them but keep them above sigma_max by design" in " ".join(result.stderr.split())
+    assert "by design" not in _invoke(gpt2_dir, "--delta", gpt2_delta).stderr  # not restrained: nothing to explain
