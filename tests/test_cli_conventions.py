@@ -250,3 +250,14 @@ def test_tables_follow_one_width_rule_when_piped(gpt2_dir: Path) -> None:
     rows = [line for line in result.stdout.splitlines() if "transformer.h.1." in line]
     assert rows and all(len(line) <= PIPED_WIDTH for line in result.stdout.splitlines())
     assert all(line.split()[1].startswith("transformer.h.1.") and line.split()[1].endswith(".weight") for line in rows)
+
+
+def test_strength_range_in_help_is_the_one_checked() -> None:
+    """--strength is checked against [0, 2] (2 removes D); the help says the same."""
+    from prunecli.core.restraint_functions import MAX_STRENGTH
+
+    shown = " ".join(runner.invoke(app, ["prune", "--help"], terminal_width=200).output.split())
+    assert MAX_STRENGTH == 2 and "Strength t of scale-free F, in [0, 2]" in shown
+    bad = runner.invoke(app, ["prune", "smollm2", "d.safetensors", "--fn", "scale-free", "--strength", "2.5", "-o",
+                              "x.safetensors"])
+    assert bad.exit_code == 2 and "--strength" in bad.output
