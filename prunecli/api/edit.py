@@ -63,7 +63,7 @@ class EditOptions:
     kappa_trigger: float | None = None  # ... and/or whenever kappa(W + D) of an edited matrix exceeds T
     restraint: RestraintSettings = field(default_factory=RestraintSettings)
     seed: int = 0  # of the context-prefix sampler
-    strict: bool = False  # any edit that did not take is an error (nothing written)
+    strict: bool = False  # any edit that did not take is an error (the result is not written)
     check: str = TEACHER_FORCED  # how an edit is judged to have taken (`editors.success`)
     load: LoadOptions = field(default_factory=LoadOptions)
     force: bool = False
@@ -115,12 +115,20 @@ class _PartialWriter:
     requests: str
     span: _Span
     force: bool  # the output may be replaced: --force, a continued partial, or this run's own earlier checkpoint
+    written: int | None = None  # the next record of the last partial delta this writer wrote
 
     def __call__(self, delta: Delta, done: int, reason: str = "checkpoint") -> None:
         marker = PartialOp(self.requests, self.span.start, self.span.first + done, self.span.end, reason,
                            self.span.settings)
         delta.with_entries(delta.entries, marker).save(self.output, self.force)
-        self.force = True
+        self.force, self.written = True, marker.next
+
+    def left(self) -> str:
+        """What a run that ends in an error leaves at the output."""
+        if self.written is None:
+            return "nothing written"
+        return (f"the result was not written ({self.output} holds the checkpoint of records {self.span.start}-"
+                f"{self.written - 1}, marked partial)")
 
 
 def _schedule(o: EditOptions) -> PruneSchedule | None:
@@ -279,7 +287,7 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
     if failed and (o.strict or len(failed) == n):
         why = "--strict" if len(failed) < n else "no edit took"
         raise PruneCliError(f"{len(failed)} of {n} edit(s) did not take (records {ranges(failed)}); {why}: "
-                            "nothing written")
+                            f"{writer.left()}")
     run.delta.save(o.output, writer.force)
     continued = span.first if prior is not None and prior.partial is not None else None
     return EditResult(o, method, list(hp.layers), hp.to_json(), run, continued)
