@@ -196,12 +196,12 @@ def _span(o: EditOptions, requests: list[EditRequest], prior: Delta | None, sett
     if marker is None:
         return _Span(o.start, o.start, end, settings)
     assert prior is not None
-    where = f"{o.output}" if resuming else "the --delta"
-    if o.start != (marker.start if resuming else marker.next):
+    where = str(o.output) if resuming else "the --delta"
+    expected = marker.start if resuming else marker.next  # --resume repeats the run's --start; --delta goes on
+    if o.start != expected:
         raise PruneCliError(f"{where} is an unfinished edit run of records {marker.start}-{marker.end - 1} that "
-                            f"stopped before record {marker.next}: " + (f"resume it with --start {marker.start}"
-                                                                        if resuming else
-                                                                        f"continue it with --start {marker.next}"))
+                            f"stopped before record {marker.next}: {'resume' if resuming else 'continue'} it with "
+                            f"--start {expected}")
     ignored = () if resuming else ("deltas",)  # --delta PARTIAL: the previous deltas are inside it
     theirs = marker.settings
     differ = sorted(k for k in set(settings) | set(theirs) if k not in ignored and settings.get(k) != theirs.get(k))
