@@ -237,6 +237,7 @@ def test_continuations_must_repeat_the_run(tmp_path: Path, llama_dir: Path, six:
     done = runner.invoke(app, ["edit", str(llama_dir), "-r", str(six), "--method", "rome", *_sets("layers=1"),
                                "-o", str(out), "--resume", "--json"])
     assert done.exit_code == 0 and json.loads(done.stdout)["edits"] == 0 and out.read_bytes() == finished
+    assert "already holds every edit of this run (records 0-5): nothing to resume" in " ".join(done.stderr.split())
     fresh = tmp_path / "fresh.safetensors"
     _ok(llama_dir, "-r", six, "--method", "rome", *_sets("layers=1"), "--limit", 1, "-o", fresh, "--resume")
     assert len(Delta.load(fresh).requests) == 1 and Delta.load(fresh).partial is None

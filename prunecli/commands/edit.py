@@ -108,6 +108,8 @@ def _render(out: Out, result: EditResult) -> None:
     from prunecli.api.edit import ranges
 
     run, failed = result.run, result.failed_records
+    if not run.reports:  # --resume of a finished run: the library's note said so
+        return
     generated = result.options.check == "generation"
     out.table("edits", ["#", "prompt", "target", "P before", "P after", "loss", "s",
                         *(["generated"] if generated else []), "took"],
@@ -116,10 +118,6 @@ def _render(out: Out, result: EditResult) -> None:
                for r in run.reports],
               right=["#", "P before", "P after", "loss", "s"])
     n = len(run.reports)
-    if not n:
-        out.say(f"{result.options.output} already holds every edit of this run ({len(run.delta.requests)} in "
-                "total): nothing was edited")
-        return
     continued = f" (continuing at record {result.continued_from})" if result.continued_from is not None else ""
     out.say(f"wrote {result.options.output}: {n} new edit(s){continued}, {len(run.delta.requests)} in total, layers "
             f"{result.layers}, {run.edit_seconds / n:.1f} s per edit ({run.edit_seconds:.1f} s editing after "
