@@ -9,6 +9,11 @@ class PruneCliError(Exception):
     """A user-facing runtime error: the message is shown as is, exit code 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI as an interrupt so it cleans up exactly like Ctrl-C (exit 143 instead of 130).
+
+    Here, not in the CLI layer, so library code that keeps finished work on an interrupt can record which it was."""
+
 
 class PruneCliWarning(UserWarning):
     """Something the user should know that does not stop the command (e.g. a delta accepted for another base).

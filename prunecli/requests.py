@@ -106,30 +106,63 @@ def parse_record(rec: Any, index: int) -> EditRequest:
                            rephrase_prompts=_as_list(rec.get("rephrase_prompt")), locality_prompts=loc_prompts,
                            locality_answers=loc_answers, case_id=rec.get("case_id", index),
                            source_format="counterfact" if counterfact else "minimal")
-    raise ValueError("unknown record format: expected CounterFact (prompt, subject, target_new, ...), "
-                     "zsRE (src, subject, alt, ...) or minimal (prompt, subject, target_new)")
+    raise ValueError(_missing_fields(rec))
+
+
+# The formats a record may be in: the fields that identify each, and the ones it needs.
+_FORMATS = (("CounterFact", {"prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+                             "locality_ground_truth"}, ("prompt", "subject", "target_new")),
+            ("zsRE", {"src", "subject", "alt", "answers", "rephrase", "loc", "loc_ans"}, ("src", "subject", "alt")),
+            ("minimal", {"prompt", "subject", "target_new"}, ("prompt", "subject", "target_new")))
+
+
+def _missing_fields(rec: dict[str, Any]) -> str:
+    """What a record that fits no format lacks, for the format it most resembles (most fields in common; minimal
+    rather than CounterFact when it has none of CounterFact's own fields)."""
+    def likeness(fmt: tuple[str, set[str], tuple[str, ...]]) -> tuple[int, bool]:
+        return len(fmt[1] & rec.keys()), fmt[0] == "minimal"
+
+    name, fields, required = max(_FORMATS, key=likeness)
+    if not fields & rec.keys():
+        return ("unknown record format: expected CounterFact (prompt, subject, target_new, ...), zsRE (src, subject, "
+                f"alt, ...) or minimal (prompt, subject, target_new); it has {', '.join(map(repr, rec)) or 'no field'}")
+    missing = [f for f in required if f not in rec]
+    return f"missing {', '.join(missing)} (a {name} record needs {', '.join(required)})"
+
+
+def _parse(text: str, path: Path) -> tuple[list[Any], Callable[[int], str]]:
+    """The records of a JSON list or JSONL text, and how messages name record i: a JSONL record by its line (1-based,
+    as an editor shows it), a JSON list's by its index (0-based, as --start counts)."""
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PruneCliError(f"{path} is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise PruneCliError(f"{path}: its JSON is nested too deeply to be edit requests") from None
+        return records, lambda i: f"record {i}"
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise PruneCliError(f"{path}: line {n} is not JSON ({exc.msg}, column {exc.colno}); a requests file is a "
+                                "JSON list or one JSON object per line (JSONL)") from exc
+        except RecursionError:
+            raise PruneCliError(f"{path}: line {n} is nested too deeply to be an edit request") from None
+    return records, lambda i: f"line {lines[i][0]}"
 
 
 def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | None = None,
                   on_invalid: Callable[[int, str], None] | None = None) -> list[EditRequest]:
-    """Read records [start, start + limit) of a JSON list or JSONL file (`-`: standard input); any bad record is a clear error, unless
-    `on_invalid(index, reason)` is given: then bad records are reported to it and skipped (bulk training data)."""
+    """Read records [start, start + limit) of a JSON list or JSONL file (`-`: standard input); any bad record is a
+    clear error naming it (`_parse`), unless `on_invalid(index, "WHERE: reason")` is given: then bad records are
+    reported to it and skipped (bulk training data)."""
     path = Path(path)
     if str(path) != STDIN and not path.is_file():
         raise PruneCliError(f"requests file {path} does not exist")
-    text = read_text(path, "requests file")
-    stripped = text.lstrip()
-    try:
-        if stripped.startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise PruneCliError(f"{path} is neither a JSON list nor JSONL: {exc}") from exc
-    except RecursionError:
-        raise PruneCliError(f"{path}: its JSON is nested too deeply to be edit requests") from None
-    if isinstance(records, dict):
-        records = [records]
+    records, where = _parse(read_text(path, "requests file"), path)
     end = len(records) if limit is None else min(len(records), start + limit)
     out = []
     for i in range(start, end):
@@ -137,8 +170,8 @@ def load_requests(path: str | os.PathLike[str], start: int = 0, limit: int | Non
             out.append(parse_record(records[i], i))
         except (ValueError, KeyError, TypeError) as exc:
             if on_invalid is None:
-                raise PruneCliError(f"{path}: record {i}: {exc}") from None
-            on_invalid(i, str(exc))
+                raise PruneCliError(f"{path}: {where(i)}: {exc}") from None
+            on_invalid(i, f"{where(i)}: {exc}")
     if not out:
         raise PruneCliError(f"{path}: no requests in the selected range")
     return out

@@ -130,6 +130,20 @@ def test_one_name_per_concept_old_spellings_still_work(llama_dir: Path, tmp_path
         assert "-d, --delta" in runner.invoke(app, [command, "--help"]).output, command
 
 
+def test_every_spelling_of_the_requests_works_in_every_command_that_takes_them() -> None:
+    """`--requests`/`-r`, and the old `--edits`/`-e`/`--data` (hidden, with a deprecation line), in edit, evaluate and
+    train-mend alike (parsed only: the option group turns each into the same requests file)."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    rest = {"edit": ["m", "-o", "x"], "evaluate": ["m"], "train-mend": ["m", "-o", "x"]}
+    for name, args in rest.items():
+        for spelling in ("--requests", "-r", "--edits", "-e", "--data"):
+            with commands[name].make_context(name, [*args, spelling, "facts.jsonl"]) as ctx:
+                given = {k: v for k, v in ctx.params.items() if k in ("requests", "edits_old") and v is not None}
+            assert [str(v) for v in given.values()] == ["facts.jsonl"], (name, spelling, given)
+
+
 def test_edit_layers_option(llama_dir: Path, tmp_path: Path) -> None:
     from editing_helpers import RECORDS, TINY_SETS, write_requests
 
@@ -204,3 +218,46 @@ def test_apply_select_merges_only_matching_entries(llama_dir: Path, tmp_path: Pa
     base, out = Checkpoint(llama_dir), Checkpoint(tmp_path / "out")
     one, two = "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"
     assert torch_equal(out.get(one), base.get(one)) and not torch_equal(out.get(two), base.get(two))
+
+
+def test_a_closed_pipe_is_no_error(tmp_path: Path) -> None:
+    """`prunecli compare ... | head -1`: the reader went away before the table was written; exit 0 and no error or
+    traceback on stderr (a shell pipeline's normal end), with and without --json (rich alone would exit 1)."""
+    a, b = _report(tmp_path / "a.json", 20.0), _report(tmp_path / "b.json", 25.0)
+    for extra in ([], ["--json"]):
+        proc = subprocess.Popen([sys.executable, "-m", "prunecli", "compare", str(a), str(b), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.close()  # before the child (still importing) writes anything
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert not any(word in err for word in (b"error", b"Error", b"Traceback", b"Exception")), err
+
+
+def test_a_misspelt_built_in_model_gets_a_suggestion() -> None:
+    result = runner.invoke(app, ["inspect", "smolm2"])
+    assert result.exit_code == 1 and "did you mean smollm2?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tables_follow_one_width_rule_when_piped(gpt2_dir: Path) -> None:
+    """Piped, every table may use PIPED_WIDTH columns: a wide table is not squeezed to 80 (names cut, rows wrapped)."""
+    from prunecli.commands._output import PIPED_WIDTH, stdout_console
+
+    assert stdout_console().width == PIPED_WIDTH  # pytest's stdout is not a terminal
+    result = runner.invoke(app, ["inspect", str(gpt2_dir), "--select", "*.h.1.*"])
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "transformer.h.1." in line]
+    assert rows and all(len(line) <= PIPED_WIDTH for line in result.stdout.splitlines())
+    assert all(line.split()[1].startswith("transformer.h.1.") and line.split()[1].endswith(".weight") for line in rows)
+
+
+def test_strength_range_in_help_is_the_one_checked() -> None:
+    """--strength is checked against [0, 2] (2 removes D); the help says the same."""
+    from prunecli.core.restraint_functions import MAX_STRENGTH
+
+    shown = " ".join(runner.invoke(app, ["prune", "--help"], terminal_width=200).output.split())
+    assert MAX_STRENGTH == 2 and "Strength t of scale-free F, in [0, 2]" in shown
+    bad = runner.invoke(app, ["prune", "smollm2", "d.safetensors", "--fn", "scale-free", "--strength", "2.5", "-o",
+                              "x.safetensors"])
+    assert bad.exit_code == 2 and "--strength" in bad.output

@@ -122,12 +122,12 @@ def test_check_base(tmp_path: Path, gpt2: Checkpoint, llama_dir: Path) -> None:
     assert sample_delta(gpt2).check_base(gpt2) == []
     with pytest.raises(PruneCliError) as e:
         sample_delta(gpt2).check_base(Checkpoint(llama_dir), ignore_mismatch=True)
-    one_line_error(e, "does not have")
+    one_line_error(e, "does not have", f"the delta was made for {gpt2.path} (model_type gpt2)")
     wrong_shape = Delta(entries={C_PROJ: DeltaEntry.from_dense(torch.zeros(32, 16), "in_out")},
-                        fingerprints={C_PROJ: gpt2.fingerprint(C_PROJ)})
+                        fingerprints={C_PROJ: gpt2.fingerprint(C_PROJ)}, model_type="gpt2", source="/models/gpt2-xl")
     with pytest.raises(PruneCliError) as e:
         wrong_shape.check_base(gpt2, ignore_mismatch=True)
-    one_line_error(e, "shape mismatch", C_PROJ)
+    one_line_error(e, "shape mismatch", C_PROJ, "the delta was made for /models/gpt2-xl (model_type gpt2)")
 
 
 def test_refuses_empty_and_non_finite(tmp_path: Path, gpt2: Checkpoint) -> None:

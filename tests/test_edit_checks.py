@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.cli import app
+from prunecli.core.delta import Delta
 from prunecli.models.recall import recalled
 
 runner = CliRunner()
@@ -48,6 +49,12 @@ def test_strict_exits_1_and_writes_nothing(tmp_path, llama_dir):
     assert result.exit_code == 1
     assert "1 of 3 edit(s) did not take (records 1); --strict: nothing written" in _stderr(result)
     assert not (tmp_path / "d.safetensors").exists()
+    # Checkpoints were written while editing: the message says what is there instead of "nothing".
+    result = _edit(llama_dir, requests, tmp_path / "d.safetensors", "--strict", "--checkpoint-every", "1")
+    assert result.exit_code == 1
+    assert (f"--strict: the result was not written ({tmp_path / 'd.safetensors'} holds the checkpoint of records 0-1, "
+            "marked partial)") in _stderr(result)
+    assert Delta.load(tmp_path / "d.safetensors").partial.next == 2
 
 
 def test_a_run_where_no_edit_took_is_an_error(tmp_path, llama_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_rome_json_summary_and_delta(tmp_path, llama_dir, requests_file):
     out = tmp_path / "d.safetensors"
     summary = ok(llama_dir, "--requests", requests_file, "--method", "rome", *SETS, "-o", out)
     assert summary["edits"] == 3 and summary["layers"] == [1] and summary["hparams"]["layers"] == [1]
+    # One speed figure: the edits' own time (what the progress line divides), the run's total beside it.
+    assert summary["seconds_per_edit"] == summary["edit_seconds"] / 3 and summary["seconds"] > summary["edit_seconds"]
     for rep, rec in zip(summary["requests"], RECORDS):
         assert rep["target_new"] == rec["target_new"] and rep["prob_after"] > rep["prob_before"]
         assert rep["loss"] < rep["initial_loss"] and rep["seconds"] > 0
@@ -137,10 +140,9 @@ def _bad(tmp_path, *args) -> str:
 def test_bad_requests(tmp_path, llama_dir):
     f = write_requests(tmp_path / "r.jsonl", [RECORDS[0], {"prompt": "Where is it", "subject": "Lyon",
                                                            "target_new": "Paris"}])
-    assert "record 1" in _bad(tmp_path, llama_dir, "--requests", f) and "does not occur" in _bad(
-        tmp_path, llama_dir, "--requests", f)
+    assert "line 2: subject 'Lyon' does not occur" in _bad(tmp_path, llama_dir, "--requests", f)
     f = write_requests(tmp_path / "e.jsonl", [{**RECORDS[0], "target_new": "  "}])
-    assert "record 0: target_new is missing or empty" in _bad(tmp_path, llama_dir, "--requests", f)
+    assert "line 1: target_new is missing or empty" in _bad(tmp_path, llama_dir, "--requests", f)
 
 
 def test_bad_method_and_missing_stats(tmp_path, llama_dir, requests_file):
@@ -170,3 +172,18 @@ def test_delta_for_another_base_and_existing_output(tmp_path, llama_dir, gpt2_di
     out.write_bytes(b"keep me")
     result = edit(llama_dir, "--requests", requests_file, *SETS, "-o", out)
     assert result.exit_code == 1 and "already exists" in result.stderr and out.read_bytes() == b"keep me"
+
+
+def test_what_loads_is_said_and_the_summary_names_its_speed(tmp_path, llama_dir, requests_file):
+    """No silence before the work: what loads and how long it took; the summary's s per edit is the edits' time
+    (as the progress line's s/item), the time before the first edit named beside it."""
+    result = edit(llama_dir, "--requests", requests_file, "--limit", 2, "--method", "rome", *SETS,
+                  "-o", tmp_path / "d.safetensors")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"loading {llama_dir}" and re.fullmatch(rf"loaded {re.escape(str(llama_dir))} in \d+\.\d s",
+                                                               lines[1])
+    assert "generating 2 context prefixes on the base model (seed 0)" in lines
+    m = re.search(r"(\d+\.\d) s per edit \((\d+\.\d) s editing after (\d+\.\d) s for context prefixes", lines[-1])
+    assert m and lines[-1].startswith(f"wrote {tmp_path / 'd.safetensors'}: 2 new edit(s)"), lines[-1]
+    assert abs(float(m[1]) - float(m[2]) / 2) <= 0.1  # both rounded to 0.1 s

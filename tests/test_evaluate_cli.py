@@ -64,6 +64,14 @@ def test_json_report_has_every_metric_with_its_protocol(llama_dir: Path, files: 
     assert result.exit_code == 0, result.stderr
     assert "efficacy_score" in result.stdout and "counterfact_rome" in result.stdout
     assert "cases/s" in result.stderr and "efficacy_score" not in result.stderr
+    # A minimal record has no true object: the *_score metrics count fewer records, and the table says why.
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([*COUNTERFACT[:2], {k: COUNTERFACT[2][k] for k in ("prompt", "subject",
+                                                                                   "target_new")}]))
+    result = runner.invoke(app, ["evaluate", str(llama_dir), "-r", str(mixed), "-t", "counterfact"])
+    assert result.exit_code == 0, result.stderr
+    assert ("efficacy_score: n counts only the records with a true object (target_true / ground_truth) to compare "
+            "the new one with (efficacy_score n=2, efficacy_acc n=3)") in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -215,3 +215,70 @@ def test_non_finite_weights_are_named(tmp_path: Path) -> None:
               str(tmp_path / "m.safetensors"))
     assert "tensor bad" in _one_line_error(_invoke(tmp_path / "m.safetensors"))
     assert _invoke(tmp_path / "m.safetensors", "--select", "good").exit_code == 0
+
+
+def test_layers_are_listed_in_numeric_order(tmp_path: Path) -> None:
+    """Layer 10 comes after layer 9, not after layer 1 (text order), in a checkpoint and in a delta file."""
+    from helpers import random_delta
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model("llama", tmp_path / "deep", n_layer=11)
+    result = _invoke(model, "--select", "*.mlp.down_proj.weight", "--json")
+    assert result.exit_code == 0, result.output
+    layers = [int(t["name"].split(".")[2]) for t in json.loads(result.stdout)["tensors"]]
+    assert layers == list(range(11))
+    deltas = [Delta.load(random_delta(model, f"model.layers.{i}.mlp.down_proj.weight", tmp_path / f"{i}.safetensors",
+                                      i)) for i in (10, 2)]
+    deltas[0].compose(deltas[1]).save(tmp_path / "both.safetensors")
+    for args in ([tmp_path / "both.safetensors"], [model, "--delta", tmp_path / "both.safetensors"]):
+        shown = json.loads(_invoke(*args, "--json").stdout)["tensors"]
+        assert [t["name"].split(".")[2] for t in shown] == ["2", "10"], args
+
+
+def test_the_plot_says_what_it_shows(gpt2_dir: Path, gpt2_delta: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restrained delta's plot: "wrote" on stderr, a title naming the delta and "restrained", kappa in the panel
+    title, D' in the legend, sigma as mathtext (no literal underscore), and at least 1260 pixels wide."""
+    import struct
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> object:
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    pruned = tmp_path / "pruned.safetensors"
+    assert runner.invoke(app, ["prune", str(gpt2_dir), str(gpt2_delta), "--fn", "linear", "-o", str(pruned)]
+                         ).exit_code == 0
+    png = tmp_path / "spectra.png"
+    result = _invoke(gpt2_dir, "--delta", pruned, "--plot", png)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {png}" in result.stderr
+    (figure,) = figures
+    assert f"+ {pruned.name} (restrained)" in figure._suptitle.get_text()
+    panel = figure.axes[0]
+    assert "κ(W) " in panel.get_title() and "κ(W + D') " in panel.get_title()
+    labels = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert {"W", "D'", "W + D'"} <= set(labels) and any(label.startswith(r"$\sigma_{max}(W)$") for label in labels)
+    assert panel.get_ylabel() == r"singular value $\sigma_i$"
+    width, _ = struct.unpack(">II", png.read_bytes()[16:24])
+    assert width >= 1260
+
+
+def test_values_kept_above_sigma_max_by_the_restraint_are_explained(gpt2_dir: Path, gpt2_delta: Path,
+                                                                   tmp_path: Path) -> None:
+    """After linear F the count of D' values above sigma_max(W) stays > 0 by design: the table says so."""
+    pruned = tmp_path / "pruned.safetensors"
+    assert runner.invoke(app, ["prune", str(gpt2_dir), str(gpt2_delta), "--fn", "linear", "-o", str(pruned)]
+                         ).exit_code == 0
+    shown = json.loads(_invoke(gpt2_dir, "--delta", pruned, "--json").stdout)["tensors"]
+    assert any(t["delta"]["n_above_sigma_max"] > 0 for t in shown)
+    result = _invoke(gpt2_dir, "--delta", pruned)
+    assert "#σ(D')>σ_max(W)" in result.stdout
+    assert "log and linear F shrink them but keep them above sigma_max by design" in " ".join(result.stderr.split())
+    assert "by design" not in _invoke(gpt2_dir, "--delta", gpt2_delta).stderr  # not restrained: nothing to explain

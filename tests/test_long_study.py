@@ -62,18 +62,23 @@ def _commands(target: str, tmp_path: Path) -> list[str]:
 
 
 def _edits(commands: list[str], model: str, work: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """(chain, N) -> the edit step's start, count, flags and --delta."""
+    """(chain, N) -> the edit step's start, count, flags and --delta. Each step writes EDITED.partial.safetensors
+    (checkpoints, --resume after an interruption) and its next command renames it to the target, so make never sees
+    an unfinished step as done."""
     w, cf = re.escape(work), re.escape(CF)
     pattern = re.compile(rf"echo edit {model} --requests {cf} --start (\d+) --limit \$\(\( (\d+) - (\d+) \)\) "
                          rf"--stats {w}/stats-(\w+)\.safetensors (.*?) ?(?:--delta (\S+) )?-o {w}/([\w-]+)/"
-                         rf"edited-(\d+)\.safetensors --force --json")
+                         rf"edited-(\d+)\.partial\.safetensors --checkpoint-every 50 --resume --json > "
+                         rf"{w}/([\w-]+)/edited-(\d+)\.json$")
     edits = {}
-    for line in commands:
+    for i, line in enumerate(commands):
         if " edit " in line:
             m = pattern.search(line)
             assert m, line
-            start, n, prev, stats, flags, delta, chain, out_n = m.groups()
-            assert n == out_n and start == prev
+            start, n, prev, stats, flags, delta, chain, out_n, json_chain, json_n = m.groups()
+            assert n == out_n == json_n and chain == json_chain and start == prev
+            target = f"{work}/{chain}/edited-{n}"
+            assert commands[i + 1] == f"mv {target}.partial.safetensors {target}.safetensors"
             edits[(chain, int(n))] = {"start": int(start), "count": int(n) - int(prev), "flags": flags,
                                       "delta": delta, "stats": stats}
     return edits

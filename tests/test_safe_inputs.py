@@ -110,7 +110,7 @@ def test_apply_evaluate_edit_inspect_export_refuse_non_finite_results(base: Path
         one_error_line(run("apply", base, bad, "-o", out), named)
         assert not out.exists(), label
         one_error_line(run("evaluate", base, "-d", bad, "-t", "perplexity", "--text", text, "--max-tokens", 16,
-                           "--device", "cpu"), named)
+                           "--device", "cpu"), named, notes=True)  # after the notes that say what loads
         one_error_line(run("edit", base, "--requests", requests, "--delta", bad, "--set", "layers=1", "--set",
                            "v_num_grad_steps=1", "-o", tmp_path / "e.safetensors"), named, notes=True)
         one_error_line(run("inspect", base, "--delta", bad), named)

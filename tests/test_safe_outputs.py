@@ -126,7 +126,8 @@ def test_force_replaces_only_folders_prunecli_wrote(setup: dict[str, Path]) -> N
 
 
 def test_force_no_longer_skips_the_base_check(setup: dict[str, Path]) -> None:
-    """The re-run trap: `apply EDITED_MODEL edits -o X --force` must not apply the edits a second time."""
+    """The re-run trap: `apply EDITED_MODEL edits -o X --force` must not apply the edits a second time; the refusal
+    says the model already contains the delta (its shards record what apply merged), not "another base"."""
     edited = setup["tmp"] / "edited"
     assert run("apply", setup["base"], setup["delta"], "-o", edited).exit_code == 0
     again = setup["tmp"] / "again"
@@ -134,10 +135,28 @@ def test_force_no_longer_skips_the_base_check(setup: dict[str, Path]) -> None:
                                                                  setup["tmp"] / "p.safetensors"],
                 ["inspect", edited, "--delta", setup["delta"]],
                 ["export-lora", edited, setup["delta"], "-o", setup["tmp"] / "l"]):
-        one_error_line(run(*cmd, "--force"), "another base", WEIGHT, "--ignore-base-mismatch")
+        line = one_error_line(run(*cmd, "--force"), f"{edited} already contains this delta (applied by prunecli: "
+                              f"{setup['delta']})", WEIGHT, f"use the base it was made for ({setup['base']})")
+        assert "another base" not in line and "--ignore-base-mismatch" not in line
         result = run(*cmd, "--ignore-base-mismatch")
         assert result.exit_code == 0, result.output
         assert "warning:" in result.stderr and WEIGHT in result.stderr
+    # Another delta on the edited model: it contains edits, not this delta; a model another program wrote (no
+    # record of what was applied) keeps the general message.
+    other = random_delta(setup["base"], WEIGHT, setup["tmp"] / "other.safetensors", 5, requests=[])
+    one_error_line(run("inspect", edited, "--delta", other), f"{edited} already contains edits (applied by prunecli")
+    plain = setup["tmp"] / "plain"
+    shutil.copytree(setup["base"], plain)
+    weights = {n: Checkpoint(edited).get(n) for n in Checkpoint(edited).names()}
+    save_file(weights, plain / "model.safetensors", metadata={"format": "pt"})
+    one_error_line(run("inspect", plain, "--delta", setup["delta"]), "another base", "--ignore-base-mismatch")
+
+
+def test_the_input_is_named_before_force_is_suggested(setup: dict[str, Path]) -> None:
+    """`prune BASE D -o D` without --force: the output is the input, which --force would not change."""
+    line = one_error_line(run("prune", setup["base"], setup["delta"], "-o", setup["delta"]), "refusing to write",
+                          "it is the delta")
+    assert "--force" not in line
 
 
 def test_evaluate_and_edit_need_ignore_base_mismatch(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -147,14 +166,14 @@ def test_evaluate_and_edit_need_ignore_base_mismatch(setup: dict[str, Path], tmp
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     evaluate = ["evaluate", edited, "-d", setup["delta"], "-t", "perplexity", "--text", text, "--max-tokens", 32,
                 "--device", "cpu"]
-    one_error_line(run(*evaluate, "--force"), "another base", "--ignore-base-mismatch")
+    one_error_line(run(*evaluate, "--force"), "already contains this delta (applied by prunecli")
     result = run(*evaluate, "--ignore-base-mismatch", "--json")
     assert result.exit_code == 0 and WEIGHT in result.stderr, result.output
     requests = tmp_path / "r.jsonl"
     requests.write_text(json.dumps(RECORDS[0]) + "\n")  # a request the tiny models' edits take
     edit = ["edit", edited, "--requests", requests, "--delta", setup["delta"], "--set", "layers=1",
             *[a for s in TINY_SETS for a in ("--set", s)], "-o", tmp_path / "e.safetensors"]
-    one_error_line(run(*edit, "--force"), "another base", "--ignore-base-mismatch")
+    one_error_line(run(*edit, "--force"), "already contains this delta (applied by prunecli")
     result = run(*edit, "--ignore-base-mismatch")
     assert result.exit_code == 0 and WEIGHT in result.stderr, result.output
 

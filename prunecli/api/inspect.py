@@ -14,7 +14,7 @@ from prunecli.core.delta import Delta
 from prunecli.core.delta_files import load_deltas
 from prunecli.core.inspection import (DeltaEntryReport, MatrixReport, checkpoint_candidates, checkpoint_reports,
                                       default_checkpoint_selection, delta_reports)
-from prunecli.core.selection import select_entries, select_names
+from prunecli.core.selection import numeric_order, select_entries, select_names
 from prunecli.core.spectra import FAST_KAPPA_LIMIT
 from prunecli.errors import PruneCliError, PruneCliWarning
 from prunecli.models.builtin import resolve_model_path
@@ -85,7 +85,7 @@ def run_inspect(options: InspectOptions, progress: Progress = no_progress) -> In
             raise PruneCliError(f"{target} is a delta file; --delta needs a checkpoint PATH to add deltas to")
         delta = Delta.load(target)
         restrained = bool(delta.restraints)
-        names = select_entries(delta.entries, o.select, delta.model_type)
+        names = sorted(select_entries(delta.entries, o.select, delta.model_type), key=numeric_order)
         reports = list(track(progress, delta_reports(delta, names, exact=o.exact, device=device, top_k=o.top,
                                                      keep_spectra=keep), "delta spectra", len(names)))
         kind = "delta"
@@ -100,6 +100,7 @@ def run_inspect(options: InspectOptions, progress: Progress = no_progress) -> In
             names = default_checkpoint_selection(ckpt, composed)
         if not names:
             raise PruneCliError(f"{target} holds no 2-D matrix to inspect")
+        names = sorted(names, key=numeric_order)
         reports = list(track(progress, checkpoint_reports(ckpt, names, composed, exact=o.exact, device=device,
                                                           top_k=o.top, keep_spectra=keep,
                                                           ignore_base_mismatch=o.ignore_base_mismatch,

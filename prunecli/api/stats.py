@@ -88,7 +88,6 @@ def collect_stats(options: StatsOptions, progress: Progress = no_progress,
     source = corpora.text_file(o.text) if o.text is not None else corpora.dataset(o.dataset, o.split, o.column,
                                                                                     o.subset)
     say = log.info if workers.is_main else (lambda message: None)  # rank 0 speaks for every process
-    say(f"loading {o.model}")
     lm, tokenizer, base = load_model(o.model, o.load, device=workers.resolve_device(o.load.device))
     adapter = resolve_adapter(lm)
     layers = o.layers

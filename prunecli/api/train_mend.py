@@ -67,12 +67,13 @@ def run_train_mend(options: TrainMendOptions, progress: Progress = no_progress) 
     check_output_path(o.output, o.force or o.resume, is_dir=False, inputs=inputs)
     if not o.resume:
         check_output_path(o.checkpoint, o.force, is_dir=False, inputs=inputs)
-    skipped: list[int] = []
-    records = load_requests(o.requests, o.start, o.limit, lambda i, reason: skipped.append(i))
+    skipped: list[tuple[int, str]] = []  # (record, where and why)
+    records = load_requests(o.requests, o.start, o.limit, lambda i, why: skipped.append((i, why)))
     if skipped:
-        warnings.warn(PruneCliWarning(f"skipped {len(skipped)} unusable record(s) of {o.requests} (e.g. record "
-                                      f"{skipped[0]}); training on {len(records)}"), stacklevel=2)
-    data_info = {"path": str(o.requests), "start": o.start, "records": len(records), "skipped": skipped,
+        warnings.warn(PruneCliWarning(f"skipped {len(skipped)} unusable record(s) of {o.requests} (first: "
+                                      f"{skipped[0][1]}); training on {len(records)}"), stacklevel=2)
+    data_info = {"path": str(o.requests), "start": o.start, "records": len(records),
+                 "skipped": [i for i, _ in skipped],
                  "sha256": hashlib.sha256(Path(o.requests).read_bytes()).hexdigest()}
     model, tokenizer, base = load_model(o.model, o.load, dtype="fp32")
     adapter = resolve_adapter(model)

@@ -143,12 +143,15 @@ class LineProgress:
 
 
 class _RateColumn(ProgressColumn):
-    """Items per second (seconds per item when slow), the throughput of the task."""
+    """Items per second (seconds per item when slow) since the task started: the figure the log lines show and a
+    command's summary repeats (e.g. `edit`'s s per edit), not rich's estimate over the last seconds."""
 
     def render(self, task: Task) -> Text:
-        if not task.speed:
+        elapsed = task.elapsed
+        if not task.completed or not elapsed:
             return Text("")
-        rate = f"{1 / task.speed:.1f} s/item" if task.speed < 1 else f"{task.speed:,.1f}/s"
+        speed = task.completed / elapsed
+        rate = f"{1 / speed:.1f} s/item" if speed < 1 else f"{speed:,.1f}/s"
         return Text(rate, style="progress.data.speed")
 
 

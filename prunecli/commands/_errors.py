@@ -21,7 +21,7 @@ import typer
 
 from prunecli.commands._options import with_option_groups
 from prunecli.commands._output import err_console, error, note, one_line, warn
-from prunecli.errors import PruneCliError, PruneCliWarning
+from prunecli.errors import PruneCliError, PruneCliWarning, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,19 +29,19 @@ Debug = Annotated[bool, typer.Option("--debug", envvar="PRUNECLI_DEBUG",
                                      help="Show full tracebacks instead of one-line errors.")]
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interrupt so it cleans up exactly like Ctrl-C."""
-
-
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
 def interrupt_message(exc: KeyboardInterrupt) -> str:
-    """What an interrupted command leaves on disk: only outputs that had been committed completely."""
+    """What an interrupted command leaves on disk: only outputs that had been committed completely, or what the
+    command said it kept (a note on the interrupt, e.g. `edit`'s finished edits)."""
     from prunecli.core.atomic import committed_outputs
 
     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    notes = getattr(exc, "__notes__", None)
+    if notes:
+        return f"{what}: {notes[-1]}"
     done = committed_outputs()
     if not done:
         return f"{what}: no output was written"

@@ -21,7 +21,18 @@ from rich.text import Text
 from prunecli.jsonio import dumps_json
 
 PIPED_WIDTH = 160
-err_console = Console(stderr=True)
+
+
+class _PipeConsole(Console):
+    """A console for which a closed pipe (`prunecli ... | head -1`) is a BrokenPipeError, which the error boundary
+    (`_errors.run_guarded`) ends quietly with exit 0; rich's own reaction is to exit 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+err_console = _PipeConsole(stderr=True)
 """Logs, warnings and progress: stderr, so stdout stays clean for `--json | jq`."""
 
 
@@ -68,7 +79,7 @@ def emit_json(obj: Any) -> None:
 
 def stdout_console() -> Console:
     """The console tables are printed on (see the module docstring for its width)."""
-    console = Console()
+    console = _PipeConsole()
     if not console.is_terminal:
         console.width = PIPED_WIDTH
     return console

@@ -54,6 +54,16 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
              "--check", help="When an edit took: teacher-forced (fast): the new target's mean token probability beats "
              "the true object's; generation: greedy decoding of the edit prompt starts with the new target "
              "(normalised, the rule of `evaluate -t counterfact-gen`).")] = Check("teacher-forced"),
+         checkpoint_every: Annotated[int, typer.Option(
+             "--checkpoint-every", min=0, metavar="K",
+             help="Also write the finished edits to -o (marked partial) after every K edits, so a run killed without "
+             "warning (out of memory, kill -9, power cut) loses at most K; 0: only on Ctrl-C/SIGTERM, which always "
+             "write them. Default 50: writing the delta takes a second or two even after hundreds of edits, 50 edits "
+             "take minutes.")] = 50,
+         resume: Annotated[bool, typer.Option(
+             "--resume", help="Continue the unfinished run in -o (written by Ctrl-C, SIGTERM or --checkpoint-every) "
+             "where it stopped, given the same options; the result is what an uninterrupted run writes. Without a "
+             "partial -o the run starts at --start. The same as --delta PARTIAL --start NEXT -o OTHER.")] = False,
          force: Force = False, ignore_base_mismatch: IgnoreBaseMismatch = False) -> None:
     """Edit facts into a model, one after another (batched methods: batch after batch), and write the accumulated
     edits as a low-rank delta; with --delta PREV it continues a previous run, so deltas chain like Makefile steps.
@@ -65,6 +75,9 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
     MEND needs --archive (from train-mend); MEMIT and AlphaEdit need --stats for their layers (stats --method).
+
+    Ctrl-C or SIGTERM (a job scheduler's) stops after the last finished edit (batch) and writes the edits done so far
+    to -o, marked partial in its history; the same command with --resume continues where it stopped.
 
     Every edit is checked on its edit prompt right after it (batched methods: after its batch): by default it took
     when the new target's mean token probability is above the true object's (or >= 0.1 for records without one);
@@ -82,7 +95,7 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     overrides = (*(set_ or ()), *((f"layers={layers}",) if layers is not None else ()))
     options = EditOptions(model, requests, output, method, start, limit, stats, tuple(deltas or ()), batch_size,
                           hparams, overrides, archive, prune_every, kappa_trigger, restraint, seed, strict,
-                          check.value, load, force, ignore_base_mismatch)
+                          check.value, load, force, ignore_base_mismatch, checkpoint_every, resume)
     with cli_progress() as progress:
         result = run_edit_job(options, progress)
     for tensor_reports in result.run.restraints:
@@ -95,6 +108,8 @@ def _render(out: Out, result: EditResult) -> None:
     from prunecli.api.edit import ranges
 
     run, failed = result.run, result.failed_records
+    if not run.reports:  # --resume of a finished run: the library's note said so
+        return
     generated = result.options.check == "generation"
     out.table("edits", ["#", "prompt", "target", "P before", "P after", "loss", "s",
                         *(["generated"] if generated else []), "took"],
@@ -103,7 +118,9 @@ def _render(out: Out, result: EditResult) -> None:
                for r in run.reports],
               right=["#", "P before", "P after", "loss", "s"])
     n = len(run.reports)
-    out.say(f"wrote {result.options.output}: {n} new edit(s), {len(run.delta.requests)} in total, layers "
-            f"{result.layers}, {run.seconds / n:.1f} s per edit"
+    continued = f" (continuing at record {result.continued_from})" if result.continued_from is not None else ""
+    out.say(f"wrote {result.options.output}: {n} new edit(s){continued}, {len(run.delta.requests)} in total, layers "
+            f"{result.layers}, {run.edit_seconds / n:.1f} s per edit ({run.edit_seconds:.1f} s editing after "
+            f"{run.seconds - run.edit_seconds:.1f} s for context prefixes and earlier deltas)"
             + (f"; {len(failed)} of {n} edit(s) did not take (records {ranges(failed)})" if failed
                else "; every edit took"))

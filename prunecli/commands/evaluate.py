@@ -121,6 +121,7 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
 
 
 def _metrics_table(out: Out, report: dict[str, Any]) -> None:
+    from prunecli.evaluation.counterfact import fewer_scored
     from prunecli.evaluation.report import format_interval, format_value
     from prunecli.evaluation.uncertainty import INTERVALS_TEXT
 
@@ -132,5 +133,7 @@ def _metrics_table(out: Out, report: dict[str, Any]) -> None:
               right=["value", "95 % interval", "n", "NaN/Inf"])
     for group, text in report["protocol"].items():
         out.say(f"{group}: {text}")
+    if (why := fewer_scored(report["n"])) is not None:
+        out.note(why)
     if report["interval"]:
         out.say(f"95 % intervals: {INTERVALS_TEXT}")

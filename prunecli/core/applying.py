@@ -14,12 +14,9 @@ from pathlib import Path
 import torch
 
 from prunecli.core.atomic import labelled
-from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta, add_update
+from prunecli.core.checkpoint import APPLIED_KEY, Checkpoint
+from prunecli.core.delta import Delta, merged_weight
 from prunecli.progress import Progress, ProgressTask, no_progress
-
-APPLIED_KEY = "prunecli.applied"
-"""Shard metadata key of rewritten files: JSON list of the delta files merged into them, in order."""
 
 
 class MergedTensors(Mapping[str, torch.Tensor]):
@@ -31,10 +28,7 @@ class MergedTensors(Mapping[str, torch.Tensor]):
         self.task = task  # advanced once per merged tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        entry = self.delta.entries[name]
-        w = self.base.get(name)
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        merged = add_update(name, w, entry.stored_update(compute))
+        merged = merged_weight(name, self.base.get(name), self.delta.entries[name])
         if self.task is not None:
             self.task.advance()
         return merged

@@ -12,6 +12,7 @@ are resolved to the stored tensor.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,9 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+APPLIED_KEY = "prunecli.applied"
+"""Header metadata key of the files `prunecli apply` rewrites: JSON list of the delta files merged into them."""
 
 Layout = Literal["out_in", "in_out"]
 """How a 2-D weight is stored: `out_in` for nn.Linear ([out, in], y = W x), `in_out` for GPT-2's Conv1D (y = x W)."""
@@ -217,6 +221,19 @@ class Checkpoint:
             return read_tensor(self._files[info.file], start, header[info.name])
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise _read_error(self._files[info.file], exc) from exc
+
+    def applied(self, name: str) -> list[str] | None:
+        """The delta files `prunecli apply` merged into the file that holds tensor `name` (its `prunecli.applied`
+        header), or None when another program wrote that file."""
+        info = self.info(name)
+        if self.pickled:
+            return None
+        raw = (self._handle(info.file).metadata() or {}).get(APPLIED_KEY)
+        try:
+            files = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return [str(f) for f in files] if isinstance(files, list) else None
 
     def fingerprint(self, name: str) -> str:
         """Hash of a tensor's dtype, shape and bytes: ties a delta to the exact base matrix it was computed on."""

@@ -37,7 +37,7 @@ import torch
 
 from prunecli.core.artifacts import DELTA, check_digests, parse_document, read_tensors, write_artifact
 from prunecli.core.checkpoint import Checkpoint, Layout
-from prunecli.core.history import HistoryOp, entry_problem
+from prunecli.core.history import HistoryOp, PartialOp, entry_problem
 from prunecli.errors import PruneCliError, PruneCliWarning
 
 FORMAT = DELTA.format
@@ -135,6 +135,12 @@ class Delta:
     def restraints(self) -> list[dict[str, Any]]:
         return [op for op in self.history if op.get("op") == "prune"]
 
+    @property
+    def partial(self) -> PartialOp | None:
+        """The marker of an `edit` run that has not finished (`history.PartialOp`), when the history ends with one."""
+        last = self.history[-1] if self.history else None
+        return PartialOp.from_json(last) if last is not None and last.get("op") == "partial" else None
+
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
     def for_base(cls, base: Checkpoint) -> Delta:
@@ -175,25 +181,44 @@ class Delta:
         """Fail unless every target exists in `base` with the right shape and the same bytes the delta was computed
         on; returns the tensors whose bytes differ (only ever non-empty with `ignore_mismatch`, which then warns)."""
         differ: list[str] = []
+        made_for = (f"; the delta was made for {self.source or 'an unrecorded model'} (model_type "
+                    f"{self.model_type or 'unrecorded'})")
         for name, entry in self.entries.items():
             try:
                 info = base.info(name)
             except PruneCliError:
-                raise PruneCliError(f"delta targets tensor {name!r}, which {base.path} does not have") from None
+                raise PruneCliError(f"delta targets tensor {name!r}, which {base.path} does not have{made_for}"
+                                    ) from None
             if tuple(info.shape) != entry.stored_shape:
                 raise PruneCliError(f"shape mismatch for {name}: delta {list(entry.stored_shape)}, "
-                                    f"base {list(info.shape)} in {base.path}")
+                                    f"base {list(info.shape)} in {base.path}{made_for}")
             if base.fingerprint(name) != self.fingerprints[name]:
                 differ.append(name)
         if not differ:
             return differ
         names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
         if not ignore_mismatch:
+            applied = base.applied(differ[0])
+            if applied is not None:  # a model `prunecli apply` wrote: most likely these very edits, once more
+                what = "this delta" if self._merged_in(base, differ[0]) else "edits"
+                raise PruneCliError(f"{base.path} already contains {what} (applied by prunecli: "
+                                    f"{', '.join(applied) or 'no file named'}), so its tensor(s) {names} are not the "
+                                    f"ones the delta was computed on: use the base it was made for ({self.source})")
             raise PruneCliError(f"delta was made for another base: tensor(s) {names} in {base.path} differ from the "
                                 "ones the delta was computed on (use --ignore-base-mismatch to accept it anyway)")
         warnings.warn(PruneCliWarning(f"--ignore-base-mismatch: the delta was computed on other weights than "
                                       f"{base.path} for {len(differ)} tensor(s): {names}"), stacklevel=2)
         return differ
+
+    def _merged_in(self, base: Checkpoint, name: str) -> bool:
+        """Whether tensor `name` of `base` is exactly this delta's own base + D as `apply` writes it."""
+        try:
+            original = Checkpoint(self.source) if self.source is not None else None
+            if original is None or original.fingerprint(name) != self.fingerprints[name]:
+                return False
+            return bool(torch.equal(merged_weight(name, original.get(name), self.entries[name]), base.get(name)))
+        except PruneCliError:
+            return False
 
     # ------------------------------------------------------------------------------------------------- files
     def metadata(self) -> dict[str, Any]:
@@ -328,6 +353,13 @@ def add_update(name: str, weight: torch.Tensor, update: torch.Tensor, scale: flo
     result = (weight.to(compute) + scale * update.to(weight.device, compute)).to(weight.dtype)
     check_finite_weight(name, result, weight)
     return result
+
+
+def merged_weight(name: str, weight: torch.Tensor, entry: DeltaEntry) -> torch.Tensor:
+    """W + D for a stored weight, as `apply` writes it: summed in float32 (float64 for float64 weights), rounded once
+    to the weight's dtype."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return add_update(name, weight, entry.stored_update(compute))
 
 
 def check_finite_weight(name: str, result: torch.Tensor, weight: torch.Tensor) -> None:

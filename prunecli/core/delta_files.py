@@ -6,13 +6,14 @@ This is the one loader every command uses, so an adapter is accepted wherever a 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.core.peft_io import ADAPTER_CONFIG, delta_from_peft, is_peft_adapter
-from prunecli.errors import PruneCliError
+from prunecli.errors import PruneCliError, PruneCliWarning
 
 
 def load_delta(path: str | os.PathLike[str], base: Checkpoint | None = None) -> Delta:
@@ -22,7 +23,12 @@ def load_delta(path: str | os.PathLike[str], base: Checkpoint | None = None) -> 
     """
     path = Path(path)
     if not path.is_dir():
-        return Delta.load(path)
+        delta = Delta.load(path)
+        if (marker := delta.partial) is not None:
+            warnings.warn(PruneCliWarning(
+                f"{path} is partial: its edit run stopped ({marker.reason}) after records {marker.start}-"
+                f"{marker.next - 1} of {marker.start}-{marker.end - 1}; `edit --resume` continues it"), stacklevel=2)
+        return delta
     if not is_peft_adapter(path):
         raise PruneCliError(f"delta {path} is a directory but not a PEFT adapter (no {ADAPTER_CONFIG}); expected a "
                             ".safetensors delta file or a PEFT LoRA adapter folder")

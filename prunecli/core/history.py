@@ -67,12 +67,39 @@ class ImportPeftOp:
         return {"op": "import-peft", "adapter": self.adapter}
 
 
-HistoryOp = EditOp | PruneOp | DiffOp | ImportPeftOp
+@dataclass(frozen=True)
+class PartialOp:
+    """The delta holds the finished part of an `edit` run that has not ended (a periodic checkpoint) or was stopped
+    (Ctrl-C, SIGTERM): always the last entry, removed when the run is continued (`edit --resume`, or `--delta` with
+    `--start NEXT`), so a continued run writes exactly what an uninterrupted one would.
+
+    The run edits records `start` .. `end - 1` of `requests` (the path as given); `next` is the first record not
+    edited yet. `settings` are the run's options that shape the delta besides the edit op's own fields (batch size,
+    restraint schedule, previous deltas): a continuation must repeat them."""
+
+    requests: str
+    start: int
+    next: int
+    end: int
+    reason: str  # "checkpoint" | "interrupted" | "terminated"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": "partial", "reason": self.reason, "requests_file": self.requests, "start": self.start,
+                "next": self.next, "end": self.end, "settings": self.settings}
+
+    @classmethod
+    def from_json(cls, op: dict[str, Any]) -> PartialOp:
+        return cls(op["requests_file"], op["start"], op["next"], op["end"], op["reason"], op["settings"])
+
+
+HistoryOp = EditOp | PruneOp | DiffOp | ImportPeftOp | PartialOp
 
 
 def entry_problem(op: Any) -> str | None:
     """What is wrong with one history entry read from a file, or None: a JSON object with a string `op`; `edit`
-    entries list their requests as objects (read back by `evaluate` and `prune`)."""
+    entries list their requests as objects (read back by `evaluate` and `prune`); a `partial` entry has the fields a
+    continuation reads."""
     if not isinstance(op, dict):
         return f"is a {type(op).__name__}, not a JSON object"
     if not isinstance(op.get("op"), str):
@@ -80,4 +107,8 @@ def entry_problem(op: Any) -> str | None:
     requests = op.get("requests", [])
     if op["op"] == "edit" and (not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests)):
         return "'requests' is not a list of JSON objects"
+    if op["op"] == "partial" and not (all(type(op.get(k)) is int for k in ("start", "next", "end"))
+                                      and isinstance(op.get("requests_file"), str) and isinstance(op.get("reason"), str)
+                                      and isinstance(op.get("settings"), dict)):
+        return "a 'partial' entry needs integer start, next, end, strings requests_file and reason, and settings"
     return None

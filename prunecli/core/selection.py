@@ -9,6 +9,7 @@ are saved both ways: `h.3.mlp.c_proj.weight`, `transformer.h.3.*` and `*.c_proj.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
@@ -49,3 +50,8 @@ def select_names(candidates: Sequence[Sequence[str]], globs: Sequence[str] | Non
 def select_entries(names: Iterable[str], globs: Sequence[str] | None, model_type: str | None) -> list[str]:
     """The canonical names (a delta's entries) picked by `globs`, for a model of `model_type`."""
     return select_names([tensor_aliases(n, model_type=model_type) for n in names], globs)
+
+
+def numeric_order(name: str) -> tuple[str | int, ...]:
+    """Sort key that orders the numbers inside tensor names as numbers: layers 0, 1, 2, ..., 10, not 0, 1, 10, 11."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))

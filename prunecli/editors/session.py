@@ -12,31 +12,43 @@ before editing continues (the paper's "multiple" mode, appendix C.6, and an adap
 each run of edits and each restraint in order; a restraint's entry says after how many edits it ran, why, and kappa
 before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's
 extra tensors.
+
+A run can stop between steps and continue later with the same result, bit for bit: after every step the edited
+weights are set to base + D (rounded once from the delta, not accumulated edit by edit), so the model depends only
+on the delta file; a continued delta (its history ending in a `partial` entry, `core.history.PartialOp`) has its open
+edit op extended rather than a new one started; prefixes are always generated on the base model, the restraint
+schedule counts over the whole delta, and batches stop only at batch boundaries. The driver hands the finished
+work to a checkpoint callback every K edits, and when Ctrl-C or SIGTERM stops it, returns that work with the
+interrupt (`EditRun.stopped`) for the caller to write; it writes no file itself.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.core.delta import Delta, DeltaEntry
+from prunecli.core.delta import Delta, DeltaEntry, check_finite_weight
 from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
 from prunecli.editors.base import EditContext, EditSettings, Editor
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import TEACHER_FORCED, check_edits
+from prunecli.errors import PruneCliError
 from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
-from prunecli.models.loading import add_delta_to_model
 from prunecli.models.placement import input_device, write_tensor
 from prunecli.progress import Progress, ProgressTask, no_progress
 from prunecli.requests import EditRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,13 +96,16 @@ class RequestReport:
 
 @dataclass
 class EditRun:
-    """Result of a sequential run: the accumulated delta and per-request/per-restraint reports."""
+    """Result of a sequential run: the accumulated delta and per-request/per-restraint reports. When an interrupt
+    stopped the run (`stopped`), they hold the steps that had finished."""
 
     delta: Delta
     reports: list[RequestReport] = field(default_factory=list)
     restraints: list[list[TensorReport]] = field(default_factory=list)
     restraint_points: list[dict[str, Any]] = field(default_factory=list)  # after_edits, trigger of each restraint
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: context prefixes, previous deltas, then the edits
+    edit_seconds: float = 0.0  # the edits alone (what the progress line's s/item divides)
+    stopped: KeyboardInterrupt | None = None  # Ctrl-C / SIGTERM, caught between steps
 
     @property
     def failed(self) -> list[RequestReport]:
@@ -114,10 +129,14 @@ def _report(task: ProgressTask, reports: list[RequestReport]) -> None:
     task.advance(len(reports), loss=f"loss {reports[-1].initial_loss:.2f} -> {reports[-1].loss:.2f}")
 
 
-def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta) -> None:
-    """Set every parameter the delta touches to base + D (undoing whatever was added before), offloaded ones too."""
-    for name, entry in delta.entries.items():
-        write_tensor(model, name, base.get(name).float() + entry.stored_update(torch.float32))
+def reset_to(model: torch.nn.Module, base: Checkpoint, delta: Delta, names: Iterable[str] | None = None) -> None:
+    """Set every parameter the delta touches (or those of `names`) to base + D, undoing whatever was added before,
+    offloaded ones too; a sum with NaN/Inf is refused, naming the tensor."""
+    for name in delta.entries if names is None else names:
+        weight = base.get(name)
+        value = weight.float() + delta.entries[name].stored_update(torch.float32)
+        check_finite_weight(name, value, weight)
+        write_tensor(model, name, value)
 
 
 def _copy(delta: Delta) -> Delta:
@@ -125,11 +144,37 @@ def _copy(delta: Delta) -> Delta:
                  dict(delta.extras))
 
 
+def _difference(key: str, theirs: Any, mine: Any) -> str:
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        return f"{key} {', '.join(k for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k))}"
+    return f"{key} ({theirs!r} there, {mine!r} here)"
+
+
+def continue_partial(delta: Delta, op: EditOp) -> tuple[Delta, list[dict[str, Any]]]:
+    """(`delta` ready to be continued, the requests of its open edit op): a delta whose history ends in a `partial`
+    entry loses that entry and, when the entry before it is the stopped run's edit op, that op too, whose requests
+    are returned to be extended, so the finished run has one edit op between restraints as if it never stopped. That
+    op must have `op`'s method, hyper-parameters, seed and provenance. Any other delta is returned as it is."""
+    if delta.partial is None:
+        return delta, []
+    history = delta.history[:-1]
+    if not history or history[-1].get("op") != "edit":  # stopped right after a restraint: no open op
+        return replace(delta, history=history), []
+    theirs, mine = history[-1], json.loads(json.dumps(op.to_json()))  # as the file holds it
+    differ = [_difference(k, theirs.get(k), mine.get(k)) for k in sorted((set(theirs) | set(mine)) - {"requests"})
+              if theirs.get(k) != mine.get(k)]
+    if differ:
+        raise PruneCliError(f"cannot continue the unfinished edit run: it was made with other settings "
+                            f"({'; '.join(differ)}); repeat its options")
+    return replace(delta, history=history[:-1]), list(theirs["requests"])
+
+
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
               editor: Editor, hparams: EditSettings, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
               provenance: dict[str, Any] | None = None, progress: Progress = no_progress,
-              check: str = TEACHER_FORCED) -> EditRun:
+              check: str = TEACHER_FORCED, checkpoint_every: int | None = None,
+              on_checkpoint: Callable[[Delta, int], None] | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
@@ -137,62 +182,90 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     into each edit op of the history. `progress` gets two tasks: the requests (with the last value-optimisation
     loss; an edit that did not take is logged as a warning) and the steps of the value optimisation in progress.
     `check` is the rule that says whether an edit took (`editors.success`: teacher-forced or generation).
+    `on_checkpoint(delta, edits)` receives the finished work after every `checkpoint_every` edits of this run (at
+    the end of the step that reaches them; not after the last step). A KeyboardInterrupt (Ctrl-C, or SIGTERM as the
+    CLI raises it) is caught: the run returns the steps that had finished, with the interrupt in `stopped`.
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
     model.requires_grad_(False)
     device = input_device(model)
+    if hparams.context_template_length_params:
+        count = sum(n for _, n in hparams.context_template_length_params)
+        log.info(f"generating {count} context prefixes on the base model (seed {seed})")
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
-    total = _copy(prior) if prior is not None else Delta.for_base(base)
-    if prior is not None:
-        add_delta_to_model(model, prior)
-    ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()},
-                      dict(prior.extras) if prior is not None else {}, prior is not None)
+    op = EditOp(editor.method, hparams.to_json(), seed, [], provenance or {})
+    total, pending = continue_partial(_copy(prior), op) if prior is not None else (Delta.for_base(base), [])
+    reset_to(model, base, total)
+    ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()}, dict(total.extras),
+                      prior is not None)
     step = batch_size if editor.batched else 1
     run = EditRun(total)
-    pending: list[dict[str, Any]] = []
     spectra = BaseSpectra(base)
 
-    def flush() -> None:
-        if pending:
-            op = EditOp(editor.method, hparams.to_json(), seed, list(pending), provenance or {})
-            run.delta = run.delta.with_entries(run.delta.entries, op)
-            pending.clear()
+    def finished() -> Delta:
+        """The delta of the finished steps: its open edit op closed, the carried state as it is now (copies: the
+        run goes on changing its own)."""
+        history = [*run.delta.history, *([replace(op, requests=list(pending)).to_json()] if pending else [])]
+        return replace(run.delta, entries=dict(run.delta.entries), fingerprints=dict(run.delta.fingerprints),
+                       history=history, extras=dict(ctx.carried))
 
+    last = (finished(), 0, 0)  # (delta, reports, restraints) after the last finished step
     with progress("editing", len(requests)) as requests_task, \
             progress("  value optimisation (steps)") as ctx.value_task:
-        for start in range(0, len(requests), step):
-            batch = requests[start:start + step]
-            t0 = time.perf_counter()
-            before = _target_probs(model, tokenizer, batch)
-            updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
-            checks = check_edits(model, tokenizer, batch, check)
-            for u in updates:
-                name = u.weight or adapter.weight_name(u.layer)
-                run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
-            edits_before = len(run.delta.requests) + len(pending)
-            pending.extend(r.to_json() for r in batch)
-            seconds = (time.perf_counter() - t0) / len(batch)
-            reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps, p0,
-                                     c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took, c.generated)
-                       for r, o, p0, c in zip(batch, outcomes, before, checks)]
-            run.reports.extend(reports)
-            if prune is not None:
-                edits_after = edits_before + len(batch)
-                kappas = ({name: spectra.kappa(name, entry) for name, entry in run.delta.entries.items()}
-                          if prune.kappa_trigger is not None else {})
-                reason = prune.reason(edits_before, edits_after, kappas)
-                if reason is not None:
-                    flush()
-                    record = {"after_edits": edits_after, "trigger": reason,
-                              **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
-                    run.delta, tensor_reports = restrain_delta(run.delta, base, prune.restraint, spectra=spectra,
-                                                               record=record)
-                    run.restraints.append(tensor_reports)
-                    run.restraint_points.append(record)
-                    reset_to(model, base, run.delta)
-            _report(requests_task, reports)
-    flush()
-    run.delta.extras = dict(ctx.carried)
+        editing = time.perf_counter()
+        try:
+            for start in range(0, len(requests), step):
+                batch = requests[start:start + step]
+                t0 = time.perf_counter()
+                before = _target_probs(model, tokenizer, batch)
+                updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
+                touched = [base.canonical(u.weight or adapter.weight_name(u.layer)) for u in updates]
+                for name, u in zip(touched, updates):
+                    run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
+                reset_to(model, base, run.delta, dict.fromkeys(touched))  # base + D, however the editor rounded
+                checks = check_edits(model, tokenizer, batch, check)
+                edits_before = len(run.delta.requests) + len(pending)
+                pending.extend(r.to_json() for r in batch)
+                seconds = (time.perf_counter() - t0) / len(batch)
+                reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps,
+                                         p0, c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took,
+                                         c.generated)
+                           for r, o, p0, c in zip(batch, outcomes, before, checks)]
+                run.reports.extend(reports)
+                if prune is not None:
+                    _restrain_if_due(run, prune, spectra, model, base, edits_before, len(batch), finished, pending)
+                last = (finished(), len(run.reports), len(run.restraints))
+                _report(requests_task, reports)
+                done = len(run.reports)
+                if (on_checkpoint is not None and checkpoint_every and start + step < len(requests)
+                        and done // checkpoint_every > (done - len(batch)) // checkpoint_every):
+                    on_checkpoint(last[0], done)
+        except KeyboardInterrupt as exc:
+            run.stopped = exc
+        run.edit_seconds = time.perf_counter() - editing
+    run.delta, n_reports, n_restraints = last
+    del run.reports[n_reports:], run.restraints[n_restraints:], run.restraint_points[n_restraints:]
     run.seconds = time.perf_counter() - started
     return run
+
+
+def _restrain_if_due(run: EditRun, prune: PruneSchedule, spectra: BaseSpectra, model: torch.nn.Module,
+                     base: Checkpoint, edits_before: int, batch: int, finished: Callable[[], Delta],
+                     pending: list[dict[str, Any]]) -> None:
+    """After a step: restrain the accumulated delta when the schedule says so (closing the open edit op first, so
+    the history says after which edits it ran) and set the model to base + the restrained delta."""
+    edits_after = edits_before + batch
+    kappas = ({name: spectra.kappa(name, entry) for name, entry in run.delta.entries.items()}
+              if prune.kappa_trigger is not None else {})
+    reason = prune.reason(edits_before, edits_after, kappas)
+    if reason is None:
+        return
+    run.delta = finished()
+    pending.clear()
+    record = {"after_edits": edits_after, "trigger": reason,
+              **({"kappa_trigger": prune.kappa_trigger} if reason == "kappa" else {})}
+    run.delta, tensor_reports = restrain_delta(run.delta, base, prune.restraint, spectra=spectra, record=record)
+    run.restraints.append(tensor_reports)
+    run.restraint_points.append(record)
+    reset_to(model, base, run.delta)

@@ -105,6 +105,18 @@ def counterfact_metrics(requests: Sequence[EditRequest], scores: dict[tuple[str,
                         MetricGroup(GROUP_ARGMAX, PROTOCOL_ARGMAX, argmax, records)) if g.metrics]
 
 
+def fewer_scored(n: dict[str, int]) -> str | None:
+    """Why a report's *_score metrics count fewer records than its *_acc ones (None when they do not): the score
+    compares P(new) with P(true), and a record without a true object (the minimal format) has nothing to compare."""
+    short = [name for name in n if name.endswith("_score") and n[name] < n.get(name.removesuffix("score") + "acc", 0)]
+    if not short:
+        return None
+    first, acc = short[0], short[0].removesuffix("score") + "acc"
+    return (f"{', '.join(short)}: n counts only the records with a true object (target_true / ground_truth) to compare "
+            f"the new one with ({first} n={n[first]}, {acc} n={n[acc]}); records without one (the minimal format) are "
+            "judged by the *_acc metrics only")
+
+
 def needed_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
     """Every distinct (prompt, target) pair the metrics read, in first-use order."""
     seen: dict[tuple[str, str], None] = {}

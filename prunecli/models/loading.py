@@ -10,6 +10,8 @@ Models larger than one device load with accelerate's big-model support (`device_
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from prunecli.models.builtin import resolve_model_path
 from prunecli.models.options import LoadOptions
 from prunecli.models.placement import add_to_tensor
 from prunecli.models.tokenizer import check_fits, embedding_rows, load_tokenizer, tokenizer_source
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -113,6 +117,7 @@ def load_model(ref: str | Path, options: LoadOptions = LoadOptions(), /,
     name); it is checked before the weights load (it must encode text) and after (its ids must fit the embedding),
     so a folder without a usable tokenizer fails with one line that says so, never later with a message about
     something else. With `device_map` accelerate places the model across GPUs, CPU and disk and `device` is not used.
+    What loads, and how long it took, goes to the `prunecli` log (the CLI shows it: loading takes seconds).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -127,6 +132,8 @@ def load_model(ref: str | Path, options: LoadOptions = LoadOptions(), /,
     target = None if placement else resolve_device(options.device)
     source = tokenizer_source(path, options.tokenizer)
     tok = load_tokenizer(source)
+    log.info(f"loading {ref}" + (f" ({path})" if str(ref) != str(path) else ""))
+    started = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(options.dtype), **placement)
     except (OSError, ValueError, KeyError) as exc:
@@ -135,6 +142,7 @@ def load_model(ref: str | Path, options: LoadOptions = LoadOptions(), /,
     if target is not None:
         model.to(target)
     model.eval()
+    log.info(f"loaded {ref} in {time.perf_counter() - started:.1f} s")
     return model, tok, base
 
 
