@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from prunecli.evaluation.counterfact import counterfact_metrics, evaluate_counterfact, needed_pairs
+from prunecli.models.loading import load_model
 from prunecli.models.scoring import TargetScore
 from prunecli.models.tokens import encode_pair
-from prunecli.models.loading import load_model
 from prunecli.requests import load_requests
 
 RESERVED_START = 5000
@@ -50,7 +50,7 @@ def naive_scores(model: Any, tok: Any, pairs: list[tuple[str, str]]) -> dict[tup
     return out
 
 
-def best_time(fn, repeat: int) -> tuple[float, dict[str, float]]:  # noqa: ANN001 - a zero-argument callable
+def best_time(fn, repeat: int) -> tuple[float, dict[str, float]]:
     best, metrics = float("inf"), {}
     for _ in range(repeat):
         t0 = time.perf_counter()

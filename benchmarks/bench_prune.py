@@ -45,7 +45,8 @@ def make_problem(out: int, inp: int, rank: int, seed: int) -> tuple[torch.Tensor
 def ours(w: torch.Tensor, entry: DeltaEntry, fn: str, alpha: float, beta: float,
          device: str) -> tuple[DeltaEntry, float]:
     smax = largest_singular_value(w.to(device))
-    new, _ = restrain_entry(entry, smax, RestraintSettings(fn, alpha, beta), device)  # factors come back to the CPU: synchronises
+    # the factors come back to the CPU: that synchronises
+    new, _ = restrain_entry(entry, smax, RestraintSettings(fn, alpha, beta), device)
     return new, smax
 
 
@@ -67,7 +68,7 @@ def reference(w: np.ndarray, d: np.ndarray, fn: str, alpha: float,
     """The released PRUNE algorithm (float32 NumPy, dense), timed step by step."""
     times: dict[str, float] = {}
 
-    def timed(label: str, f):  # noqa: ANN001, ANN202 - tiny local helper
+    def timed(label: str, f):
         t0 = time.perf_counter()
         result = f()
         times[label] = time.perf_counter() - t0

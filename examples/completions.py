@@ -14,7 +14,7 @@ from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
 
 
-def complete(model, tokenizer, prompt: str, tokens: int) -> str:  # noqa: ANN001 - HF objects
+def complete(model, tokenizer, prompt: str, tokens: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)

@@ -172,11 +172,13 @@ def collect(work: Path, model: str) -> list[dict[str, Any]]:
 def timings(work: Path) -> dict[str, Any]:
     """Wall seconds of every make step, their totals per kind of step (edit, prune, inspect, eval, ...), and each
     chain's edit time (all its edit steps)."""
-    steps = {str(p.relative_to(work))[: -len(".seconds")]: float(p.read_text()) for p in sorted(work.rglob("*.seconds"))}
+    steps = {str(p.relative_to(work))[: -len(".seconds")]: float(p.read_text())
+             for p in sorted(work.rglob("*.seconds"))}
     totals: dict[str, float] = {}
     chains: dict[str, float] = {}
     for name, seconds in steps.items():
-        kind = ("stats" if name.startswith("stats-") else "prune" if "/pruned-" in name and name.endswith(".safetensors")
+        pruned = "/pruned-" in name and name.endswith(".safetensors")
+        kind = ("stats" if name.startswith("stats-") else "prune" if pruned
                 else "edit" if name.endswith(".safetensors") else name.rsplit(".", 2)[-2])
         totals[kind] = round(totals.get(kind, 0.0) + seconds, 1)
         if kind == "edit":
@@ -387,7 +389,8 @@ def tables(rows: list[dict[str, Any]], timing: dict[str, Any] | None = None) -> 
                           ("Editing metrics (records 0..N-1, final model) and general abilities", METRIC_COLUMNS)):
         columns = [c for c in wanted if any(r.get(c) is not None for r in rows)]
         shown = [r for r in rows if any(r.get(c) is not None for c in columns)]
-        out += [f"### {title}", "", "| variant | N | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        out += [f"### {title}", "", "| variant | N | " + " | ".join(columns) + " |",
+                "|---|---|" + "---|" * len(columns)]
         out += [f"| {label(r)} | {r['N']} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in shown]
         out.append("")
     return "\n".join(out)

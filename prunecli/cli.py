@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands import (apply, compare, diff, edit, evaluate, export_lora, inspect, prune, stats,
-                               train_mend)
+from prunecli.commands import apply, compare, diff, edit, evaluate, export_lora, inspect, prune, stats, train_mend
 
 app = typer.Typer(
     name="prunecli",

@@ -88,7 +88,8 @@ class Workers:
             return list(tensors)
         import torch.distributed as dist
 
-        where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        where = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         out = []
         for t in tensors:
             moved = t.to(where, copy=True)

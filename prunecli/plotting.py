@@ -2,7 +2,8 @@
 
 What a reader wants from `inspect --plot` is how the top of the spectrum moved: the largest singular values of
 W + D against sigma_max(W), and those of D itself. So every edited matrix gets its own panel with W (solid), W + D
-(dashed) and D (a wide pale line) in three colours and sigma_max(W) as a horizontal line, on log-log axes (the top values are
+(dashed) and D (a wide pale line) in three colours and sigma_max(W) as a horizontal line, on log-log axes (the top
+values are
 at the left, spread out instead of squeezed against x = 1). Without deltas all matrices share one panel; past
 `_MAX_LEGEND` curves a colour scale by matrix order replaces the legend.
 

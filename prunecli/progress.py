@@ -62,7 +62,7 @@ def silent_task() -> ProgressTask:
 
 
 @contextlib.contextmanager
-def no_progress(description: str, total: float | None = None) -> Iterator[ProgressTask]:  # noqa: ARG001
+def no_progress(description: str, total: float | None = None) -> Iterator[ProgressTask]:
     """The default: report nothing."""
     yield silent_task()
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny_models import save_tiny_model
 
 # Tiny-model tests drown in thread start-up on a 2-core machine (the fast suite ran 5x faster on one thread), so the
@@ -17,7 +16,7 @@ os.environ.setdefault("PRUNECLI_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402 - after the thread variables above
+import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

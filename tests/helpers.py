@@ -15,7 +15,6 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
 
-
 # CounterFact-format records a tiny model can be evaluated on (each with rephrase and locality prompts).
 COUNTERFACT = [
     {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",

@@ -7,22 +7,22 @@ import json
 
 import pytest
 import torch
+from editing_helpers import REQUESTS, TINY_SETS, write_requests
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
-from editing_helpers import REQUESTS, TINY_SETS, write_requests
 from prunecli.cli import app
 from prunecli.core.delta import Delta
 from prunecli.editors import corpus
 from prunecli.editors.alphaedit import KEYS_EXTRA, AlphaEditEditor, null_space_basis, null_space_update
 from prunecli.editors.base import EditContext
-from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.memit import MemitEditor
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.stats import KeyStats, accumulate
 from prunecli.errors import PruneCliError
-from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
-from tiny_models import CORPUS
+from prunecli.models.scoring import score_targets
 
 runner = CliRunner()
 FAMILIES = ["gpt2_dir", "llama_dir", "qwen2_dir"]

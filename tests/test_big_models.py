@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import COUNTERFACT
 from typer.testing import CliRunner
 
 from prunecli.cli import app
@@ -22,7 +23,6 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
 from prunecli.models.loading import add_delta_to_model, load_model, parse_max_memory, placement_kwargs
 from prunecli.models.placement import input_device, read_tensor, write_tensor
-from helpers import COUNTERFACT
 
 runner = CliRunner()
 # 160 kB of "CPU memory" for the 250 kB tiny LLaMA: embeddings and layer 0 stay in RAM, layers 1-3 go to disk.
@@ -165,8 +165,9 @@ def test_stats_and_edits_with_device_map_match_plain_load(llama_dir: Path, tmp_p
     """stats, ROME and MEMIT on a model whose edited layers are partly resident (0) and partly disk-offloaded (2)
     give the statistics and deltas of a plain load; the offloaded weights are edited in memory, never on disk."""
     from editing_helpers import TINY_SETS, write_requests
-    from prunecli.editors.stats import KeyStats
     from tiny_models import CORPUS
+
+    from prunecli.editors.stats import KeyStats
 
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(CORPUS))
@@ -182,7 +183,8 @@ def test_stats_and_edits_with_device_map_match_plain_load(llama_dir: Path, tmp_p
         sets = [a for s in [*TINY_SETS, "v_num_grad_steps=20", "mom2_update_weight=1"] for a in ("--set", s)]
         _cli("edit", llama_dir, "--requests", requests, "--limit", 2, "--method", "rome", *sets, "--set", "layers=2",
              "-o", tmp_path / f"{kind}.rome.safetensors", *extra)
-        _cli("edit", llama_dir, "--requests", requests, "--method", "memit", "--stats", tmp_path / "plain.stats.safetensors",
+        _cli("edit", llama_dir, "--requests", requests, "--method", "memit", "--stats",
+             tmp_path / "plain.stats.safetensors",
              "--batch-size", 2, *sets, "--set", "layers=[0,2]", "-o", tmp_path / f"{kind}.memit.safetensors", *extra)
         runs[kind] = (KeyStats.load(stats), Delta.load(tmp_path / f"{kind}.rome.safetensors"),
                       Delta.load(tmp_path / f"{kind}.memit.safetensors"))

@@ -43,7 +43,7 @@ def _worker(log: str, queue: multiprocessing.Queue) -> None:
     try:
         path = ensure_builtin(FAKE, convert=_fake_convert(Path(log)))
         queue.put(("ok", str(path), (path / "config.json").read_text()))
-    except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+    except BaseException as exc:  # noqa: BLE001 - the parent process reports whatever the worker met
         queue.put(("error", repr(exc), ""))
 
 

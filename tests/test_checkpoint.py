@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from prunecli.core.atomic import MARKER
 from prunecli.core.applying import APPLIED_KEY, apply_deltas
+from prunecli.core.atomic import MARKER
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.errors import PruneCliError
-from helpers import one_line_error
 from prunecli.models.loading import add_delta_to_model
 
 

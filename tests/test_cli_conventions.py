@@ -43,9 +43,9 @@ def test_examples_are_one_unwrapped_line() -> None:
 
 
 def _report(path: Path, value: float) -> Path:
-    from prunecli.evaluation.report import build_report, write_report
     from prunecli.evaluation.base import MetricGroup, TaskOutcome
     from prunecli.evaluation.metrics import MetricValue
+    from prunecli.evaluation.report import build_report, write_report
 
     outcome = TaskOutcome([MetricGroup("perplexity", "protocol text", {"perplexity": MetricValue(value, 10, 0)})], 10,
                           "tokens")
@@ -91,7 +91,6 @@ def test_device_is_one_option_everywhere(gpt2_dir: Path) -> None:
 
 def test_commands_that_load_models_have_the_allow_pickle_their_messages_name(tmp_path: Path) -> None:
     import torch
-
     from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 
     folder = tmp_path / "pickled"
@@ -197,7 +196,7 @@ def test_prune_takes_base_then_delta_select_and_usage_errors(llama_dir: Path, tm
     assert bad.exit_code == 2 and "--alpha must be" in bad.output
 
 
-def torch_equal(x, y) -> bool:  # noqa: ANN001
+def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.equal(x, y))

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import one_line_error
 from safetensors.torch import load_file, save_file
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
 from prunecli.core.delta_files import load_deltas
 from prunecli.errors import PruneCliError, PruneCliWarning
-from helpers import one_line_error
 
 C_FC = "transformer.h.0.mlp.c_fc.weight"  # Conv1D, stored [32, 128]: math [out 128, in 32]
 C_PROJ = "transformer.h.1.attn.c_proj.weight"  # Conv1D, stored [32, 32]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_clean_failure, with_singular_values
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -19,7 +20,6 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta
 from prunecli.core.diffing import diff_checkpoints
 from prunecli.errors import PruneCliError
-from helpers import assert_clean_failure, with_singular_values
 
 GPT2_EDITS = {"transformer.h.1.mlp.c_proj.weight": [3.0], "transformer.h.2.attn.c_attn.weight": [4.0, 2.0, 1.0]}
 LLAMA_EDITS = {"model.layers.1.mlp.down_proj.weight": [3.0], "model.layers.2.self_attn.q_proj.weight": [4.0, 2.0, 1.0]}
@@ -127,7 +127,8 @@ def test_dense_fallback(tmp_path: Path, llama_dir: Path) -> None:
     torch.testing.assert_close(Checkpoint(tmp_path / "out").get(name), edited.get(name), atol=1e-6, rtol=1e-6)
 
 
-def test_select_and_names(tmp_path: Path, gpt2_dir: Path, gpt2_edit: tuple[Path, Path, dict[str, torch.Tensor]]) -> None:
+def test_select_and_names(tmp_path: Path, gpt2_dir: Path,
+                          gpt2_edit: tuple[Path, Path, dict[str, torch.Tensor]]) -> None:
     base_dir, edited_dir, _ = gpt2_edit
     base = Checkpoint(base_dir)
     only_mlp = diff_checkpoints(base, Checkpoint(edited_dir), select=["*.mlp.*"])

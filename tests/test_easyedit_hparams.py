@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import build_tiny_model
 from typer.testing import CliRunner
 
 from prunecli.cli import app
 from prunecli.editors.hparams import HParams, ModelModules
 from prunecli.editors.registry import check_file, file_method, resolve_hparams
 from prunecli.errors import PruneCliError
-from tiny_models import build_tiny_model
 
 FILES = sorted((Path(__file__).parent / "data" / "easyedit").glob("*.yaml"))
 LLAMA_LIKE = ("llama", "mistral", "qwen")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from editing_helpers import RECORDS, TINY_SETS, write_requests
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.cli import app
 from prunecli.core.delta import Delta
 from prunecli.models.recall import recalled

@@ -7,14 +7,14 @@ import re
 
 import pytest
 import torch
+from editing_helpers import RECORDS, TINY_SETS, write_requests
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
-from prunecli.core.restraint import RestraintSettings, restrain_delta
 from prunecli.core.lowrank import entry_svd
+from prunecli.core.restraint import RestraintSettings, restrain_delta
 
 runner = CliRunner()
 # Two short context prefixes, so the seeded prefix generation is part of what chaining must reproduce.

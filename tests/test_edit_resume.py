@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from editing_helpers import RECORDS, TINY_SETS, write_requests
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, TINY_SETS, write_requests
 from prunecli.api.edit import CHECKPOINT_EVERY, EditOptions, run_edit_job
 from prunecli.cli import app
 from prunecli.core.delta import Delta
 from prunecli.core.restraint import RestraintSettings
-from tiny_models import CORPUS
 
 runner = CliRunner()
 # Two short context prefixes, so the seeded prefix generation on the base model is part of what must be reproduced.

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.delta import Delta
 from prunecli.core.delta_files import load_deltas
-from prunecli.models.scoring import score_targets
 from prunecli.models.loading import add_delta_to_model, load_model
+from prunecli.models.scoring import score_targets
 from prunecli.requests import load_requests
 
 pytestmark = pytest.mark.slow

@@ -16,12 +16,12 @@ from prunecli.evaluation.base import EvalContext, EvalOptions
 from prunecli.evaluation.choice import TASKS as CHOICE_TASKS
 from prunecli.evaluation.choice import run_choice
 from prunecli.evaluation.counterfact import evaluate_counterfact
-from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.metrics import MetricValue, case_means, lower, prob_gap, weighted_f1
 from prunecli.evaluation.perplexity import evaluate_perplexity, sliding_windows
 from prunecli.evaluation.uncertainty import MEAN, PROPORTION, Outcomes
-from prunecli.models.scoring import score_targets
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
+from prunecli.models.generation import greedy_generate
+from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest
 
 WORDS = ["<s>", "<unk>", "N", "T", "M", "U", "X", "V", "s", "s2", "o", "o2", "p1", "p2", "r1", "r2", "r3", "l1", "l2",
@@ -214,7 +214,7 @@ def test_perplexity_nan_is_reported(tmp_path: Path) -> None:
 
 def test_label_word_classification_arithmetic(tmp_path: Path) -> None:
     data = tmp_path / "sst2.jsonl"
-    data.write_text("\n".join('{"sentence": "x", "label": %d}' % y for y in (1, 1, 1, 0)) + "\n")
+    data.write_text("\n".join(f'{{"sentence": "x", "label": {y}}}' for y in (1, 1, 1, 0)) + "\n")
     # Every sst2 prompt ends in ":"; its row prefers "positive", so every review is predicted positive.
     model = Bigram({":": {"positive": 1 / 2, "negative": 1 / 4}})
     ctx = EvalContext(model, WordTokenizer(), EvalOptions(batch_size=3))

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 
 from prunecli.evaluation.counterfact import evaluate_counterfact
-from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.perplexity import evaluate_perplexity, leading_ids
+from prunecli.models.generation import greedy_generate
 from prunecli.models.scoring import score_targets
 from prunecli.requests import EditRequest
-from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 
 FAMILIES = ["gpt2", "llama", "qwen2"]
 PROMPTS = ["The Eiffel Tower is located in", "Michael Jordan plays", "The", "English, German",
@@ -55,7 +55,8 @@ def test_scores_match_an_unpadded_forward(model: torch.nn.Module) -> None:
 
 def test_counterfact_metrics_do_not_depend_on_batching(model: torch.nn.Module) -> None:
     reqs = [EditRequest(i, "{}", p, t, TARGETS[(i + 1) % 8], [PROMPTS[(i + 2) % 8]], [PROMPTS[(i + 3) % 8]],
-                        [TARGETS[(i + 3) % 8]], source_format="counterfact") for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+                        [TARGETS[(i + 3) % 8]], source_format="counterfact")
+            for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
     a = {k: v for g in evaluate_counterfact(model, tiny_tokenizer(), reqs, batch_size=1) for k, v in g.metrics.items()}
     b = {k: v for g in evaluate_counterfact(model, tiny_tokenizer(), reqs, batch_size=8) for k, v in g.metrics.items()}
     for name in a:

@@ -74,7 +74,8 @@ def test_generative_prompts_and_judges() -> None:
 
 
 def test_choice_prompts() -> None:
-    prompt, gold = choice.TASKS["glue:mmlu"].build({"question": "2+2?", "choices": ["1", "4", "3", "5"], "answer": 1}, 0)
+    mmlu = {"question": "2+2?", "choices": ["1", "4", "3", "5"], "answer": 1}
+    prompt, gold = choice.TASKS["glue:mmlu"].build(mmlu, 0)
     assert prompt == "Question: 2+2?\n(A) 1\n(B) 4\n(C) 3\n(D) 5\nAnswer:" and gold == 1
     prompt, gold = choice.TASKS["glue:rte"].build({"sentence1": "P.", "sentence2": "H.", "label": 0}, 0)
     assert prompt == "P.\nquestion: H. True or False?\nanswer:" and choice.TASKS["glue:rte"].labels[gold] == "True"

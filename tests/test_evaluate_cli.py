@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import COUNTERFACT, random_delta
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
 from prunecli.cli import app
@@ -14,8 +16,6 @@ from prunecli.core.delta import Delta
 from prunecli.evaluation.zsre import evaluate_zsre, reference_scores
 from prunecli.models.loading import add_delta_to_model, load_model
 from prunecli.requests import load_requests
-from helpers import COUNTERFACT, random_delta
-from tiny_models import CORPUS
 
 runner = CliRunner()
 

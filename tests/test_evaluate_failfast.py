@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import COUNTERFACT
 from typer.testing import CliRunner
 
 from prunecli.cli import app
-from helpers import COUNTERFACT
 
 runner = CliRunner()
 

@@ -119,7 +119,7 @@ def fuzz(valid: bytes, reader: Callable[[Path, Path], None], tmp: Path, seed: in
         except PruneCliError as exc:
             if "\n" in str(exc) or not str(exc):
                 failures.append(f"case {case} ({kind}): message is not one line: {exc!r}")
-        except Exception as exc:  # noqa: BLE001 - anything else is what the fuzz looks for
+        except Exception as exc:  # noqa: BLE001 - any other exception is the failure this test looks for
             failures.append(f"case {case} ({kind}): {type(exc).__name__}: {exc}"[:300])
         path.unlink()
     return failures

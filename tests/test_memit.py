@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from editing_helpers import REQUESTS, TINY_SETS
+from tiny_models import CORPUS
+
 from prunecli.editors import corpus
 from prunecli.editors.base import EditContext
-from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.keys import prompt_token_keys, subject_keys
-from prunecli.editors.prompts import request_prompts
 from prunecli.editors.memit import MemitEditor, spread_update
+from prunecli.editors.prompts import request_prompts
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.stats import accumulate
 from prunecli.editors.success import check_edits
 from prunecli.errors import PruneCliError
-from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
-from tiny_models import CORPUS
+from prunecli.models.scoring import score_targets
 
 
 def test_spread_update_equals_the_dense_formula():

@@ -7,19 +7,27 @@ import json
 
 import pytest
 import torch
+from helpers import assert_gradient_factors_match_autograd
 from safetensors.torch import load_file
+from tiny_models import build_tiny_model, save_tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
-from prunecli.editors.mend.networks import (MendConfig, MendNetworks, add_to_weight, default_layers, encode_targets,
-                                   factored_update, low_rank_added, mlp_targets)
 from prunecli.editors.mend.archive import MendArchive, base_fingerprints
+from prunecli.editors.mend.networks import (
+    MendConfig,
+    MendNetworks,
+    add_to_weight,
+    default_layers,
+    encode_targets,
+    factored_update,
+    low_rank_added,
+    mlp_targets,
+)
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
-from tiny_models import build_tiny_model, save_tiny_model, tiny_tokenizer
-from helpers import assert_gradient_factors_match_autograd
 
 runner = CliRunner()
 

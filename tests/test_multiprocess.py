@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
 from prunecli.cli import app
 from prunecli.editors.stats import KeyStats
-from tiny_models import CORPUS
 
 runner = CliRunner()
 COUNTERFACT = [

@@ -8,16 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import COUNTERFACT, random_delta
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
-from helpers import COUNTERFACT, random_delta
 from prunecli.cli import app
 from prunecli.evaluation.uncertainty import mcnemar, wilson
 from prunecli.models.generation import greedy_generate
 from prunecli.models.loading import load_model
 from prunecli.models.recall import answer_budgets, recalled
 from prunecli.requests import load_requests
-from tiny_models import CORPUS
 
 runner = CliRunner()
 TASKS = "counterfact,counterfact-gen,perplexity"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 
 from prunecli.evaluation import perplexity
 from prunecli.evaluation.perplexity import evaluate_perplexity, sliding_windows
-from tiny_models import CORPUS, build_tiny_model, tiny_tokenizer
 
 
-def _reference(model, ids: list[int], window: int, stride: int) -> float:  # noqa: ANN001
+def _reference(model, ids: list[int], window: int, stride: int) -> float:
     """exp(mean NLL) from the model's full logits, one window per forward pass."""
     nll = []
     with torch.no_grad():
@@ -46,7 +46,7 @@ def _gemma3_softcapped():  # a tiny Gemma-3 with final logit soft-capping (the o
 
 @pytest.mark.parametrize("make", [lambda: build_tiny_model("llama"), lambda: build_tiny_model("gpt2"),
                                   _gemma3_softcapped], ids=["llama", "gpt2", "gemma3-softcap"])
-def test_chunked_equals_full_logits(make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_chunked_equals_full_logits(make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make()
     text = tmp_path / "t.txt"
     text.write_text(" ".join(CORPUS))

@@ -14,7 +14,7 @@ from prunecli.core.spectra import singular_values
 
 pytest.importorskip("matplotlib")
 
-from prunecli.plotting import Spectra, plot_spectra  # noqa: E402
+from prunecli.plotting import Spectra, plot_spectra
 
 
 def test_reports_keep_the_delta_spectrum_for_the_plot(llama_dir: Path) -> None:

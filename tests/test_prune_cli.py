@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_clean_failure
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -16,7 +17,6 @@ from typer.testing import CliRunner
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
-from helpers import assert_clean_failure
 
 runner = CliRunner()
 EDITS = {

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_eval_metrics import ROWS, Bigram, WordTokenizer
+from tiny_models import tiny_tokenizer
 
 from prunecli.evaluation import counterfact, zsre
 from prunecli.evaluation.edit_generation import evaluate_generation, prompt_count
@@ -14,8 +16,6 @@ from prunecli.evaluation.uncertainty import PROPORTION
 from prunecli.models.generation import Generation, greedy_generate
 from prunecli.models.recall import ANSWER_MARGIN, answer_budgets, normalize, recalled, recalled_by
 from prunecli.requests import EditRequest
-from test_eval_metrics import ROWS, Bigram, WordTokenizer
-from tiny_models import tiny_tokenizer
 
 
 @pytest.mark.parametrize("continuation, answer, expected", [

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import random_delta
 from typer.testing import CliRunner
 
 import prunecli.evaluation.runner as runner_module
@@ -16,7 +17,6 @@ from prunecli.cli import app
 from prunecli.errors import PruneCliWarning
 from prunecli.evaluation.reference_cache import ReferenceCache, reference_key
 from prunecli.models.scoring import TargetScore
-from helpers import random_delta
 
 runner = CliRunner()
 SETTINGS = {"dtype": "fp32", "device": "cpu", "batch_size": 16}

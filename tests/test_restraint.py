@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import RecordingProgress, factors_with_singular_values
 
 import prunecli.core.spectra as spectra
 from prunecli.core.checkpoint import Checkpoint
@@ -17,7 +18,6 @@ from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, restrain_delta, restrain_entry, restraint_values
 from prunecli.core.spectra import largest_singular_value
 from prunecli.errors import PruneCliError
-from helpers import RecordingProgress, factors_with_singular_values
 
 
 # ------------------------------------------------------------------------------------------ dense reference
@@ -113,7 +113,8 @@ def test_log_f_enlarges_when_sigma_max_ln_alpha_below_one() -> None:
     assert info.enlarges and info.n_enlarged == 3 and info.n_restrained == 4 and not info.clamped
     assert info.warning is not None and "log F enlarges" in info.warning and "3 singular value(s)" in info.warning
     assert info.top_after == pytest.approx(f.tolist(), rel=1e-6)  # the paper's formula, as is
-    clamped, cinfo = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax, RestraintSettings("log", alpha, clamp=True))
+    clamped, cinfo = restrain_entry(DeltaEntry.lowrank(a, b, "out_in"), smax,
+                                    RestraintSettings("log", alpha, clamp=True))
     assert cinfo.clamped and cinfo.warning is not None and "clamped" in cinfo.warning
     assert cinfo.top_after == pytest.approx(torch.minimum(f, s).tolist(), rel=1e-6)
     assert cinfo.top_after[0] < 40.0 and cinfo.top_after[1:4] == pytest.approx([6.0, 2.5, 2.1], rel=1e-6)

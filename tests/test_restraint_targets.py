@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from editing_helpers import REQUESTS
 from typer.testing import CliRunner
 
-from editing_helpers import REQUESTS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
@@ -144,11 +144,13 @@ def test_target_kappa_is_met_and_mildest(shape: tuple[int, int], factor: float) 
     k_w = cond(w)
     target = factor * k_w
     assert cond(w, d.to_dense(torch.float64)) > target
-    new, info = restrain_entry(d, largest_singular_value(w), RestraintSettings(target_kappa=target), spectra=UpdatedSpectra(w))
+    new, info = restrain_entry(d, largest_singular_value(w), RestraintSettings(target_kappa=target),
+                               spectra=UpdatedSpectra(w))
     reached = cond(w, new.to_dense(torch.float64))
     assert 0.99 * target <= reached <= target * (1 + 1e-9)
     assert info.strength is not None and 0 < info.strength < 2
-    weaker, _ = restrain_entry(d, largest_singular_value(w), RestraintSettings("scale-free", strength=info.strength - 0.005))
+    weaker, _ = restrain_entry(d, largest_singular_value(w),
+                               RestraintSettings("scale-free", strength=info.strength - 0.005))
     assert cond(w, weaker.to_dense(torch.float64)) > target
 
 
@@ -212,7 +214,7 @@ class ScriptedEditor(Editor):
     def __init__(self, updates: list[DeltaEntry], layer: int) -> None:
         self.updates, self.layer, self.done = updates, layer, 0
 
-    def apply(self, model, tokenizer, adapter, requests, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model, tokenizer, adapter, requests, ctx):
         entry = self.updates[self.done]
         self.done += 1
         param = model.get_parameter(adapter.weight_name(self.layer))
@@ -297,7 +299,8 @@ def test_edit_cli_kappa_trigger(tmp_path: Path, llama_dir: Path) -> None:
     ops = [op for op in delta.history if op["op"] == "prune"]
     assert [op["after_edits"] for op in ops] == [p["after_edits"] for p in points]
     for op in ops:
-        assert op["per_tensor"][WEIGHT]["kappa_before"] > trigger >= op["per_tensor"][WEIGHT]["kappa_after"] / (1 + 1e-9)
+        kappas = op["per_tensor"][WEIGHT]
+        assert kappas["kappa_before"] > trigger >= kappas["kappa_after"] / (1 + 1e-9)
     assert cond(w, delta.entries[WEIGHT].to_dense(torch.float64)) <= trigger * (1 + 1e-6)
     above = runner.invoke(app, [*common, "--force", "--kappa-trigger", "30", "--target-kappa", "40"])
     assert above.exit_code == 1 and "above --kappa-trigger" in above.stderr

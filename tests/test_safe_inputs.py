@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from editing_helpers import RECORDS, TINY_SETS
 from safetensors.torch import save_file
+from tiny_models import save_tiny_model
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, TINY_SETS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import META_KEY, Delta, DeltaEntry
 from prunecli.errors import PruneCliError
-from tiny_models import save_tiny_model
 
 runner = CliRunner()
 WEIGHT = "model.layers.1.mlp.down_proj.weight"

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from editing_helpers import RECORDS, TINY_SETS
+from helpers import random_delta
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, TINY_SETS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
-from helpers import random_delta
 
 runner = CliRunner()
 WEIGHT = "model.layers.1.mlp.down_proj.weight"

@@ -14,9 +14,19 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.core.inspection import checkpoint_candidates, checkpoint_reports, delta_reports, delta_singular_values
 from prunecli.core.selection import select_names
-from prunecli.core.spectra import (FLOAT32_TOLERANCE, PATH_GRAM32, PATH_GRAM64, Float32Attempts, SpectrumStats,
-                                   _gram_upper, float32_kappa_limit, matrix_stats, numerical_rank, singular_values,
-                                   spectrum)
+from prunecli.core.spectra import (
+    FLOAT32_TOLERANCE,
+    PATH_GRAM32,
+    PATH_GRAM64,
+    Float32Attempts,
+    SpectrumStats,
+    _gram_upper,
+    float32_kappa_limit,
+    matrix_stats,
+    numerical_rank,
+    singular_values,
+    spectrum,
+)
 from prunecli.errors import PruneCliError, PruneCliWarning
 
 EPS64 = torch.finfo(torch.float64).eps

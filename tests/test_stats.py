@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import CORPUS
 from typer.testing import CliRunner
 
 from prunecli.cli import app
@@ -14,7 +15,6 @@ from prunecli.editors.stats import KeyStats, accumulate, collect_key_stats, load
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.loading import load_model
-from tiny_models import CORPUS
 
 TEXT = "\n\n".join(CORPUS[:5]) + "\n"
 
@@ -33,7 +33,7 @@ def test_moments_equal_a_direct_per_sequence_computation(request, fixture):
     for layer in (0, 2):
         reference = torch.zeros(adapter.key_size(layer), adapter.key_size(layer), dtype=torch.float64)
         seen = []
-        handle = adapter.projection(layer).register_forward_pre_hook(lambda m, args: seen.append(args[0][0]))
+        handle = adapter.projection(layer).register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0][0]))
         with torch.no_grad():
             for c in chunks:  # one unpadded sequence at a time
                 model(input_ids=torch.tensor([c]))
@@ -129,7 +129,8 @@ def test_cli_stats_json_and_refusals(tmp_path, llama_dir):
     assert again.exit_code == 1 and "already exists" in again.stderr
     for bad, message in [(["--layers", "9"], "out of range"), (["--method", "rome", "--layers", "1"], "exactly one"),
                          (["--layers", "1", "--accum-dtype", "float16"], "--accum-dtype must be"),
-                         (["--layers", "1", "--dtype", "float64"], "the dtype of the accumulated sums is --accum-dtype")]:
+                         (["--layers", "1", "--dtype", "float64"],
+                          "the dtype of the accumulated sums is --accum-dtype")]:
         target = tmp_path / "bad.safetensors"
         r = runner.invoke(app, ["stats", str(llama_dir), *bad, "--text", str(text), "-o", str(target)])
         assert r.exit_code == 1 and message in r.stderr and not target.exists(), r.output

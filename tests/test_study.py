@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_models import build_tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from editing_helpers import TINY_SETS, write_requests
+from tiny_models import CORPUS, save_tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from editing_helpers import TINY_SETS, write_requests
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.models.loading import load_model
 from prunecli.models.tokenizer import TOKENIZER_FILES_HINT
-from tiny_models import CORPUS, save_tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 

@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 
 from prunecli.evaluation.metrics import weighted_f1
-from prunecli.evaluation.uncertainty import (EXACT_BELOW, MEAN, PERPLEXITY, PROPORTION, RESAMPLES, WEIGHTED_F1,
-                                             Outcomes, bootstrap, mcnemar, paired_difference, wilson)
+from prunecli.evaluation.uncertainty import (
+    EXACT_BELOW,
+    MEAN,
+    PERPLEXITY,
+    PROPORTION,
+    RESAMPLES,
+    WEIGHTED_F1,
+    Outcomes,
+    bootstrap,
+    mcnemar,
+    paired_difference,
+    wilson,
+)
 
 
 @pytest.mark.parametrize("k, n, lo, hi", [

@@ -5,7 +5,8 @@
 Rows: the unedited model, N sequential ROME edits without restraint, PRUNE once with the paper's log F (alpha 1.2),
 scale-free F once (strength 0.5), --target-kappa 1.25 x kappa(W) once, and adaptive restraint during editing
 (--kappa-trigger 1.25 x kappa(W) --target-kappa 1.1 x kappa(W)). kappa is that of the edited matrix (the worst one if
-several), from the prune reports or `prunecli inspect --delta`; the metrics from `prunecli evaluate` (CounterFact scores on the N edited
+several), from the prune reports or `prunecli inspect --delta`; the metrics from `prunecli evaluate` (CounterFact
+scores on the N edited
 records, WikiText perplexity).
 """
 

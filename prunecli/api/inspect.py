@@ -12,8 +12,14 @@ from prunecli.core.atomic import check_output_path, labelled
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
 from prunecli.core.delta_files import load_deltas
-from prunecli.core.inspection import (DeltaEntryReport, MatrixReport, checkpoint_candidates, checkpoint_reports,
-                                      default_checkpoint_selection, delta_reports)
+from prunecli.core.inspection import (
+    DeltaEntryReport,
+    MatrixReport,
+    checkpoint_candidates,
+    checkpoint_reports,
+    default_checkpoint_selection,
+    delta_reports,
+)
 from prunecli.core.selection import numeric_order, select_entries, select_names
 from prunecli.core.spectra import FAST_KAPPA_LIMIT
 from prunecli.errors import PruneCliError, PruneCliWarning

@@ -11,8 +11,7 @@ from typing import Any
 from prunecli.core.atomic import check_output_path
 from prunecli.distributed import SINGLE, Workers
 from prunecli.editors import corpus as corpora
-from prunecli.editors.registry import default_values
-from prunecli.editors.registry import STATS_METHODS
+from prunecli.editors.registry import STATS_METHODS, default_values
 from prunecli.editors.stats import STATS_DTYPES, KeyStats, collect_key_stats
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter

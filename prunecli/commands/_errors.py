@@ -99,7 +99,7 @@ def run_guarded(debug: bool, body: Callable[[], Any]) -> Any:
     except KeyboardInterrupt as exc:
         err_console.print(f"[bold red]{one_line(interrupt_message(exc))}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
-    except Exception as exc:  # noqa: BLE001 - the point is to catch everything at the boundary
+    except Exception as exc:
         if debug:
             raise
         error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")

@@ -25,7 +25,8 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
              "--limit", "-n", min=1, help="Use this many requests, and at most this many examples per general "
              "task.")] = None,
          tasks: Annotated[str | None, typer.Option(
-             "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre (teacher forced), "
+             "--tasks", "-t", help="Comma-separated tasks, each optionally =SOURCE: counterfact, zsre (teacher "
+             "forced), "
              "counterfact-gen, zsre-gen (greedy generation), perplexity, gsm8k, rte, nq, samsum, "
              "glue:sst2|mrpc|cola|rte|mmlu; groups glue, general. Default: the edit metrics of --requests (+ "
              "perplexity with --text).")] = None,
@@ -65,7 +66,8 @@ def main(targets: Annotated[list[str] | None, typer.Argument(
     writes instead of teacher-forced scores (docs/EVALUATION.md). Task data come from --data-dir
     ($PRUNECLI_DATA_DIR).
 
-    Example: prunecli evaluate smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 -t counterfact,counterfact-gen -o base.json
+    Example: prunecli evaluate smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 -t
+    counterfact,counterfact-gen -o base.json
 
     Example: prunecli evaluate smollm2 -d pruned.safetensors -t counterfact,perplexity --max-tokens 512 -o pruned.json
 

@@ -26,7 +26,8 @@ def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint fo
          exact: Annotated[bool, typer.Option("--exact", help="Float64 SVD instead of the fast Gram + eigvalsh path "
                                              "(needed when kappa approaches 1e7).")] = False,
          precision: Annotated[Precision, typer.Option(  # type: ignore[valid-type]
-             "--precision", help="Gram path: float64, or float32 (kept only where every singular value is provably within 1e-3 "
+             "--precision", help="Gram path: float64, or float32 (kept only where every singular value is provably "
+             "within 1e-3 "
              "relative of float64, i.e. small kappa; float64 elsewhere). auto: float32 for a whole checkpoint (no "
              "--select, no --delta), float64 otherwise. See docs/SPECTRA.md.")] = Precision("auto"),
          plot: Annotated[Path | None, typer.Option(
@@ -53,7 +54,8 @@ def main(path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint fo
     """
     from prunecli.api.inspect import InspectOptions, run_inspect
 
-    options = InspectOptions(path, tuple(deltas or ()), tuple(select or ()), exact, precision.value, top, plot, device, force,
+    options = InspectOptions(path, tuple(deltas or ()), tuple(select or ()), exact, precision.value, top, plot, device,
+                             force,
                              ignore_base_mismatch, allow_pickle)
     with cli_progress() as progress:
         result = run_inspect(options, progress)

@@ -9,8 +9,17 @@ import typer
 
 from prunecli.commands._display import cli_progress
 from prunecli.commands._errors import guarded
-from prunecli.commands._options import (AllowPickle, BaseDelta, Device, Force, IgnoreBaseMismatch, Out, OutputFile,
-                                        Restraint, Select)
+from prunecli.commands._options import (
+    AllowPickle,
+    BaseDelta,
+    Device,
+    Force,
+    IgnoreBaseMismatch,
+    Out,
+    OutputFile,
+    Restraint,
+    Select,
+)
 from prunecli.commands._output import number
 from prunecli.core.restraint_functions import RestraintSettings
 
@@ -47,7 +56,7 @@ def main(base_delta: BaseDelta, output: OutputFile, out: Out, restraint: Restrai
     out.result(result.to_json(), lambda: _render(out, result.reports, restraint, output, len(result.reports)))
 
 
-def _render(out: Out, reports: list, restraint: RestraintSettings, output: Path, n: int) -> None:  # noqa: ANN001
+def _render(out: Out, reports: list, restraint: RestraintSettings, output: Path, n: int) -> None:
     out.table(f"PRUNE ({restraint.fn})", ["tensor", "smax(W)", "restrained/rank", "strength", "kappa(W)",
                                           "kappa(W+D)", "kappa(W+D')", "top s -> F(s)"],
               [[r.name, number(r.info.sigma_max), f"{r.info.n_restrained}/{r.info.rank}", number(r.info.strength),

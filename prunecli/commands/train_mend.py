@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,6 +11,9 @@ from prunecli.commands._display import cli_progress
 from prunecli.commands._errors import guarded
 from prunecli.commands._options import LOAD, Force, Model, Out, Requests, Start, layer_list
 from prunecli.models.options import LoadOptions
+
+if TYPE_CHECKING:
+    from prunecli.api.train_mend import TrainMendResult
 
 TrainLoad = Annotated[LoadOptions, LOAD.only("device", "tokenizer", "allow_pickle")]
 """Training runs in fp32 on one device."""
@@ -57,9 +60,11 @@ def main(model: Model, requests: Requests,
     `prunecli edit --method mend --archive ARCHIVE` uses. Holds out --val-fraction of the records for validation,
     keeps the best networks, stops early, checkpoints after every validation and resumes with --resume.
 
-    Example: prunecli train-mend smollm2 -r "$PRUNECLI_DATA_DIR/zsre/zsre_mend_train-1k.json" --limit 20 --steps 2 --val-every 1 --rank 16 -o smollm2.mend.safetensors
+    Example: prunecli train-mend smollm2 -r "$PRUNECLI_DATA_DIR/zsre/zsre_mend_train-1k.json" --limit 20 --steps 2
+    --val-every 1 --rank 16 -o smollm2.mend.safetensors
 
-    Example: prunecli edit smollm2 --method mend --archive smollm2.mend.safetensors -r "$PRUNECLI_DATA_DIR/zsre/zsre_mend_train-1k.json" --limit 1 -o mend-edits.safetensors
+    Example: prunecli edit smollm2 --method mend --archive smollm2.mend.safetensors -r
+    "$PRUNECLI_DATA_DIR/zsre/zsre_mend_train-1k.json" --limit 1 -o mend-edits.safetensors
     """
     from prunecli.api.train_mend import TrainMendOptions, run_train_mend
     from prunecli.editors.mend.networks import MendConfig
@@ -75,7 +80,7 @@ def main(model: Model, requests: Requests,
     out.result(result.to_json(), lambda: _render(out, result))
 
 
-def _render(out: Out, result) -> None:  # noqa: ANN001 - a TrainMendResult
+def _render(out: Out, result: TrainMendResult) -> None:
     state = result.result.state
     columns = ("step", "loss", "edit_nll", "loc_kl", "pre_nll", "edit_acc", "rephrase_acc", "loc_agree")
     if state.history:

@@ -246,7 +246,8 @@ def clean_leftovers(folder: Path) -> None:
     dead = []
     for name in names:
         match = _TEMP_RE.match(name)
-        if match is None or match["host"] != _host():  # another machine's (over a network filesystem): not ours to judge
+        # another machine's (over a network filesystem): not ours to judge
+        if match is None or match["host"] != _host():
             continue
         pid = int(match["pid"])
         if pid != os.getpid() and not _alive(pid):

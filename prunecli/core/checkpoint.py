@@ -2,7 +2,8 @@
 
 A checkpoint is a Hugging Face model folder (`model.safetensors`, or shards plus `model.safetensors.index.json`) or a
 single `.safetensors` file. Tensors are read one at a time (headers validated by `safe_open`, data read without a
-memory map), so inspecting or restraining a 70B model costs one matrix of memory. Pickled weights (`pytorch_model.bin`) execute code when loaded, so they are refused unless
+memory map), so inspecting or restraining a 70B model costs one matrix of memory. Pickled weights
+(`pytorch_model.bin`) execute code when loaded, so they are refused unless
 the caller opts in, and then loaded with `weights_only=True`.
 
 Names: the canonical name of a tensor is the name `transformers` uses for the parameter (`transformer.h.0...` for
@@ -24,8 +25,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunecli.core.atomic import Inputs, atomic_directory, atomic_file, check_disjoint
-from prunecli.core.safetensors_stream import (DTYPE_NAMES, SAFETENSORS_DTYPES, TensorSource, read_header,
-                                               read_tensor, tensor_fingerprint, write_safetensors)
+from prunecli.core.safetensors_stream import (
+    DTYPE_NAMES,
+    SAFETENSORS_DTYPES,
+    TensorSource,
+    read_header,
+    read_tensor,
+    tensor_fingerprint,
+    write_safetensors,
+)
 from prunecli.core.textio import read_json_object
 from prunecli.errors import PruneCliError
 
@@ -117,7 +125,8 @@ class Checkpoint:
             shards = self._shards(SAFE_INDEX)
             missing = [n for n, f in shards.items() if not f.is_file()]
             if missing:
-                raise PruneCliError(f"checkpoint {p}: shard(s) listed in {SAFE_INDEX} are missing: {', '.join(missing)}")
+                raise PruneCliError(f"checkpoint {p}: shard(s) listed in {SAFE_INDEX} are missing: "
+                                    f"{', '.join(missing)}")
             return shards
         if (p / SAFE_SINGLE).exists():
             return {SAFE_SINGLE: p / SAFE_SINGLE}

@@ -25,7 +25,6 @@ from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
 
 
-
 def canonical_names(ckpt: Checkpoint) -> dict[str, str]:
     """Canonical name -> stored name, for every stored tensor."""
     return {ckpt.canonical(n): n for n in ckpt.names()}

@@ -2,7 +2,8 @@
 
 Everything is a generator over the selected tensors that reads one tensor at a time, so inspecting a large model
 costs about two matrices (plus a Gram matrix) of memory, and callers can show progress: a checkpoint's next tensor is
-read (file I/O, 16-bit values widened to float32) in a background thread while the current one is decomposed. A delta's own spectrum always comes
+read (file I/O, 16-bit values widened to float32) in a background thread while the current one is decomposed. A
+delta's own spectrum always comes
 from its factors (`entry_svd`): a low-rank delta is never densified for it. W + D is formed densely in float64,
 because its spectrum is the question and W is dense anyway.
 """

@@ -54,7 +54,8 @@ def compress_dense(d: torch.Tensor, layout: Layout, rank: int | None = None, tol
 
     k is `rank` (capped at min(out, in)); or, with `tol`, the smallest k whose relative Frobenius error
     ||D - D_k||_F / ||D||_F is <= tol; by default the numerical rank, counted like `torch.linalg.matrix_rank`:
-    singular values above max(atol, sigma_1 * max(out, in) * eps), eps of d's dtype. `atol` lets the caller discount noise
+    singular values above max(atol, sigma_1 * max(out, in) * eps), eps of d's dtype. `atol` lets the caller
+    discount noise
     it knows of, such as the rounding of a checkpoint stored in bf16. A nonzero D keeps at least rank 1.
     The entry is factored (a = U_k S_k, b = V_k) when k <= min(out, in) / 2, dense otherwise; a full-rank dense entry
     is D itself, bit for bit, not its SVD reconstruction.

@@ -37,7 +37,7 @@ def read_ahead(items: Iterable[T]) -> Iterator[T]:
                 if stop.is_set():
                     return
             slot.put((False, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it in its own thread
             slot.put((False, exc))
 
     thread = threading.Thread(target=produce, name="prunecli-read-ahead", daemon=True)  # never blocks exit

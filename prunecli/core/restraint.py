@@ -36,11 +36,10 @@ import torch
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
+from prunecli.core.history import PruneOp
 from prunecli.core.lowrank import entry_svd
 from prunecli.core.restraint_functions import MAX_STRENGTH, RestraintSettings, restraint_values
-from prunecli.core.history import PruneOp
-from prunecli.core.spectra import (FAST_KAPPA_LIMIT, UpdatedSpectra, largest_singular_value, matrix_stats,
-                                   numerical_rank)
+from prunecli.core.spectra import FAST_KAPPA_LIMIT, UpdatedSpectra, largest_singular_value, matrix_stats, numerical_rank
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress, track
 

@@ -23,7 +23,7 @@ MAX_STRENGTH = 2.0
 """Scale-free strengths run from 0 (no restraint) over 1 (values above sigma_max cut to it) to 2 (D' = 0)."""
 
 
-def _parameter(default: float, valid: Callable[[float], bool], rule: str, help: str) -> Any:  # noqa: A002
+def _parameter(default: float, valid: Callable[[float], bool], rule: str, help: str) -> Any:
     """A numeric parameter of the restraint functions: its default, its valid range (`rule` says it in words), and
     its help text. The command-line option `--<name>` and the history entry are derived from it."""
     return field(default=default, metadata={"valid": valid, "rule": rule, "help": help})

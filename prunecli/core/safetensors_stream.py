@@ -79,7 +79,8 @@ def write_safetensors(path: Path, sources: Sequence[TensorSource], metadata: dic
         for src in sources:
             t = src.load()
             if tuple(t.shape) != tuple(src.shape) or DTYPE_NAMES.get(t.dtype) != src.dtype:
-                raise ValueError(f"tensor {src.name}: expected {src.dtype}{list(src.shape)}, got {t.dtype}{list(t.shape)}")
+                raise ValueError(f"tensor {src.name}: expected {src.dtype}{list(src.shape)}, "
+                                 f"got {t.dtype}{list(t.shape)}")
             fh.write(tensor_bytes(t))
 
 

@@ -254,7 +254,8 @@ def _lanczos_top(gram: torch.Tensor, tol: float) -> tuple[torch.Tensor, float] |
 
 def _rayleigh_ritz(x: torch.Tensor, device: torch.device, basis: torch.Tensor, gap: float, tol: float) -> float | None:
     """sigma_max of x [m, n] on span(basis) [m, c] in float64, if the float64 residual confirms the bound."""
-    z = torch.cat([(basis.T @ c).T for _, c in _column_chunks(x, device, torch.float64, _VECTOR_CHUNK_ELEMENTS)])  # x^T basis: [n, c]
+    # x^T basis: [n, c]
+    z = torch.cat([(basis.T @ c).T for _, c in _column_chunks(x, device, torch.float64, _VECTOR_CHUNK_ELEMENTS)])
     u, s, vh = torch.linalg.svd(z, full_matrices=False)
     sigma = float(s[0])
     if sigma == 0.0:

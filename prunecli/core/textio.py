@@ -10,7 +10,6 @@ from typing import Any
 
 from prunecli.errors import PruneCliError
 
-
 STDIN = "-"
 """The path that names standard input, as in most Unix tools."""
 

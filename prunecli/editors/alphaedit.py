@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -48,6 +48,10 @@ from prunecli.editors.value import ValueHParams
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass(frozen=True)
 class AlphaEditHParams(ValueHParams):
@@ -118,7 +122,7 @@ class AlphaEditEditor(Editor):
             self._bases[(layer, threshold)] = cached
         return cached[1]
 
-    def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+    def apply(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, adapter: ModelAdapter,
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:
         check_moments(ctx, "AlphaEdit")
         hp = ctx.hparams

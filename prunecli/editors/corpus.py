@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prunecli.errors import PruneCliError
 
 _LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
             ".raw": "text", ".text": "text"}
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def dataset(name: str, split: str = "train", column: str | None = None, subset: 
             ds = datasets.load_dataset(name, subset, split=split, streaming=True)
     except PruneCliError:
         raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types for a bad source
+    except Exception as exc:
         raise PruneCliError(f"cannot load dataset {name!r} (split {split!r}): {exc}") from exc
     features = getattr(ds, "features", None) or {}  # unknown before the first row for some streamed formats
     if column is None:
@@ -94,7 +98,8 @@ def _text_column(columns: Iterable[str], is_string: dict[str, bool]) -> str:
     return "text" if "text" in is_string or not strings else strings[0]
 
 
-def token_chunks(tokenizer, texts: Iterable[str], seq_len: int, budget: int) -> Iterator[list[int]]:  # noqa: ANN001
+def token_chunks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], seq_len: int,
+                 budget: int) -> Iterator[list[int]]:
     """Token id chunks of at most `seq_len` tokens, `budget` tokens in total (the last chunk is cut to fit)."""
     left = budget
     for text in texts:

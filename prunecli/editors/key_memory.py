@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from prunecli.editors.keys import prompt_token_keys, subject_keys
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class KeyMemory:
         """K_p [rows so far, d_in] of `layer`."""
         return ctx.carried[self.name(adapter, layer)]
 
-    def remember(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
+    def remember(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, adapter: ModelAdapter,
                  requests: Sequence[EditRequest], ctx: EditContext, layers: Sequence[int]) -> None:
         """Append the batch's keys, read on the edited model (the subjects' averaged over the context prefixes, then
         with `whole_prompts` every bare prompt token's), to each layer's."""

@@ -9,6 +9,7 @@ projection's input at every token of the bare prompts (what MEMIT preserves of e
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,9 +19,12 @@ from prunecli.models.placement import input_device
 from prunecli.models.tokens import pad_id
 from prunecli.requests import EditRequest
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @torch.no_grad()
-def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[SubjectPrompt],  # noqa: ANN001
+def read_at_subject(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[SubjectPrompt],
                     sites: Mapping[str, tuple[torch.nn.Module, Kind]], batch_size: int = 32,
                     every_token: bool = False) -> dict[str, torch.Tensor]:
     """Per site, the float32 hidden vectors at each prompt's subject position [len(prompts), d], or with
@@ -41,7 +45,7 @@ def read_at_subject(model: torch.nn.Module, tokenizer, prompts: Sequence[Subject
     return {key: torch.cat(v) for key, v in parts.items()}
 
 
-def subject_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,  # noqa: ANN001
+def subject_keys(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, projection: torch.nn.Module,
                  requests: Sequence[EditRequest], prefixes: Sequence[str],
                  extra_bare: Mapping[str, tuple[torch.nn.Module, Kind]] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,7 +62,7 @@ def subject_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,
     return keys, bare
 
 
-def prompt_token_keys(model: torch.nn.Module, tokenizer, projection: torch.nn.Module,  # noqa: ANN001
+def prompt_token_keys(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, projection: torch.nn.Module,
                       requests: Sequence[EditRequest]) -> torch.Tensor:
     """The projection's inputs [total prompt tokens, d_in] (float32) at every token of each bare edit prompt."""
     prompts = [p for r in requests for p in request_prompts(tokenizer, r, [""], with_target=False)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from prunecli.requests import EditRequest
 
 _STARTERS = ("The", "Therefore", "Because", "I", "You")
 _TOP_K = 5
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ def _literal_before_subject(template: str) -> str:
     raise ValueError(f"template {template!r} has no '{{}}' for the subject")
 
 
-def subject_last_index(tokenizer, text: str, subject_end: int) -> int:  # noqa: ANN001 - HF tokenizer
+def subject_last_index(tokenizer: PreTrainedTokenizerBase, text: str, subject_end: int) -> int:
     """Index of the token holding character `subject_end - 1` of `text` (tokenised with special tokens)."""
     if getattr(tokenizer, "is_fast", False):
         offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
@@ -57,7 +61,7 @@ def subject_last_index(tokenizer, text: str, subject_end: int) -> int:  # noqa: 
     return len(tokenizer(text[:subject_end])["input_ids"]) - 1
 
 
-def encode_subject_prompt(tokenizer, prefix: str, template: str, subject: str,  # noqa: ANN001
+def encode_subject_prompt(tokenizer: PreTrainedTokenizerBase, prefix: str, template: str, subject: str,
                           target: str | None = None) -> SubjectPrompt:
     """Tokenise `prefix + template.format(subject)` (+ target), locating the subject's last token."""
     text = prefix + template.format(subject)
@@ -70,7 +74,7 @@ def encode_subject_prompt(tokenizer, prefix: str, template: str, subject: str,  
     return SubjectPrompt(prompt_ids + target_ids, index, len(prompt_ids), tuple(target_ids))
 
 
-def request_prompts(tokenizer, request: EditRequest, prefixes: Sequence[str],  # noqa: ANN001
+def request_prompts(tokenizer: PreTrainedTokenizerBase, request: EditRequest, prefixes: Sequence[str],
                     with_target: bool) -> list[SubjectPrompt]:
     """The edit prompt after each context prefix (the first prefix is "", the bare prompt)."""
     target = request.target_new if with_target else None
@@ -89,8 +93,8 @@ def right_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
 
 
 @torch.no_grad()
-def generate_prefixes(model: torch.nn.Module, tokenizer, length_params: Sequence[tuple[int, int]],  # noqa: ANN001
-                      seed: int = 0) -> list[str]:
+def generate_prefixes(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      length_params: Sequence[tuple[int, int]], seed: int = 0) -> list[str]:
     """[""] + for each (n_tokens, count): `count` texts of `n_tokens` sampled tokens (top-5), each ending in ". ".
 
     Deterministic for a given model and seed: sampling uses its own CPU generator, not the global RNG.

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from prunecli.models.tokens import pad_id
 from prunecli.progress import Advance, Progress, no_progress
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -111,15 +114,17 @@ def load_moments(stats: KeyStats, base: Checkpoint, adapter: ModelAdapter,
                                 f"differs from the one in {base.path}")
         size = adapter.key_size(layer)
         if tuple(stats.sums[layer].shape) != (size, size):
-            raise PruneCliError(f"statistics {path}: layer {layer} is {list(stats.sums[layer].shape)}, keys have {size}")
+            raise PruneCliError(f"statistics {path}: layer {layer} is {list(stats.sums[layer].shape)}, keys have "
+                                f"{size}")
         moments[layer] = stats.moment(layer)
     return moments
 
 
 @torch.no_grad()
-def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers: Sequence[int],  # noqa: ANN001
+def accumulate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, adapter: ModelAdapter, layers: Sequence[int],
                chunks: Iterable[list[int]], batch_size: int = 8, dtype: torch.dtype = torch.float64,
-               on_batch: Advance | None = None, workers: Workers = SINGLE) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+               on_batch: Advance | None = None,
+               workers: Workers = SINGLE) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
     """Sum of k k^T and token count per layer over the chunks (one forward pass per batch, padding excluded); in a
     parallel run each process takes every W-th batch and the sums and counts are added over processes."""
     device = input_device(model)
@@ -157,8 +162,9 @@ def accumulate(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layers:
     return {L: s.cpu() for L, s in sums.items()}, counts
 
 
-def collect_key_stats(model: torch.nn.Module, tokenizer, base: Checkpoint, adapter: ModelAdapter,  # noqa: ANN001
-                      layers: Sequence[int], chunks: Iterable[list[int]], corpus: str, batch_size: int = 8,
+def collect_key_stats(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, base: Checkpoint,
+                      adapter: ModelAdapter, layers: Sequence[int], chunks: Iterable[list[int]], corpus: str,
+                      batch_size: int = 8,
                       dtype: torch.dtype = torch.float64, seq_len: int | None = None,
                       tokens: int | None = None, progress: Progress = no_progress,
                       workers: Workers = SINGLE) -> KeyStats:

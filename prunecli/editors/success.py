@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ MIN_PROB_WITHOUT_TRUE = 0.1  # mean token probability of the new target, for req
 TEACHER_FORCED = "teacher-forced"
 GENERATION = "generation"
 CHECKS = (TEACHER_FORCED, GENERATION)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ def _mean_token_prob(nll: float) -> float:
     return math.exp(-nll) if math.isfinite(nll) else float("nan")
 
 
-def check_edits(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest],  # noqa: ANN001
+def check_edits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                 check: str = TEACHER_FORCED) -> list[EditCheck]:
     """Judge each request on the current model by `check` (see the module docstring for the rules)."""
     if check not in CHECKS:
@@ -73,7 +77,7 @@ def check_edits(model: torch.nn.Module, tokenizer, requests: Sequence[EditReques
     return _by_generation(model, tokenizer, requests, checks) if check == GENERATION else checks
 
 
-def _by_generation(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest],  # noqa: ANN001
+def _by_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                    checks: list[EditCheck]) -> list[EditCheck]:
     """The checks with their verdicts replaced by the generation rule's, and the continuations attached."""
     budgets = answer_budgets(tokenizer, [(r.text, r.target_new) for r in requests])

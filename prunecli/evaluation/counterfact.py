@@ -21,9 +21,9 @@ from typing import Any
 from prunecli.distributed import SINGLE, Workers
 from prunecli.evaluation.base import MetricGroup, request_records
 from prunecli.evaluation.edit_generation import Answers, GenerationSpec
-from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, MetricValue, case_means, flag, lower, prob_gap
 from prunecli.models.scoring import TargetScore, score_targets
+from prunecli.progress import Advance
 from prunecli.requests import EditRequest
 
 GROUP_PROB = "counterfact_rome"

@@ -56,7 +56,7 @@ def load_records(source: str, task: str) -> list[dict[str, Any]]:
                 raise PruneCliError(f"task {task}: cannot read {path} (expected .jsonl, .json, .tsv or .csv)")
     except PruneCliError:
         raise
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types; the user needs one line
+    except Exception as exc:
         raise PruneCliError(f"task {task}: cannot load {source}: {type(exc).__name__}: {exc}") from exc
     records = ds.to_list()
     if not records:

@@ -24,9 +24,9 @@ from typing import Any
 from prunecli.evaluation.answers import first_number, nli_verdict, parse_number, span_match
 from prunecli.evaluation.base import EvalContext, MetricGroup, RecordSet, TaskOutcome
 from prunecli.evaluation.data import field, load_records, resolve_source, subsample
-from prunecli.models.generation import greedy_generate
 from prunecli.evaluation.metrics import Judgement, case_means
 from prunecli.evaluation.rouge import rouge_scores
+from prunecli.models.generation import greedy_generate
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from prunecli.core.textio import read_text
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import MetricGroup, RecordSet, TaskOutcome
-from prunecli.progress import Advance, Progress, no_progress
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.evaluation.uncertainty import PERPLEXITY, Outcomes
 from prunecli.models.forward import forward_keywords, max_context
 from prunecli.models.logits import OutputHead, capture_last_hidden, output_head
 from prunecli.models.placement import input_device
+from prunecli.progress import Advance, Progress, no_progress
 
 GROUP = "perplexity"
 TOKENS_PER_BATCH = 4096
@@ -165,7 +165,8 @@ def evaluate_perplexity(model: Any, tokenizer: Any, path: Path, window: int | No
                                                   "windows": [[w.begin, w.end, w.first_scored] for w in windows]})
     budget = f"the first {len(ids)} tokens" if max_tokens is not None else f"all {len(ids)} tokens"
     protocol = (f"perplexity = exp(mean token NLL) over {len(nll)} scored tokens ({budget} of {path.name}, tokenised "
-                f"once, special tokens as the tokenizer adds them); sliding window of {window} tokens with stride {stride}: every "
+                f"once, special tokens as the tokenizer adds them); sliding window of {window} tokens with stride "
+                f"{stride}: every "
                 f"token after the first is scored once, with >= {window - stride} tokens of context after the first "
                 "window. Any NaN/Inf token NLL makes the perplexity NaN (n_nonfinite counts such tokens).")
     return TaskOutcome([MetricGroup(GROUP, protocol, {"perplexity": MetricValue(ppl, len(nll), bad, outcomes)},

@@ -40,7 +40,7 @@ _READ_CHUNK = 1 << 24
 Pair = tuple[str, str]
 
 
-def _add_files(h: Any, files: Iterable[Path]) -> None:  # noqa: ANN401 - a hashlib object
+def _add_files(h: Any, files: Iterable[Path]) -> None:
     """Feed the name, size and bytes of each file, in name order."""
     for path in sorted(files, key=lambda p: p.name):
         h.update(f"{path.name}\0{path.stat().st_size}\0".encode())

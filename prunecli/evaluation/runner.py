@@ -22,13 +22,13 @@ from prunecli.core.delta_files import load_deltas
 from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import EvalContext, EvalOptions, TaskOutcome
-from prunecli.progress import Progress, no_progress
+from prunecli.evaluation.reference_cache import ReferenceCache, reference_key
 from prunecli.evaluation.registry import TaskDef, check_inputs, parse_tasks
 from prunecli.evaluation.report import build_report
-from prunecli.models.scoring import TargetScore
-from prunecli.evaluation.reference_cache import ReferenceCache, reference_key
 from prunecli.evaluation.zsre import locality_pairs, reference_scores, score_pairs
 from prunecli.models.builtin import resolve_model_path
+from prunecli.models.scoring import TargetScore
+from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest, load_requests, parse_record
 
 
@@ -43,7 +43,8 @@ def requests_from_history(delta: Delta) -> list[EditRequest]:
             else:
                 out.append(parse_record(rec, i))
         except (TypeError, ValueError, KeyError) as exc:
-            raise PruneCliError(f"the delta's recorded request {i} cannot be read ({exc}); give --requests FILE") from None
+            raise PruneCliError(f"the delta's recorded request {i} cannot be read ({exc}); give --requests "
+                                "FILE") from None
     return out
 
 
@@ -95,7 +96,8 @@ def _reference_cache(options: EvalOptions, reference: str, workers: Workers) -> 
     source = tokenizer_source(folder, options.load.tokenizer)
     device = options.load.device_map or resolve_device(workers.resolve_device(options.load.device)).type
     return ReferenceCache(reference_key(folder, source.path if source.given else None,
-                                        {"dtype": options.load.dtype, "device": device, "batch_size": options.batch_size}))
+                                        {"dtype": options.load.dtype, "device": device,
+                                         "batch_size": options.batch_size}))
 
 
 def _reference(options: EvalOptions, model: Any, tokenizer: Any, requests: list[EditRequest], model_ref: str,
@@ -153,7 +155,7 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: Progress = no
         t0 = time.perf_counter()
         try:
             outcome = task.run(ctx, source)
-        except Exception as exc:  # noqa: BLE001 - one failing task must not lose the others' results
+        except Exception as exc:
             if len(tasks) == 1:
                 raise
             failed[task.name] = str(exc) if isinstance(exc, PruneCliError) else f"{type(exc).__name__}: {exc}"

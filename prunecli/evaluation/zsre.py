@@ -21,9 +21,9 @@ from prunecli.distributed import SINGLE, Workers
 from prunecli.errors import PruneCliError
 from prunecli.evaluation.base import MetricGroup, request_records
 from prunecli.evaluation.edit_generation import Answers, GenerationSpec
-from prunecli.progress import Advance
 from prunecli.evaluation.metrics import Judgement, case_means
 from prunecli.models.scoring import TargetScore, score_targets
+from prunecli.progress import Advance
 from prunecli.requests import EditRequest
 
 GROUP = "zsre"

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from prunecli.progress import Advance
 from prunecli.models.forward import forward_keywords, max_context
-from prunecli.models.tokens import pad_id
 from prunecli.models.placement import input_device
+from prunecli.models.tokens import pad_id
+from prunecli.progress import Advance
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from prunecli.core.delta import add_update
-
 from prunecli.errors import PruneCliError
 
 
@@ -56,7 +55,8 @@ def _offload_slot(root: torch.nn.Module, name: str) -> tuple[Any, str] | None:
     for depth in range(len(parts) - 1, -1, -1):
         module = root.get_submodule(".".join(parts[:depth]))
         for hook in _hooks(module):
-            if getattr(hook, "offload", False) and (depth == len(parts) - 1 or getattr(hook, "place_submodules", False)):
+            last = depth == len(parts) - 1
+            if getattr(hook, "offload", False) and (last or getattr(hook, "place_submodules", False)):
                 if hook.weights_map is None:
                     raise PruneCliError(f"{name} is offloaded but its hook has no weights map")
                 return hook.weights_map, ".".join(parts[depth:])

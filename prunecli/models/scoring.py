@@ -4,7 +4,8 @@ For each (prompt, target) pair the model reads prompt + target and we collect, a
 log-probability and whether it is the argmax. Pairs that share a prompt (CounterFact: the new and the true object)
 read the prompt once: a batch of distinct prompts runs left-padded with a key/value cache, whose rows are then
 repeated once per target of two or more tokens, and only those targets' tokens (all but the last) run a second,
-right-padded pass (a one-token target is read off the prompt pass). Pads are masked and position ids count real tokens only, so a score does not depend on the batch it was computed in; the
+right-padded pass (a one-token target is read off the prompt pass). Pads are masked and position ids count real
+tokens only, so a score does not depend on the batch it was computed in; the
 vocabulary projection is only computed where a target token is predicted.
 
 Prompts and targets are tokenised by `models.tokens.encode_pair`, the convention every part of prunecli shares.
@@ -15,13 +16,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from prunecli.models.forward import forward_keywords
 from prunecli.models.placement import input_device
 from prunecli.models.tokens import encode_pair, pad_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,9 @@ class TargetScore:
 
 
 @torch.no_grad()
-def score_targets(model: torch.nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],  # noqa: ANN001
-                  batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[TargetScore]:
+def score_targets(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                  targets: Sequence[str], batch_size: int = 16,
+                  on_batch: Callable[[int], None] | None = None) -> list[TargetScore]:
     """Teacher-forced scores of targets[i] after prompts[i]; `batch_size` distinct prompts (with all their targets)
     per forward pass, prompts of similar length and longest target together."""
     if len(prompts) != len(targets):

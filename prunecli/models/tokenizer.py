@@ -75,7 +75,7 @@ def tokenizer_source(model_path: Path, tokenizer: str | Path | None = None) -> T
     return TokenizerSource(path, given)
 
 
-def load_tokenizer(source: TokenizerSource) -> Any:  # noqa: ANN401 - a transformers tokenizer
+def load_tokenizer(source: TokenizerSource) -> Any:
     """Load the tokenizer and check that it encodes ordinary text: one clear line otherwise."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -88,7 +88,7 @@ def load_tokenizer(source: TokenizerSource) -> Any:  # noqa: ANN401 - a transfor
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
         else:
             tok = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types here; each is reported below
         # transformers raises for some architectures (LLaMA: "Couldn't instantiate the backend tokenizer") when the
         # folder has no vocabulary; that is the missing-files case, not a transformers problem.
         if path.is_dir() and not has_vocabulary_files(path):
@@ -104,12 +104,12 @@ def load_tokenizer(source: TokenizerSource) -> Any:  # noqa: ANN401 - a transfor
     return tok
 
 
-def largest_id(tokenizer: Any) -> int:  # noqa: ANN401
+def largest_id(tokenizer: Any) -> int:
     """The largest token id the tokenizer can produce (vocabulary and added tokens)."""
     return max(tokenizer.get_vocab().values())
 
 
-def check_fits(tokenizer: Any, source: TokenizerSource, rows: int, model: str) -> None:  # noqa: ANN401
+def check_fits(tokenizer: Any, source: TokenizerSource, rows: int, model: str) -> None:
     """Every id must index an embedding row; a tokenizer smaller than the embedding (padded vocabulary) is fine."""
     top = largest_id(tokenizer)
     if top >= rows:
@@ -118,7 +118,7 @@ def check_fits(tokenizer: Any, source: TokenizerSource, rows: int, model: str) -
                             "(--tokenizer)")
 
 
-def embedding_rows(model: Any) -> int:  # noqa: ANN401 - a transformers model
+def embedding_rows(model: Any) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 

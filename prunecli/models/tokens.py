@@ -7,8 +7,13 @@ edit would be optimised for token ids that evaluation never reads.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:  # noqa: ANN001 - HF tokenizer
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (with special tokens) and of the target (without, leading space added)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     sep = "" if (not prompt or prompt[-1].isspace()) else " "
@@ -20,7 +25,7 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
     return list(prompt_ids), list(target_ids)
 
 
-def pad_id(tokenizer) -> int:  # noqa: ANN001
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id batches are padded with: the pad token, else EOS, else 0 (pads are always masked out)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
