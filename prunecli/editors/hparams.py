@@ -38,7 +38,8 @@ IGNORED_KEYS = frozenset({
     "P_loc",  # EasyEdit AlphaEdit: where it saves its projector; prunecli computes P in memory per run
 })
 # EasyEdit's `alg_name` values and the prunecli method each selects (prunecli's ROME is R-ROME: one averaged key).
-ALG_NAMES = {"rome": "rome", "r-rome": "rome", "r_rome": "rome", "memit": "memit", "alphaedit": "alphaedit"}
+ALG_NAMES = {"rome": "rome", "r-rome": "rome", "r_rome": "rome", "memit": "memit", "alphaedit": "alphaedit",
+             "ultraedit": "ultraedit"}
 # R-ROME's key-handling switches, and the value of each that describes what prunecli's ROME does.
 RROME_SWITCHES = {"original_implementation": False, "enable_prompt_keys": False, "enable_random_prefix_keys": True}
 # Module names an EasyEdit file assumes: templates with `{}` for the layer number, and plain names.
@@ -93,7 +94,7 @@ class EditHParams:
 
 
 # ------------------------------------------------------------------------------------------------- coercion
-def _as_int(value: Any) -> int:
+def as_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected an integer, got a boolean")
     if isinstance(value, float) and value.is_integer():
@@ -103,7 +104,7 @@ def _as_int(value: Any) -> int:
     raise ValueError(f"expected an integer, got {value!r}")
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
     return float(value)  # also parses YAML 1.1 strings such as "5e-1"
@@ -119,7 +120,7 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _as_layers(value: Any) -> tuple[int, ...]:
+def as_layers(value: Any) -> tuple[int, ...]:
     if isinstance(value, str):
         text = value.strip().strip("[]")
         if "-" in text and "," not in text:  # "4-8"
@@ -130,7 +131,7 @@ def _as_layers(value: Any) -> tuple[int, ...]:
         value = [value]
     if not isinstance(value, Sequence) or not value:
         raise ValueError(f"expected a non-empty list of layer numbers, got {value!r}")
-    return tuple(_as_int(v) for v in value)
+    return tuple(as_int(v) for v in value)
 
 
 def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
@@ -140,17 +141,17 @@ def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
     for item in value:
         if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
             raise ValueError(f"expected [length, count], got {item!r}")
-        pairs.append((_as_int(item[0]), _as_int(item[1])))
+        pairs.append((as_int(item[0]), as_int(item[1])))
     return tuple(pairs)
 
 
 _COERCE: dict[str, Callable[[Any], Any]] = {
-    "layers": _as_layers, "v_lr": _as_float, "v_num_grad_steps": _as_int, "v_stop_loss": _as_float,
-    "clamp_norm_factor": _as_float, "kl_factor": _as_float, "v_weight_decay": _as_float,
-    "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
+    "layers": as_layers, "v_lr": as_float, "v_num_grad_steps": as_int, "v_stop_loss": as_float,
+    "clamp_norm_factor": as_float, "kl_factor": as_float, "v_weight_decay": as_float,
+    "mom2_adjustment": _as_bool, "mom2_update_weight": as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
-    "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str, "prior_edit_weight": _as_float,
-    "retry_rounds": _as_int, "retry_below": _as_float,
+    "nullspace_threshold": as_float, "L2": as_float, "rome_key": str, "prior_edit_weight": as_float,
+    "retry_rounds": as_int, "retry_below": as_float,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -248,16 +249,22 @@ def file_method(path: str | Path) -> str | None:
     name = str(user["alg_name"]).strip().lower()
     if name not in ALG_NAMES:
         raise PruneCliError(f"{path} holds {user['alg_name']} hyper-parameters; prunecli edits with "
-                            f"{', '.join(sorted(set(ALG_NAMES.values())))} (alg_name ROME, R-ROME, MEMIT, AlphaEdit)")
+                            f"{', '.join(sorted(set(ALG_NAMES.values())))} (alg_name ROME, R-ROME, MEMIT, AlphaEdit, "
+                            "ULTRAEDIT)")
     return ALG_NAMES[name]
 
 
-def check_file(method: str, path: str | Path) -> None:
-    """Everything about a hyper-parameter file that needs no model (parsing, keys, alg_name): run before loading."""
+def check_alg_name(method: str, path: str | Path) -> None:
+    """Fail when the file's `alg_name` names another method than `method`."""
     given = file_method(path)
     if given is not None and given != method:
         raise PruneCliError(f"{path} holds {read_hparams_file(path)['alg_name']} hyper-parameters, but the method is "
                             f"{method} (drop --method to use the file's)")
+
+
+def check_file(method: str, path: str | Path) -> None:
+    """Everything about a hyper-parameter file that needs no model (parsing, keys, alg_name): run before loading."""
+    check_alg_name(method, path)
     _check_keys(read_hparams_file(path), str(path), [])
 
 
@@ -284,8 +291,8 @@ def check_modules(user: Mapping[str, Any], where: str, modules: ModelModules) ->
     for key in MODULE_NAMES:
         if key in user and str(user[key]) not in modules.names:
             raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
-    if "v_loss_layer" in user and _as_int(user["v_loss_layer"]) != modules.num_layers - 1:
-        raise PruneCliError(f"{where} is for a model of {_as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
+    if "v_loss_layer" in user and as_int(user["v_loss_layer"]) != modules.num_layers - 1:
+        raise PruneCliError(f"{where} is for a model of {as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
                             f"{user['v_loss_layer']}); this {modules.model_type} model has {modules.num_layers}: use "
                             "a file for this model, or drop v_loss_layer and set its layers")
 

@@ -10,8 +10,8 @@ kappa(W + D) of an edited matrix exceeds a threshold (checked after every edit, 
 `BaseSpectra`), the accumulated delta is restrained against the base and the model is reset to base + restrained delta
 before editing continues (the paper's "multiple" mode, appendix C.6, and an adaptive one). The delta's history records
 each run of edits and each restraint in order; a restraint's entry says after how many edits it ran, why, and kappa
-before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's
-extra tensors.
+before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys, UltraEdit's normaliser)
+travels in the delta's extra tensors.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
             checks = check_edits(model, tokenizer, batch)
             for u in updates:
                 name = u.weight or adapter.weight_name(u.layer)
-                run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
+                run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, base.layout(name)), base)
             edits_before = len(run.delta.requests) + len(pending)
             pending.extend(r.to_json() for r in batch)
             seconds = (time.perf_counter() - t0) / len(batch)
