@@ -1,4 +1,5 @@
-"""`prunecli edit`: sequential ROME / MEMIT / AlphaEdit / MEND editing of a checkpoint into a factored delta file."""
+"""`prunecli edit`: sequential ROME / MEMIT / AlphaEdit / MEND / UltraEdit editing of a checkpoint into a factored
+delta file."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def main(
                                                "AlphaEdit: required; ROME: enables the C^-1 adjustment).")] = None,
     delta: Annotated[list[Path] | None, typer.Option("--delta", "-d", help="Previous delta(s) to continue from; the "
                                                      "output holds them plus the new edits.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="MEMIT, AlphaEdit: facts per batch.", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="MEMIT, AlphaEdit, UltraEdit: facts per batch.",
+                                            min=1)] = 10,
     hparams: Annotated[Path | None, typer.Option("--hparams", help="Hyper-parameters (YAML/JSON; EasyEdit keys "
                                                  "accepted).")] = None,
     layers: Annotated[str | None, typer.Option("--layers", help="Edited layers, e.g. 6, 3-7 or 3,4,5 (the same as "
@@ -115,6 +117,9 @@ def main(
         if editor.needs_stats and stats is None:
             raise PruneCliError(f"{chosen} needs key statistics: compute them with `prunecli stats {model} "
                                 f"--method {chosen} --text FILE -o STATS` and pass --stats STATS")
+        if stats is not None and not editor.uses_stats:
+            note(f"--stats is not used: {chosen} needs no key statistics")
+        stats_file = stats if editor.uses_stats else None
         settings = restraint_settings(fn, alpha, beta, strength, clamp, target_kappa)
         if prune_every is None and kappa_trigger is None and target_kappa is not None:
             raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger",
@@ -129,7 +134,7 @@ def main(
         edit_requests = load_requests(requests, start, limit)
         # PEFT adapters among the deltas are read against the base
         prior = load_deltas(delta or [], Checkpoint(model_path, allow_pickle) if delta else None)
-        key_stats = KeyStats.load(stats) if stats is not None else None  # read once, before the model loads
+        key_stats = KeyStats.load(stats_file) if stats_file is not None else None  # read before the model loads
         editor.check_base(Checkpoint(model_path, allow_pickle))
 
         lm, tokenizer, base = load_model(model, device, dtype, device_map=device_map, max_memory=max_memory,

@@ -67,7 +67,8 @@ def main(
         from prunecli.models.default_model import resolve_model_path
         from prunecli.distributed import workers
         from prunecli.editors import corpus as corpora
-        from prunecli.editors.hparams import default_values
+        from prunecli.editors.hparams import METHODS as STATS_METHODS, default_values
+        from prunecli.editors.registry import METHODS
         from prunecli.editors.stats import STATS_DTYPES, collect_key_stats
         from prunecli.models.adapters import resolve_adapter
         from prunecli.models.forward import max_context
@@ -75,6 +76,8 @@ def main(
 
         if (layers is None) == (method is None):
             raise PruneCliError("give exactly one of --layers and --method")
+        if method in METHODS and method not in STATS_METHODS:
+            raise PruneCliError(f"{method} uses no key statistics; --method takes {', '.join(STATS_METHODS)}")
         if (text is None) == (dataset is None):
             raise PruneCliError("give exactly one of --text and --dataset")
         if dtype not in STATS_DTYPES:

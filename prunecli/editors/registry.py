@@ -19,6 +19,7 @@ _EDITORS: dict[str, str] = {
     "memit": "prunecli.editors.memit:MemitEditor",
     "alphaedit": "prunecli.editors.alphaedit:AlphaEditEditor",
     "mend": "prunecli.editors.mend_editor:MendEditor",
+    "ultraedit": "prunecli.editors.ultraedit:UltraEditEditor",
 }
 
 METHODS: tuple[str, ...] = tuple(_EDITORS)
