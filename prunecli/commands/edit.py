@@ -79,6 +79,9 @@ def main(
     AlphaEdit (keys of earlier edits travel in the delta, so chains continue): prunecli edit smollm2 --requests cf.json
     --limit 10 --method alphaedit --stats smollm2.stats.safetensors -o a.delta; then --start 10 --delta a.delta
 
+    UltraEdit (no statistics; its normaliser travels in the delta): prunecli edit smollm2 --requests cf.json
+    --method ultraedit --batch-size 10 -o u.delta
+
     Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
 

@@ -6,7 +6,9 @@ steps applied (official repo XiaojieGu/UltraEdit, `editor/ultraedit.py` and `net
 1. The requests, ordered by token count (longest first, as the official data loader does), go through the model in
    sub-batches of `batch_size_once`: one forward and one backward pass of the token-mean cross-entropy of the answer
    tokens. For every answer-predicting token (`token: ans`; EasyEdit's `mask`: every token) each edited module gives
-   a row: its input k and the gradient g = dL/d(module output), both float32.
+   a row: its input k and the gradient g = dL/d(module output), both float32. The input is prompt + answer (as
+   EasyEdit feeds it; the official code drops the answer's last token, which in a causal model changes none of the
+   rows `ans` keeps).
 2. A lifelong normaliser per weight *shape* (in, out), shared by every edited module of that shape and never reset,
    keeps count n, mean mu, sum of squares S and std sigma of the rows [k, g]. After each sub-batch, per module, the
    m new rows (mean xbar, *unbiased* variance s2) enter it: n' = n + m, dlt = xbar - mu, mu += m dlt / n',
