@@ -308,7 +308,7 @@ def token_mean_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     return -logp.gather(1, batch.tokens[:, None]).mean()
 
 
-def _rows(batch: TargetBatch, token: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_rows(batch: TargetBatch, token: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequences, positions) of the tokens whose rows UltraEdit keeps."""
     if token == "ans":
         return batch.rows, batch.positions
@@ -338,36 +338,8 @@ class UltraEditEditor(Editor):
         hp: UltraEditHParams = ctx.hparams
         device = input_device(model)
         norms = load_normalizers(ctx, hp.targets, device)
-        lengths = [sum(map(len, encode_pair(tokenizer, r.text, r.target_new))) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
-        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in hp.targets}
-        initial = [0.0] * len(requests)
-        parts = range(0, len(order), hp.batch_size_once)
-        for done, start in enumerate(parts):
-            picked = order[start:start + hp.batch_size_once]
-            batch = encode_targets(tokenizer, [requests[i].text for i in picked],
-                                   [requests[i].target_new for i in picked], device)
-            seen: dict[str, torch.Tensor] = {}
-
-            def loss(batch: TargetBatch = batch, seen: dict[str, torch.Tensor] = seen) -> torch.Tensor:
-                logits = model(**batch.inputs()).logits
-                seen["nll"] = sequence_nll(logits.detach(), batch)
-                return token_mean_nll(logits, batch)
-
-            _, factors = gradient_factors(model, hp.targets, loss, at=_rows(batch, hp.token))
-            for i, nll in zip(picked, seen["nll"].tolist()):
-                initial[i] = nll
-            for t in hp.targets:
-                keys, grads = factors[t.name]
-                if not norms[t.shape_key].update(torch.cat([keys, grads], 1)) and not self._told_single_rows:
-                    self._told_single_rows = True
-                    ctx.value_task.log("a sub-batch had a single row: it adds no within-block variance to the "
-                                       "normaliser (the official code's would turn NaN); see editors/ultraedit.py")
-                rows[t.name].append((keys, grads))
-            ctx.value_task.update(completed=done + 1, total=len(parts))
-        shifts = {t.name: shift_factors(torch.cat([k for k, _ in rows[t.name]]),
-                                        torch.cat([g for _, g in rows[t.name]]), norms[t.shape_key], hp.lr)
-                  for t in hp.targets}
+        rows, initial = self._rows(model, tokenizer, requests, norms, ctx)
+        shifts = {t.name: shift_factors(*rows[t.name], norms[t.shape_key], hp.lr) for t in hp.targets}
         updates = []
         for t in hp.targets:  # every shift is computed before the first is added
             a, b = shifts[t.name]
@@ -378,3 +350,38 @@ class UltraEditEditor(Editor):
             batch = encode_targets(tokenizer, [r.text for r in requests], [r.target_new for r in requests], device)
             after = sequence_nll(model(**batch.inputs()).logits, batch).tolist()
         return updates, [RequestOutcome(a, i, 1) for a, i in zip(after, initial)]
+
+    def _rows(self, model: torch.nn.Module, tokenizer, requests: Sequence[EditRequest],  # noqa: ANN001
+              norms: Mapping[str, Normalizer], ctx: EditContext
+              ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[float]]:
+        """Per edited weight, the rows (K [N, in], G [N, out]) of the step's sub-batches, each sub-batch entering the
+        normalisers as it is read; and each request's mean answer NLL before the step."""
+        hp: UltraEditHParams = ctx.hparams
+        lengths = [sum(map(len, encode_pair(tokenizer, r.text, r.target_new))) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])  # longest first, as the official loader
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in hp.targets}
+        initial = [0.0] * len(requests)
+        starts = range(0, len(order), hp.batch_size_once)
+        for done, start in enumerate(starts):
+            picked = order[start:start + hp.batch_size_once]
+            batch = encode_targets(tokenizer, [requests[i].text for i in picked],
+                                   [requests[i].target_new for i in picked], input_device(model))
+            seen: dict[str, torch.Tensor] = {}
+
+            def loss(batch: TargetBatch = batch, seen: dict[str, torch.Tensor] = seen) -> torch.Tensor:
+                logits = model(**batch.inputs()).logits
+                seen["nll"] = sequence_nll(logits.detach(), batch)
+                return token_mean_nll(logits, batch)
+
+            _, factors = gradient_factors(model, hp.targets, loss, at=_token_rows(batch, hp.token))
+            for i, nll in zip(picked, seen["nll"].tolist()):
+                initial[i] = nll
+            for t in hp.targets:
+                if not norms[t.shape_key].update(torch.cat(factors[t.name], 1)) and not self._told_single_rows:
+                    self._told_single_rows = True
+                    ctx.value_task.log("a sub-batch had a single row: it adds no within-block variance to the "
+                                       "normaliser (the official code's would turn NaN); see editors/ultraedit.py")
+                parts[t.name].append(factors[t.name])
+            ctx.value_task.update(completed=done + 1, total=len(starts))
+        rows = {name: (torch.cat([k for k, _ in p]), torch.cat([g for _, g in p])) for name, p in parts.items()}
+        return rows, initial
