@@ -357,10 +357,11 @@ def test_packaged_defaults_per_family():
 
 
 def test_shipped_models_defaults():
-    """SmolLM2-135M (llama, 30 layers) and Gemma-3-270M (gemma3_text, 18 layers): up_proj, chosen in ultraedit.yaml."""
-    for (family, depth), layers, lr in [(("llama", 30), range(20, 29), 3e-4), (("gemma3_text", 18), range(8, 17), 1e-4)]:
+    """SmolLM2-135M (llama, 30 layers) and Gemma-3-270M (gemma3_text, 18 layers), as chosen in ultraedit.yaml."""
+    for (family, depth), module, layers, lr in [(("llama", 30), "mlp.down_proj", range(20, 29), 5e-4),
+                                                (("gemma3_text", 18), "mlp.up_proj", range(8, 17), 3e-5)]:
         hp = resolve_ultraedit_hparams(_adapter(family, depth))
-        assert hp.to_json()["inner_params"] == _names("model.layers", "mlp.up_proj", layers)
+        assert hp.to_json()["inner_params"] == _names("model.layers", module, layers)
         assert (hp.lr, hp.batch_size_once, hp.token) == (lr, 10, "ans")
 
 
