@@ -1,5 +1,5 @@
 """Benchmark: seconds per ROME edit and key-statistics tokens/s, each against its naive baseline in the same run, and
-seconds per fact of MEMIT and AlphaEdit on the same batch.
+seconds per fact of MEMIT, AlphaEdit and UltraEdit on the same batch.
 
 ROME: `--n` sequential edits of CounterFact records 0..n-1 (never the reserved 5000-9999) with the model's default
 ROME hyper-parameters, timed per edit (context prefixes are generated once beforehand and not counted), with
@@ -15,10 +15,10 @@ Statistics: `--stats-tokens` tokens of WikiText for the default MEMIT layers, wi
   one pass: all layers collected in one forward pass that stops after the deepest one (what `prunecli stats` does);
   naive:    one full forward pass per layer (what the published code does, layer after layer).
 
-MEMIT vs AlphaEdit: one batch of the same `--batch` facts (records 0..batch-1) from the same weights with each
-method's default hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition per
-layer and the extra pass that reads the edited keys for its cache; the context prefixes are generated once and not
-counted).
+MEMIT vs AlphaEdit vs UltraEdit: one batch of the same `--batch` facts (records 0..batch-1) from the same weights with
+each method's default hyper-parameters and the statistics above (AlphaEdit's time includes its one eigendecomposition
+per layer and the extra pass that reads the edited keys for its cache; the context prefixes are generated once and not
+counted; UltraEdit needs neither statistics nor prefixes, and its time includes the pass that reports its losses).
 
 Prints one summary line per model with the ratios (`--model smollm2 gemma3-270m` benchmarks both, one after the
 other, for the s/edit of each). `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model
@@ -40,14 +40,14 @@ import torch
 
 from prunecli.editors import corpus
 from prunecli.editors.alphaedit import AlphaEditEditor
-from prunecli.editors.base import EditContext, Editor
+from prunecli.editors.base import EditContext, Editor, EditSettings as HParams
 from prunecli.editors.registry import resolve_hparams
-from prunecli.editors.value import ValueHParams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.memit import MemitEditor
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.rome import rank_one_update
 from prunecli.editors.stats import accumulate
+from prunecli.editors.ultraedit import UltraEditEditor, resolve_ultraedit_hparams
 from prunecli.editors.tracing import record
 from prunecli.editors.value import optimize_value
 from prunecli.models.adapters import ModelAdapter, resolve_adapter
@@ -95,17 +95,19 @@ def rome_edits(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditR
 
 
 def batch_seconds_per_fact(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], editor: Editor,
-                           hp: ValueHParams, prefixes: list[str], moments: dict[int, torch.Tensor]) -> float:
-    """One batch of `requests` by `editor` from the model's current weights (restored afterwards); s per fact."""
-    saved = {L: adapter.weight(L).detach().clone() for L in hp.layers}
+                           hp: HParams, prefixes: list[str], moments: dict[int, torch.Tensor]) -> float:
+    """One batch of `requests` by `editor` from the model's current weights (every matrix of the edited layers is
+    restored afterwards: UltraEdit edits other matrices than the output projection); s per fact."""
+    layers = tuple(f"{adapter.stack_name}.{L}." for L in hp.layers)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2 and n.startswith(layers)}
     sync(model)
     t0 = time.perf_counter()
     editor.apply(model, tok, adapter, requests, EditContext(hp, prefixes, moments))
     sync(model)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        for L, w in saved.items():
-            adapter.weight(L).copy_(w)
+        for n, w in saved.items():
+            model.get_parameter(n).copy_(w)
     return seconds / len(requests)
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     parser.add_argument("--random-shape", choices=sorted(SHAPES), help="time a random-weight model of this shape")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--n", type=int, default=3, help="ROME edits per variant (CounterFact records 0..n-1)")
-    parser.add_argument("--batch", type=int, default=10, help="MEMIT/AlphaEdit facts in the timed batch")
+    parser.add_argument("--batch", type=int, default=10, help="MEMIT/AlphaEdit/UltraEdit facts in the timed batch")
     parser.add_argument("--stats-tokens", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=8, help="statistics sequences per forward pass")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -197,6 +199,8 @@ def bench_model(model_name: str | None, args: argparse.Namespace) -> None:
     alpha_s = batch_seconds_per_fact(model, tok, adapter, batch, AlphaEditEditor(), alphaedit,
                                      generate_prefixes(model, tok, alphaedit.context_template_length_params, 0),
                                      moments)
+    ultra = resolve_ultraedit_hparams(adapter)
+    ultra_s = batch_seconds_per_fact(model, tok, adapter, batch, UltraEditEditor(), ultra, [""], {})
 
     # ROME: the same edits from the same weights, cached then naive.
     (layer,) = rome.layers
@@ -214,7 +218,8 @@ def bench_model(model_name: str | None, args: argparse.Namespace) -> None:
           f"same losses: {same}); stats layers {memit_layers}: {tokens / one_pass:,.0f} tokens/s "
           f"(naive per-layer {tokens / naive_pass:,.0f}, speedup {naive_pass / one_pass:.1f}x); batch of {len(batch)}: "
           f"MEMIT layers {memit_layers} {memit_s:.2f} s/fact, AlphaEdit layers {list(alphaedit.layers)} "
-          f"{alpha_s:.2f} s/fact ({alpha_s / memit_s:.2f}x MEMIT's)")
+          f"{alpha_s:.2f} s/fact ({alpha_s / memit_s:.2f}x MEMIT's), UltraEdit {len(ultra.targets)} matrices of "
+          f"layers {list(ultra.layers)} {ultra_s:.3f} s/fact ({per_edit / ultra_s:.0f}x fewer s than ROME's per edit)")
 
 
 if __name__ == "__main__":

@@ -265,7 +265,10 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
     requests = requests[span.first - o.start:]
     if prior is not None:
         prior.check_base(checkpoint, o.ignore_base_mismatch)
-    key_stats = KeyStats.load(o.stats) if o.stats is not None else None  # read once, before the model loads
+    if o.stats is not None and not editor.uses_stats:
+        log.info(f"--stats is not used: {method} needs no key statistics")
+    # read once, before the model loads
+    key_stats = KeyStats.load(o.stats) if o.stats is not None and editor.uses_stats else None
     editor.check_base(checkpoint)
 
     model, tokenizer, base = load_model(o.model, o.load)

@@ -11,7 +11,7 @@ from typing import Any
 from prunecli.core.atomic import check_output_path
 from prunecli.distributed import SINGLE, Workers
 from prunecli.editors import corpus as corpora
-from prunecli.editors.registry import STATS_METHODS, default_values
+from prunecli.editors.registry import METHODS, STATS_METHODS, default_values
 from prunecli.editors.stats import STATS_DTYPES, KeyStats, collect_key_stats
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
@@ -65,7 +65,8 @@ def check_stats_options(o: StatsOptions) -> None:
     if (o.layers is None) == (o.method is None):
         raise PruneCliError("give exactly one of --layers and --method")
     if o.method is not None and o.method not in STATS_METHODS:
-        raise PruneCliError(f"--method {o.method}: key statistics serve {', '.join(STATS_METHODS)}")
+        what = "uses no key statistics" if o.method in METHODS else "is not an editing method"
+        raise PruneCliError(f"{o.method} {what}; --method takes {', '.join(STATS_METHODS)}")
     if (o.text is None) == (o.dataset is None):
         raise PruneCliError("give exactly one of --text and --dataset")
     if o.accum_dtype not in STATS_DTYPES:

@@ -1,4 +1,5 @@
-"""`prunecli edit`: sequential ROME / MEMIT / AlphaEdit / MEND editing of a checkpoint into a factored delta file."""
+"""`prunecli edit`: sequential ROME / MEMIT / AlphaEdit / MEND / UltraEdit editing of a checkpoint into a factored
+delta file."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
              "--stats", help="Key statistics from `prunecli stats` (MEMIT, AlphaEdit: required; ROME: enables the "
              "C^-1 adjustment).")] = None,
          deltas: Deltas = None,
-         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batched methods (MEMIT, AlphaEdit): "
-                                                 "facts per batch.")] = 10,
+         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batched methods (MEMIT, AlphaEdit, "
+                                                 "UltraEdit): facts per batch.")] = 10,
          hparams: Annotated[Path | None, typer.Option("--hparams", help="Hyper-parameters (YAML/JSON; EasyEdit "
                                                       "files accepted).")] = None,
          layers: Annotated[str | None, typer.Option(
@@ -71,6 +72,10 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --stats smollm2.stats.safetensors -o edits.safetensors
 
     Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --start 2 --limit 2 --stats smollm2.stats.safetensors -d edits.safetensors -o more-edits.safetensors
+
+    UltraEdit needs no statistics (its normaliser travels in the delta, so chains continue exactly):
+
+    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --method ultraedit -o ultraedit-edits.safetensors
 
     Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.

@@ -17,10 +17,12 @@ JSON document under the `prunecli.delta` metadata key:
 shapes (square matrices exist). `history` is the ordered record of every operation that produced the delta.
 
 Extra tensors: state an editing method needs to continue a chain (AlphaEdit and MEMIT with prior_edit_weight: the
-keys of the edited facts per layer, see `prunecli.editors.key_memory`) is stored as float32 tensors `extra::<name>`,
-listed in the metadata as `"extras": {name: {"shape": [...]}}` (the key is absent when there are none, so other deltas
-are unchanged). Extras are records in edit order, rows along the first dimension (AlphaEdit: one per edit; MEMIT: one
-per edit and one per token of its prompt): composing deltas concatenates them along that dimension, like factors.
+keys of the edited facts per layer, see `prunecli.editors.key_memory`; UltraEdit: its running normaliser per weight
+shape, see `prunecli.editors.ultraedit`) is stored as float32 tensors `extra::<name>`, listed in the metadata as
+`"extras": {name: {"shape": [...]}}` (the key is absent when there are none, so other deltas are unchanged). Extras
+are records in edit order, rows along the first dimension (AlphaEdit: one per edit; MEMIT: one per edit and one per
+token of its prompt; UltraEdit: one row, the statistics after the delta's last step): composing deltas concatenates
+them along that dimension, like factors (an UltraEdit normaliser of two rows is then refused by `edit --delta`).
 They never change the weights: apply, inspect, diff and export-lora ignore them; prune and `edit --delta` carry them.
 """
 

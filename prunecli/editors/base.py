@@ -27,7 +27,7 @@ from prunecli.requests import EditRequest
 class LayerUpdate:
     """The update of one layer's weight: D = a @ b.T with a [out, r], b [in, r] (float32).
 
-    `weight` names the parameter when it is not the layer's MLP output projection (MEND edits every MLP matrix)."""
+    `weight` names the parameter when it is not the layer's MLP output projection (MEND and UltraEdit edit others)."""
 
     layer: int
     a: torch.Tensor
@@ -86,6 +86,7 @@ class Editor(ABC):
     method: ClassVar[str]
     hparams: ClassVar[type[HParams] | None] = None  # its hyper-parameter class (None: settings come otherwise)
     needs_stats: ClassVar[bool] = False  # key statistics (`prunecli stats`) are required
+    uses_stats: ClassVar[bool] = True  # key statistics are read when given (False: `--stats` is not used)
     batched: ClassVar[bool] = False  # edits a batch of requests at once (--batch-size) rather than one after another
 
     inputs: EditorInputs = EditorInputs()
@@ -96,11 +97,18 @@ class Editor(ABC):
         file is parsed; an archive is refused: only MEND takes one)."""
         if inputs.archive is not None:
             raise PruneCliError(f"--archive is only used by --method mend, not {cls.method}")
-        if inputs.hparams_file is not None and cls.hparams is not None:
-            cls.hparams.check_file(inputs.hparams_file)
+        if inputs.hparams_file is not None:
+            cls.check_hparams_file(inputs.hparams_file)
         editor = cls()
         editor.inputs = inputs
         return editor
+
+    @classmethod
+    def check_hparams_file(cls, path: Path) -> None:
+        """Everything about a hyper-parameter file that needs no model (by default: the keys of `hparams`)."""
+        if cls.hparams is None:
+            raise PruneCliError(f"--hparams does not apply to {cls.method}")
+        cls.hparams.check_file(path)
 
     def check_base(self, base: Checkpoint) -> None:
         """Checks of the editor's own inputs against the base checkpoint, before the model loads (none by default)."""

@@ -51,7 +51,7 @@ _LAYER_RULE_KEYS = ("layer_fraction", "num_edit_layers")
 
 
 # ------------------------------------------------------------------------------------------------- coercion
-def _as_int(value: Any) -> int:
+def as_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected an integer, got a boolean")
     if isinstance(value, float) and value.is_integer():
@@ -61,7 +61,7 @@ def _as_int(value: Any) -> int:
     raise ValueError(f"expected an integer, got {value!r}")
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
     return float(value)  # also parses YAML 1.1 strings such as "5e-1"
@@ -77,7 +77,7 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _as_layers(value: Any) -> tuple[int, ...]:
+def as_layers(value: Any) -> tuple[int, ...]:
     if isinstance(value, str):
         text = value.strip().strip("[]")
         if "-" in text and "," not in text:  # "4-8"
@@ -88,7 +88,7 @@ def _as_layers(value: Any) -> tuple[int, ...]:
         value = [value]
     if not isinstance(value, Sequence) or not value:
         raise ValueError(f"expected a non-empty list of layer numbers, got {value!r}")
-    return tuple(_as_int(v) for v in value)
+    return tuple(as_int(v) for v in value)
 
 
 def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
@@ -98,7 +98,7 @@ def _as_length_params(value: Any) -> tuple[tuple[int, int], ...]:
     for item in value:
         if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
             raise ValueError(f"expected [length, count], got {item!r}")
-        pairs.append((_as_int(item[0]), _as_int(item[1])))
+        pairs.append((as_int(item[0]), as_int(item[1])))
     return tuple(pairs)
 
 
@@ -111,7 +111,7 @@ def _as_str_tuple(value: Any) -> tuple[str, ...]:
 
 # A field's declared type -> how a value from a file or --set becomes one (optional fields: the same without None).
 _COERCERS: dict[Any, Callable[[Any], Any]] = {
-    int: _as_int, float: _as_float, bool: _as_bool, str: str, tuple[int, ...]: _as_layers,
+    int: as_int, float: as_float, bool: _as_bool, str: str, tuple[int, ...]: as_layers,
     tuple[tuple[int, int], ...]: _as_length_params, tuple[str, ...]: _as_str_tuple,
 }
 
@@ -208,8 +208,8 @@ class HParams:
         for key in MODULE_NAMES:
             if key in user and str(user[key]) not in modules.names:
                 raise PruneCliError(f"{other}: its {key} {user[key]!r} names no module of the model")
-        if "v_loss_layer" in user and _as_int(user["v_loss_layer"]) != modules.num_layers - 1:
-            raise PruneCliError(f"{where} is for a model of {_as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
+        if "v_loss_layer" in user and as_int(user["v_loss_layer"]) != modules.num_layers - 1:
+            raise PruneCliError(f"{where} is for a model of {as_int(user['v_loss_layer']) + 1} layers (v_loss_layer "
                                 f"{user['v_loss_layer']}); this {modules.model_type} model has {modules.num_layers}: "
                                 "use a file for this model, or drop v_loss_layer and set its layers")
 

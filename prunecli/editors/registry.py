@@ -35,6 +35,7 @@ _METHODS: dict[str, Method] = {
     "memit": Method("prunecli.editors.memit:MemitEditor", True, ("memit",)),
     "alphaedit": Method("prunecli.editors.alphaedit:AlphaEditEditor", True, ("alphaedit",)),
     "mend": Method("prunecli.editors.mend.editor:MendEditor", False),
+    "ultraedit": Method("prunecli.editors.ultraedit:UltraEditEditor", False, ("ultraedit",)),
 }
 
 METHODS: tuple[str, ...] = tuple(_METHODS)
@@ -59,7 +60,7 @@ def editor_for(method: str, inputs: EditorInputs | None = None) -> Editor:
     inputs = inputs or EditorInputs()
     _import_all()  # so a key of another method's hyper-parameters is named as such
     if inputs.hparams_file is not None:
-        _check_alg_name(method, inputs.hparams_file)
+        check_alg_name(method, inputs.hparams_file)
     return editor_class(method).from_inputs(inputs)
 
 
@@ -108,11 +109,12 @@ def resolve_hparams(method: str, family: str, num_layers: int, file: str | Path 
 
 def check_file(method: str, path: str | Path) -> None:
     """A hyper-parameter file for `method`: its alg_name (if any) names this method, its keys are known."""
-    _check_alg_name(method, path)
-    hparams_class(method).check_file(path)
+    check_alg_name(method, path)
+    editor_class(method).check_hparams_file(path)
 
 
-def _check_alg_name(method: str, path: str | Path) -> None:
+def check_alg_name(method: str, path: str | Path) -> None:
+    """Fail when the file's EasyEdit `alg_name` names another method than `method`."""
     from prunecli.editors.hparams import read_hparams_file
 
     if file_method(path) not in (None, method):

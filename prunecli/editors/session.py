@@ -10,8 +10,8 @@ kappa(W + D) of an edited matrix exceeds a threshold (checked after every edit, 
 `BaseSpectra`), the accumulated delta is restrained against the base and the model is reset to base + restrained delta
 before editing continues (the paper's "multiple" mode, appendix C.6, and an adaptive one). The delta's history records
 each run of edits and each restraint in order; a restraint's entry says after how many edits it ran, why, and kappa
-before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys) travels in the delta's
-extra tensors.
+before/after per matrix. State an editor needs to continue later (AlphaEdit's edited keys, UltraEdit's normaliser)
+travels in the delta's extra tensors.
 
 A run can stop between steps and continue later with the same result, bit for bit: after every step the edited
 weights are set to base + D (rounded once from the delta, not accumulated edit by edit), so the model depends only
@@ -222,7 +222,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
                 updates, outcomes = editor.apply(model, tokenizer, adapter, batch, ctx)
                 touched = [base.canonical(u.weight or adapter.weight_name(u.layer)) for u in updates]
                 for name, u in zip(touched, updates):
-                    run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, adapter.layout), base)
+                    run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, base.layout(name)), base)
                 reset_to(model, base, run.delta, dict.fromkeys(touched))  # base + D, however the editor rounded
                 checks = check_edits(model, tokenizer, batch, check)
                 edits_before = len(run.delta.requests) + len(pending)

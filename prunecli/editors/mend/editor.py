@@ -44,6 +44,7 @@ class MendEditor(Editor):
     Its settings are the archive's: a hyper-parameter file or overrides are refused."""
 
     method = "mend"
+    uses_stats = False
 
     def __init__(self, archive: MendArchive, inputs: EditorInputs = EditorInputs()) -> None:
         self.archive, self.inputs = archive, inputs

@@ -74,20 +74,28 @@ def _matrix_layout(module: nn.Module) -> Layout | None:
     return None
 
 
+def layer_matrix(adapter: ModelAdapter, layer: int, path: str) -> MendTarget | None:
+    """The weight of module `path` (e.g. "mlp.gate_proj") of decoder layer `layer`; None when that module is not
+    an nn.Linear or Conv1D. A missing module raises AttributeError."""
+    module = adapter.layer_module(layer).get_submodule(path)
+    layout = _matrix_layout(module)
+    if layout is None:
+        return None
+    w = module.weight
+    out_f, in_f = (w.shape[0], w.shape[1]) if layout == "out_in" else (w.shape[1], w.shape[0])
+    return MendTarget(f"{adapter.stack_name}.{layer}.{path}.weight", layer, layout, int(out_f), int(in_f))
+
+
 def mlp_targets(adapter: ModelAdapter, layers: Sequence[int]) -> list[MendTarget]:
     """Every weight matrix of the MLP of each layer in `layers` (in the module's own order)."""
     mlp_path = adapter.projection_path.rpartition(".")[0]
     targets = []
     for layer in layers:
         mlp = adapter.layer_module(layer).get_submodule(mlp_path)
-        for child_name, child in mlp.named_children():
-            layout = _matrix_layout(child)
-            if layout is None:
-                continue
-            w = child.weight
-            out_f, in_f = (w.shape[0], w.shape[1]) if layout == "out_in" else (w.shape[1], w.shape[0])
-            name = f"{adapter.stack_name}.{layer}.{mlp_path}.{child_name}.weight"
-            targets.append(MendTarget(name, layer, layout, int(out_f), int(in_f)))
+        for child_name, _ in mlp.named_children():
+            target = layer_matrix(adapter, layer, f"{mlp_path}.{child_name}")
+            if target is not None:
+                targets.append(target)
     if not targets:
         raise PruneCliError(f"found no weight matrices in the MLP of layers {list(layers)}")
     return targets
@@ -244,10 +252,12 @@ def sequence_correct(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     return wrong == 0
 
 
-def gradient_factors(model: nn.Module, targets: Sequence[MendTarget], loss_fn: Callable[[], torch.Tensor]
+def gradient_factors(model: nn.Module, targets: Sequence[MendTarget], loss_fn: Callable[[], torch.Tensor],
+                     at: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Run `loss_fn()` (a forward pass of `model`) and return the loss and, per target weight, the rows
-    (u [n, in], delta [n, out]) of its gradient sum_i delta_i u_i^T, keeping tokens where both are non-zero.
+    (u [n, in], delta [n, out]) of its gradient sum_i delta_i u_i^T, keeping tokens where both are non-zero, or
+    with `at` = (sequences, positions) the rows of exactly those tokens, in that order (UltraEdit's).
 
     The model's own parameters need no gradient: each target module's output is made to require one.
     """
@@ -272,6 +282,10 @@ def gradient_factors(model: nn.Module, targets: Sequence[MendTarget], loss_fn: C
             h.remove()
     factors = {}
     for t, g in zip(targets, grads):
+        if at is not None:
+            index = tuple(i.to(g.device) for i in at)
+            factors[t.name] = (inputs[t.name][index].float(), g[index].float())
+            continue
         u = inputs[t.name].reshape(-1, t.in_features).float()
         delta = g.reshape(-1, t.out_features).float()
         keep = (u != 0).any(-1) & (delta != 0).any(-1)
