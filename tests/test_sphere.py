@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunecli.core.sphere import ROW_EPS, SphereSettings, principal_directions, project_update
+from prunecli.core.restraint_functions import SphereSettings
+from prunecli.core.sphere import ROW_EPS, principal_directions, project_update
 from prunecli.errors import PruneCliError
 
 

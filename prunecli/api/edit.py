@@ -21,6 +21,7 @@ from prunecli.core.delta import Delta
 from prunecli.core.delta_files import load_deltas
 from prunecli.core.history import PartialOp
 from prunecli.core.restraint import RestraintSettings
+from prunecli.core.restraint_functions import SphereSettings
 from prunecli.editors.base import Editor, EditorInputs
 from prunecli.editors.registry import editor_for, file_method
 from prunecli.editors.session import EditRun, PruneSchedule, run_edits
@@ -62,6 +63,7 @@ class EditOptions:
     prune_every: int | None = None  # restrain the accumulated delta after every K edits
     kappa_trigger: float | None = None  # ... and/or whenever kappa(W + D) of an edited matrix exceeds T
     restraint: RestraintSettings = field(default_factory=RestraintSettings)
+    sphere: SphereSettings | None = None  # SPHERE's projection of every update (alpha None: the method's default)
     seed: int = 0  # of the context-prefix sampler
     strict: bool = False  # any edit that did not take is an error (the result is not written)
     check: str = TEACHER_FORCED  # how an edit is judged to have taken (`editors.success`)
@@ -256,6 +258,9 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
         raise PruneCliError(f"--dtype must be fp32 or bf16 for editing, got {o.load.dtype!r}")
     if o.checkpoint_every < 0:
         raise PruneCliError(f"--checkpoint-every must be 0 (only when stopped) or more, got {o.checkpoint_every}")
+    sphere = o.sphere.for_method(method) if o.sphere is not None else None
+    if sphere is not None:
+        sphere.check()
     requests = load_requests(o.requests, o.start, o.limit)
     if resumed is not None and resumed.partial is None:
         return _finished_output(o, method, resumed, requests)
@@ -281,9 +286,11 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
                                   if key_stats is not None else {})
     if o.load.tokenizer is not None:
         provenance["tokenizer"] = o.load.tokenizer  # the edits were computed with this tokenizer
+    if sphere is not None:
+        provenance["sphere"] = sphere.to_json()  # every update of these edits was projected so
     writer = _PartialWriter(Path(o.output), str(o.requests), span, o.force or resumed is not None)
     run = run_edits(model, tokenizer, base, requests, editor, hp, moments, prior, o.batch_size, schedule, o.seed,
-                    provenance, progress, o.check, o.checkpoint_every, writer)
+                    provenance, progress, o.check, o.checkpoint_every, writer, sphere)
     if run.stopped is not None:
         raise _kept(run, writer, run.stopped)
     n, failed = len(run.reports), [r.index for r in run.failed]

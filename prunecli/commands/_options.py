@@ -23,6 +23,7 @@ import typer
 
 from prunecli.commands._output import Output, warn
 from prunecli.core.restraint_functions import FUNCTIONS, RestraintSettings
+from prunecli.core.restraint_functions import SphereSettings
 from prunecli.errors import PruneCliError
 from prunecli.models.options import LoadOptions
 
@@ -222,6 +223,45 @@ RESTRAINT = OptionGroup(_restraint, (
 ))
 Restraint = Annotated[RestraintSettings, RESTRAINT]
 """The restraint (`prunecli.core.restraint`): options derived from its table of functions and parameters."""
+
+
+def _sphere(sphere: bool, sphere_eta: float | None, sphere_alpha: float | None,
+            sphere_basis: str | None) -> SphereSettings | None:
+    """SPHERE's settings, or None without --sphere (its other options alone are a usage error)."""
+    if not sphere:
+        given = [name for name, value in (("--sphere-eta", sphere_eta), ("--sphere-alpha", sphere_alpha),
+                                          ("--sphere-basis", sphere_basis)) if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} set(s) SPHERE, which is on only with --sphere",
+                                     param_hint="--sphere")
+        return None
+    defaults = SphereSettings()
+    settings = SphereSettings(defaults.eta if sphere_eta is None else sphere_eta, sphere_alpha,
+                              sphere_basis or defaults.basis)
+    try:
+        settings.check()
+    except PruneCliError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return settings
+
+
+SPHERE = OptionGroup(_sphere, (
+    option("sphere", Annotated[bool, typer.Option(
+        "--sphere", help="SPHERE while editing: project every update away from the principal directions of the "
+        "row-normalised weight it changes (docs/METHODS.md#sphere); composes with --prune-every, --kappa-trigger and "
+        "a later prune.")], False),
+    option("sphere_eta", Annotated[float | None, typer.Option(
+        "--sphere-eta", help="With --sphere: the share of the weight's spectrum whose directions are spared, in (0, "
+        "1) (default 0.5).")], None),
+    option("sphere_alpha", Annotated[float | None, typer.Option(
+        "--sphere-alpha", help="With --sphere: how much of an update along those directions is removed, in [0, 1] "
+        "(default: 0.5 for alphaedit, 0.8 otherwise, the official values).")], None),
+    option("sphere_basis", Annotated[str | None, typer.Option(
+        "--sphere-basis", help="With --sphere: current (the weight as it is at each update, the official code) or "
+        "pretrained (the unedited weight, the paper's wording); default current.")], None),
+))
+Sphere = Annotated[SphereSettings | None, SPHERE]
+"""SPHERE's projection of every update while editing (`prunecli.core.sphere`)."""
 
 
 def layer_list(text: str | None) -> tuple[int, ...] | None:

@@ -11,8 +11,19 @@ import typer
 
 from prunecli.commands._display import cli_progress
 from prunecli.commands._errors import guarded
-from prunecli.commands._options import (Deltas, Force, IgnoreBaseMismatch, Load, Model, Out, OutputFile, Requests,
-                                        Restraint, Start)
+from prunecli.commands._options import (
+    Deltas,
+    Force,
+    IgnoreBaseMismatch,
+    Load,
+    Model,
+    Out,
+    OutputFile,
+    Requests,
+    Restraint,
+    Sphere,
+    Start,
+)
 from prunecli.editors.registry import METHODS
 
 Check = Enum("Check", {"teacher_forced": "teacher-forced", "generation": "generation"}, type=str)  # type: ignore[misc]
@@ -24,6 +35,7 @@ if TYPE_CHECKING:
 
 @guarded
 def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: Load, restraint: Restraint,
+         sphere: Sphere,
          method: Annotated[str | None, typer.Option(
              "--method", help=f"{', '.join(METHODS)} (default: the --hparams file's alg_name, else rome).")] = None,
          start: Start = 0,
@@ -69,13 +81,16 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     """Edit facts into a model, one after another (batched methods: batch after batch), and write the accumulated
     edits as a low-rank delta; with --delta PREV it continues a previous run, so deltas chain like Makefile steps.
 
-    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --stats smollm2.stats.safetensors -o edits.safetensors
+    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --stats
+    smollm2.stats.safetensors -o edits.safetensors
 
-    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --start 2 --limit 2 --stats smollm2.stats.safetensors -d edits.safetensors -o more-edits.safetensors
+    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --start 2 --limit 2
+    --stats smollm2.stats.safetensors -d edits.safetensors -o more-edits.safetensors
 
     UltraEdit needs no statistics (its normaliser travels in the delta, so chains continue exactly):
 
-    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --method ultraedit -o ultraedit-edits.safetensors
+    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --method
+    ultraedit -o ultraedit-edits.safetensors
 
     Keep kappa in budget: --kappa-trigger 60 --target-kappa 45 restrains (the mildest scale-free restraint reaching
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
@@ -98,9 +113,11 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     if prune_every is None and kappa_trigger is None and restraint.target_kappa is not None:
         raise typer.BadParameter("restrains only with --prune-every or --kappa-trigger", param_hint="--target-kappa")
     overrides = (*(set_ or ()), *((f"layers={layers}",) if layers is not None else ()))
-    options = EditOptions(model, requests, output, method, start, limit, stats, tuple(deltas or ()), batch_size,
-                          hparams, overrides, archive, prune_every, kappa_trigger, restraint, seed, strict,
-                          check.value, load, force, ignore_base_mismatch, checkpoint_every, resume)
+    options = EditOptions(model, requests, output, method=method, start=start, limit=limit, stats=stats,
+                          deltas=tuple(deltas or ()), batch_size=batch_size, hparams=hparams, overrides=overrides,
+                          archive=archive, prune_every=prune_every, kappa_trigger=kappa_trigger, restraint=restraint,
+                          sphere=sphere, seed=seed, strict=strict, check=check.value, load=load, force=force,
+                          ignore_base_mismatch=ignore_base_mismatch, checkpoint_every=checkpoint_every, resume=resume)
     with cli_progress() as progress:
         result = run_edit_job(options, progress)
     for tensor_reports in result.run.restraints:

@@ -116,3 +116,38 @@ def restraint_values(s: torch.Tensor, sigma_max: float, settings: RestraintSetti
     if settings.fn == "scale-free" and settings.strength > 1:
         return (2 - settings.strength) * kept
     return kept
+
+
+# ------------------------------------------------------------------------ restraint of each update while editing
+ALPHA_BY_METHOD = {"alphaedit": 0.5}
+"""The official defaults of alpha: 0.5 on AlphaEdit, DEFAULT_ALPHA on MEMIT (and every other editor)."""
+DEFAULT_ALPHA = 0.8
+
+
+@dataclass(frozen=True)
+class SphereSettings:
+    """SPHERE while editing: `eta` the share of the row-normalised weight's spectrum whose directions are spared,
+    `alpha` how much of an update along them is removed (1: all; None: the official default for the method,
+    `for_method`), `basis` whether the directions come from the weight as it is when each update is made
+    (`current`, the official code) or from the unedited weight (`pretrained`, the paper's wording)."""
+
+    eta: float = 0.5
+    alpha: float | None = None
+    basis: str = "current"
+
+    def for_method(self, method: str) -> SphereSettings:
+        """These settings with alpha resolved for an editing method."""
+        if self.alpha is not None:
+            return self
+        return SphereSettings(self.eta, ALPHA_BY_METHOD.get(method, DEFAULT_ALPHA), self.basis)
+
+    def check(self) -> None:
+        if not 0 < self.eta < 1:
+            raise PruneCliError(f"--sphere-eta must be in (0, 1) (a share of the spectrum), got {self.eta}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise PruneCliError(f"--sphere-alpha must be in [0, 1] (0: no projection, 1: full), got {self.alpha}")
+        if self.basis not in ("current", "pretrained"):
+            raise PruneCliError(f"--sphere-basis must be current or pretrained, got {self.basis!r}")
+
+    def to_json(self) -> dict[str, object]:
+        return {"eta": self.eta, "alpha": self.alpha, "basis": self.basis}

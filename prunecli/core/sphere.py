@@ -11,43 +11,18 @@ Updates are factored, D = a b^T in math orientation, so the projection is applie
 anything or raises the rank: `out_in` storage projects b, `in_out` storage projects a.
 
 The eigenvectors come from the smaller of the two Gram matrices (W_hat^T W_hat or W_hat W_hat^T share their nonzero
-eigenvalues), in float64.
+eigenvalues), in float64. The user's settings (`SphereSettings`: eta, alpha, which weight) sit in the torch-free
+restraint table, `core.restraint_functions`, beside PRUNE's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from prunecli.core.checkpoint import Layout
-from prunecli.errors import PruneCliError
 
 ROW_EPS = 1e-8
 """Added to each row's norm before normalising (the official code's guard for zero rows)."""
-
-
-@dataclass(frozen=True)
-class SphereSettings:
-    """SPHERE while editing: `eta` the share of the row-normalised weight's spectrum whose directions are spared,
-    `alpha` how much of an update along them is removed (1: all), `basis` whether the directions come from the
-    weight as it is when each update is made (`current`, the official code) or from the unedited weight
-    (`pretrained`, the paper's wording)."""
-
-    eta: float = 0.5
-    alpha: float = 0.5
-    basis: str = "current"
-
-    def check(self) -> None:
-        if not 0 < self.eta < 1:
-            raise PruneCliError(f"--sphere-eta must be in (0, 1) (a share of the spectrum), got {self.eta}")
-        if not 0 <= self.alpha <= 1:
-            raise PruneCliError(f"--sphere-alpha must be in [0, 1] (0: no projection, 1: full), got {self.alpha}")
-        if self.basis not in ("current", "pretrained"):
-            raise PruneCliError(f"--sphere-basis must be current or pretrained, got {self.basis!r}")
-
-    def to_json(self) -> dict[str, object]:
-        return {"eta": self.eta, "alpha": self.alpha, "basis": self.basis}
 
 
 def principal_directions(stored: torch.Tensor, eta: float) -> torch.Tensor:

@@ -64,6 +64,9 @@ class EditorInputs:
     archive: Path | None = None
 
 
+UpdateRestraint = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class EditContext:
     """Everything an editor needs besides the model and the requests."""
@@ -77,6 +80,9 @@ class EditContext:
     continues: bool = False  # True when editing continues previous deltas (`--delta`): `carried` came from them
     # The steps of the value optimisation in progress (`update(completed=step, total=steps, ...)`).
     value_task: ProgressTask = field(default_factory=silent_task)
+    # What every update goes through before it is added to the model (SPHERE's projection while editing; the driver
+    # sets it): (weight name, a [out, r], b [in, r]) -> the factors to add and return.
+    restrain_update: UpdateRestraint = field(default=lambda name, a, b: (a, b))
 
 
 class Editor(ABC):

@@ -38,13 +38,15 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry, check_finite_weight
 from prunecli.core.history import EditOp
 from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport, restrain_delta
-from prunecli.editors.base import EditContext, EditSettings, Editor
+from prunecli.core.restraint_functions import SphereSettings
+from prunecli.core.sphere import principal_directions, project_update
+from prunecli.editors.base import EditContext, Editor, EditSettings
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import TEACHER_FORCED, check_edits
 from prunecli.errors import PruneCliError
-from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
-from prunecli.models.placement import input_device, write_tensor
+from prunecli.models.placement import input_device, read_tensor, write_tensor
+from prunecli.models.scoring import score_targets
 from prunecli.progress import Progress, ProgressTask, no_progress
 from prunecli.requests import EditRequest
 
@@ -169,12 +171,34 @@ def continue_partial(delta: Delta, op: EditOp) -> tuple[Delta, list[dict[str, An
     return replace(delta, history=history[:-1]), list(theirs["requests"])
 
 
+class SphereProjection:
+    """SPHERE on every update an editor makes (`core.sphere`): each update is projected away from the principal
+    directions of the weight it changes, read from the model as it is at that moment (`current`) or from the base
+    checkpoint (`pretrained`, computed once per weight)."""
+
+    def __init__(self, settings: SphereSettings, model: torch.nn.Module, base: Checkpoint) -> None:
+        self.settings, self.model, self.base = settings, model, base
+        self._pretrained: dict[str, torch.Tensor] = {}
+
+    def basis(self, name: str) -> torch.Tensor:
+        if self.settings.basis == "current":
+            return principal_directions(read_tensor(self.model, name), self.settings.eta)
+        if name not in self._pretrained:
+            self._pretrained[name] = principal_directions(self.base.get(name), self.settings.eta)
+        return self._pretrained[name]
+
+    def __call__(self, name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.settings.alpha is not None  # resolved for the method (`SphereSettings.for_method`)
+        return project_update(a, b, self.base.layout(name), self.basis(name), self.settings.alpha)
+
+
 def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Sequence[EditRequest],  # noqa: ANN001
               editor: Editor, hparams: EditSettings, moments: dict[int, torch.Tensor] | None = None,
               prior: Delta | None = None, batch_size: int = 1, prune: PruneSchedule | None = None, seed: int = 0,
               provenance: dict[str, Any] | None = None, progress: Progress = no_progress,
               check: str = TEACHER_FORCED, checkpoint_every: int | None = None,
-              on_checkpoint: Callable[[Delta, int], None] | None = None) -> EditRun:
+              on_checkpoint: Callable[[Delta, int], None] | None = None,
+              sphere: SphereSettings | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
@@ -185,6 +209,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     `on_checkpoint(delta, edits)` receives the finished work after every `checkpoint_every` edits of this run (at
     the end of the step that reaches them; not after the last step). A KeyboardInterrupt (Ctrl-C, or SIGTERM as the
     CLI raises it) is caught: the run returns the steps that had finished, with the interrupt in `stopped`.
+    `sphere` (settings with alpha resolved) projects every update the editor makes (`SphereProjection`).
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
@@ -199,6 +224,8 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     reset_to(model, base, total)
     ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()}, dict(total.extras),
                       prior is not None)
+    if sphere is not None:
+        ctx.restrain_update = SphereProjection(sphere, model, base)
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     spectra = BaseSpectra(base)

@@ -341,7 +341,7 @@ class UltraEditEditor(Editor):
         shifts = {t.name: shift_factors(*rows[t.name], norms[t.shape_key], hp.lr) for t in hp.targets}
         updates = []
         for t in hp.targets:  # every shift is computed before the first is added
-            a, b = shifts[t.name]
+            a, b = ctx.restrain_update(t.name, *shifts[t.name])
             add_to_weight(model, t, a, b)
             updates.append(LayerUpdate(t.layer, a, b, weight=t.name))
         store_normalizers(ctx, norms)

@@ -77,7 +77,7 @@ class MendEditor(Editor):
             with torch.no_grad():
                 per_weight = self.networks.updates(factors)
             for t in self.networks.targets:
-                a, b = per_weight[t.name]
+                a, b = ctx.restrain_update(t.name, *per_weight[t.name])
                 add_to_weight(model, t, a, b)
                 updates.append(LayerUpdate(t.layer, a.float(), b.float(), weight=t.name))
             with torch.no_grad():
