@@ -1,4 +1,5 @@
-"""prunecli's own files (deltas, key statistics, MEND archives and training checkpoints): one writer, one reader.
+"""prunecli's own files (deltas, key statistics, MEND archives and training checkpoints, NAS anchors): one writer,
+one reader.
 
 Each is a safetensors file whose description is one JSON document under a metadata key of its kind
 (`prunecli.delta`, `prunecli.stats`, ...), with `"format"` and `"version"` fields naming the kind and its version.
@@ -46,6 +47,7 @@ DELTA = ArtifactKind("prunecli.delta", "prunecli-delta", 1, "delta")
 STATS = ArtifactKind("prunecli.stats", "prunecli-stats", 1, "statistics file")
 MEND_ARCHIVE = ArtifactKind("prunecli.mend", "prunecli-mend", 1, "MEND archive")
 MEND_CHECKPOINT = ArtifactKind("prunecli.mend_checkpoint", "prunecli-mend-checkpoint", 1, "MEND training checkpoint")
+NAS_ANCHOR = ArtifactKind("prunecli.nas_anchor", "prunecli-nas-anchor", 1, "NAS anchor")
 
 
 def write_artifact(path: str | os.PathLike[str], kind: ArtifactKind, doc: Mapping[str, Any],
