@@ -33,7 +33,7 @@ from prunecli.editors.mend_archive import MendArchive
 from prunecli.editors.residual import projection_shift
 from prunecli.editors.rome import RomeEditor
 from prunecli.editors.stats import accumulate
-from prunecli.editors.value import optimize_value
+from prunecli.editors.value import optimize_values
 from prunecli.errors import PruneCliError
 from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
@@ -79,7 +79,7 @@ def test_rome_reaches_its_value(family):
     hp = resolve_hparams("rome", adapter.family, adapter.num_layers, sets=[*TINY_SETS, "layers=[1]", *FAST])
     request = REQUESTS[0]
     projection = adapter.projection(1)
-    value = optimize_value(model, tok, projection, adapter.value_size(1), request, [""], hp)
+    (value,) = optimize_values(model, tok, adapter, 1, projection, [request], [""], hp)
     before = _mean_prob(model, tok, [request])[0]
     updates, outcomes = RomeEditor().apply(model, tok, adapter, [request], EditContext(hp, [""], moments))
     _, bare = subject_keys(model, tok, projection, [request], [""], {"out": (projection, "output")})

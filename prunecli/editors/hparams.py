@@ -83,6 +83,9 @@ class EditHParams:
     retry_rounds: int | None = None
     # MEMIT with retry_rounds: also retry edits that took with the new target's mean token probability below this.
     retry_below: float | None = None
+    # ROME/MEMIT/AlphaEdit: the most prompts (context prefixes + 1 per fact) whose value optimisation runs at once
+    # (editors/value.py); a larger batch is optimised in groups of whole facts. Speed and memory only, not results.
+    value_batch_rows: int = 128
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items()
@@ -150,7 +153,7 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "mom2_adjustment": _as_bool, "mom2_update_weight": _as_float,
     "context_template_length_params": _as_length_params, "fact_token": str,
     "nullspace_threshold": _as_float, "L2": _as_float, "rome_key": str, "prior_edit_weight": _as_float,
-    "retry_rounds": _as_int, "retry_below": _as_float,
+    "retry_rounds": _as_int, "retry_below": _as_float, "value_batch_rows": _as_int,
 }
 assert set(_COERCE) == {f.name for f in dataclasses.fields(EditHParams)} - {"method"}
 
@@ -343,6 +346,7 @@ def validate(hp: EditHParams, num_layers: int) -> None:
     if hp.fact_token != "subject_last":
         raise PruneCliError(f"fact_token {hp.fact_token!r} is not supported (only subject_last)")
     checks = [("v_num_grad_steps", hp.v_num_grad_steps >= 1), ("v_lr", hp.v_lr > 0),
+              ("value_batch_rows", hp.value_batch_rows >= 1),
               ("clamp_norm_factor", hp.clamp_norm_factor > 0), ("kl_factor", hp.kl_factor >= 0),
               ("v_weight_decay", hp.v_weight_decay >= 0), ("mom2_update_weight", hp.mom2_update_weight >= 0),
               ("context_template_length_params", all(n >= 0 and c >= 0 for n, c in hp.context_template_length_params))]

@@ -1,7 +1,7 @@
 """ROME (Meng et al. 2022) with the R-ROME fix: one rank-1 update of one layer's MLP output projection per fact.
 
 k* = the projection's input at the subject's last token, averaged over the edit prompt after each context prefix;
-v* = W k* + delta, delta from the value optimisation at the projection's output (`value.optimize_value`);
+v* = W k* + delta, delta from the value optimisation at the projection's output (`value.optimize_values`);
 u  = C^-1 k* (C = E[k k^T] from `prunecli stats`; C = I without statistics);
 Delta W = (v* - W k*) u^T / (u^T k*), so W' k* = v* exactly.
 The same k* appears in both places (R-ROME, Gupta et al. 2024): the original code mixed the averaged key with the
@@ -18,7 +18,7 @@ import torch
 
 from prunecli.editors.base import EditContext, Editor, HParams, LayerUpdate, RequestOutcome
 from prunecli.editors.keys import subject_keys
-from prunecli.editors.value import optimize_value
+from prunecli.editors.value import optimize_values
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
@@ -65,8 +65,8 @@ class RomeEditor(Editor):
                                       {"bare_key": (projection, "input")} if original else None)
             bare = seen["bare_key"][0] if original else None
             w = adapter.weight_matrix(layer)
-            value = optimize_value(model, tokenizer, projection, w.shape[0], request, ctx.prefixes, ctx.hparams,
-                                   task=ctx.value_task)
+            (value,) = optimize_values(model, tokenizer, adapter, layer, projection, [request], ctx.prefixes,
+                                       ctx.hparams, ctx.value_task)
             v_star = w.double() @ keys[0].double() + value.delta.double()
             a, b = rank_one_update(w, keys[0], v_star, moment, bare)
             adapter.add_update(layer, a @ b.T)
