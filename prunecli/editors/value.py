@@ -35,6 +35,7 @@ Speed, all without changing the numbers beyond float rounding:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,18 +47,17 @@ from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, reque
 from prunecli.editors.tracing import record, run_from_layer, shifted_output
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.forward import forward_keywords, returned_cache
-from prunecli.models.logits import OutputHead, output_head
+from prunecli.models.logits import output_head
 from prunecli.models.placement import input_device
 from prunecli.models.tokens import pad_id
 from prunecli.progress import ProgressTask
 from prunecli.requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
-# What one more forward pass per step costs, in tokens run: on a CPU the weights are streamed once per pass (SmolLM2,
-# one thread: a pass costs as much as ~25 more tokens); on an accelerator the fixed cost of a pass is larger than the
-# tokens of a whole group, so a group runs as one pass.
-_PASS_COST_TOKENS = {"cpu": 32}
-_PASS_COST_ACCELERATOR = 1 << 20
+# What one more forward pass per step costs on a CPU, in tokens run: each pass streams every weight once and pays the
+# per-layer overhead (docs/METHODS.md). On an accelerator that fixed cost dwarfs the tokens of a whole group, so a
+# group runs as one pass there.
+_CPU_PASS_COST = 32
 
 
 @dataclass(frozen=True)
@@ -109,18 +109,19 @@ def _fact_rows(tokenizer, fact: int, request: EditRequest, prefixes: list[str]) 
             _Row(fact, kl, 0.0)]
 
 
-def _chunks(rows: list[_Row], pass_cost: int) -> list[list[_Row]]:
+def _chunks(rows: list[_Row], pass_cost: float) -> list[list[_Row]]:
     """The rows cut into forward passes of similar widths: each pass pads its rows to its widest, and the cut
-    minimises the tokens run per step plus `pass_cost` per pass (a few widths: an exact search over cuts of the
-    rows sorted by width)."""
+    minimises the tokens run per step plus `pass_cost` per pass (an exact search over the cuts of the rows sorted by
+    width; there are only a few widths)."""
     widths = sorted({r.width for r in rows})
     counts = [sum(r.width == w for r in rows) for w in widths]
-    # cost[i]: the cheapest cost of the rows of the first i widths; start[i]: where its last pass starts.
-    cost, start = [0], [0]
-    for i in range(1, len(widths) + 1):
-        j = min(range(i), key=lambda j: cost[j] + widths[i - 1] * sum(counts[j:i]))
-        cost.append(cost[j] + pass_cost + widths[i - 1] * sum(counts[j:i]))
-        start.append(j)
+    # cost[i]: the least cost of the rows of the first i widths; start[i]: where its last pass starts.
+    cost: list[float] = [0.0]
+    start = [0]
+    for i in range(1, len(widths) + 1):  # the last pass holds widths[j:i], padded to widths[i - 1]
+        options = {j: cost[j] + pass_cost + widths[i - 1] * sum(counts[j:i]) for j in range(i)}
+        start.append(min(options, key=options.__getitem__))
+        cost.append(options[start[-1]])
     cuts, i = [], len(widths)
     while i:
         cuts.append((widths[start[i]], widths[i - 1]))
@@ -135,27 +136,23 @@ class _Chunk:
 
     rows: list[_Row]
     cache: Any  # transformers Cache of the left-padded prefixes, or None when every prefix is empty
-    prefix_mask: torch.Tensor  # [B, T]
     ids: torch.Tensor  # [B, S] the tokens from the cut on, right-padded
-    mask: torch.Tensor  # [B, T + S] prefix then suffix
+    mask: torch.Tensor  # [B, T + S] prefixes then those tokens
     positions: torch.Tensor  # [B, S]
     hidden: torch.Tensor  # [B, S, d] the input of the site's decoder layer at those tokens
     site: torch.Tensor  # [B, d] float32: the site's unshifted output at the cut
 
     def select(self, keep: list[int]) -> _Chunk:
         """The chunk without the rows not in `keep` (facts that stopped), trimmed to its widest remaining row."""
-        index = torch.tensor(keep, device=self.ids.device)
+        index = torch.tensor(keep)  # on the CPU: it indexes tensors on any device (cache layers may be spread)
         width = max(self.rows[i].width for i in keep)
         cache = None
         if self.cache is not None:
             cache = copy.deepcopy(self.cache)
-            cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
-        prefix_mask = self.prefix_mask[index]
-        ids = self.ids[index, :width]
-        return _Chunk([self.rows[i] for i in keep], cache, prefix_mask, ids,
-                      torch.cat([prefix_mask, self.mask[index, prefix_mask.shape[1]:][:, :width]], 1),
-                      self.positions[index, :width], self.hidden[index.to(self.hidden.device), :width],
-                      self.site[index])
+            cache.batch_select_indices(index)
+        prefix = self.mask.shape[1] - self.ids.shape[1]
+        return _Chunk([self.rows[i] for i in keep], cache, self.ids[index, :width], self.mask[index, :prefix + width],
+                      self.positions[index, :width], self.hidden[index, :width], self.site[index])
 
 
 @torch.no_grad()
@@ -167,19 +164,19 @@ def _prepare(runner: torch.nn.Module, adapter: ModelAdapter, layer: int, site: t
     A row whose prefix is empty gets one attended pad in the prefix pass only, so no attention row is fully masked
     (which could make its cache NaN)."""
     cuts = [r.prompt.subject_index for r in rows]
-    width = max(cuts)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    span = max(cuts)
+    ids = torch.full((len(rows), span), pad, dtype=torch.long, device=device)
     prefix_mask = torch.zeros_like(ids)
     for i, (r, cut) in enumerate(zip(rows, cuts)):
-        ids[i, width - cut:] = torch.tensor(r.prompt.ids[:cut], device=device)
-        prefix_mask[i, width - cut:] = 1
+        ids[i, span - cut:] = torch.tensor(r.prompt.ids[:cut], device=device)
+        prefix_mask[i, span - cut:] = 1
     lengths = torch.tensor(cuts, device=device)
     cache_kw = forward_keywords(runner)[0]
     cache = None
-    if width:
+    if span:
         run_mask = prefix_mask.clone()
         run_mask[lengths == 0, -1] = 1
-        at = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp_min(0)  # pads: any position
+        at = (torch.arange(span, device=device) - (span - lengths)[:, None]).clamp_min(0)  # pads: any position
         keep_one = {"logits_to_keep": 1} if trim_logits else {}
         cache = returned_cache(runner(input_ids=ids, attention_mask=run_mask, position_ids=at, use_cache=True,
                                       **keep_one))
@@ -190,33 +187,12 @@ def _prepare(runner: torch.nn.Module, adapter: ModelAdapter, layer: int, site: t
                   input_ids=suffix, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
                   **({cache_kw: copy.deepcopy(cache)} if cache is not None else {}))
     at_cut = seen["site"][:, 0].float().to(device)
-    return _Chunk(rows, cache, prefix_mask, suffix, mask, positions, seen["hidden"], at_cut)
-
-
-def _read_logits(runner: torch.nn.Module, head: OutputHead | None, adapter: ModelAdapter, layer: int,
-                 site: torch.nn.Module, chunk: _Chunk, shift: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) at the chunk's read positions, row by row, with `shift` [B, d] added to the site's output at
-    each row's cut (the cache is copied: a forward pass appends to it)."""
-    kwargs: dict[str, Any] = {}
-    if chunk.cache is not None:
-        kwargs[forward_keywords(runner)[0]] = copy.deepcopy(chunk.cache)
-    device = chunk.ids.device
-    rows = torch.tensor([i for i, r in enumerate(chunk.rows) for _ in r.reads], device=device)
-    cols = torch.tensor([c for r in chunk.rows for c in r.reads], device=device)
-    everywhere = torch.arange(len(chunk.rows), device=device)
-    with run_from_layer(adapter.layers, layer, chunk.hidden), \
-            shifted_output(site, everywhere, torch.zeros_like(everywhere), shift):
-        out = runner(input_ids=chunk.ids, attention_mask=chunk.mask, position_ids=chunk.positions,
-                     use_cache=chunk.cache is not None, **kwargs)
-    if head is None:
-        return out.logits[rows, cols].float()
-    hidden = out.last_hidden_state
-    return head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    return _Chunk(rows, cache, suffix, mask, positions, seen["hidden"], at_cut)
 
 
 @dataclass(frozen=True)
 class _Reads:
-    """What the loss reads of one step's logits, one entry per read (in the chunks' order)."""
+    """What the loss reads of one step's logits, one entry per read (in the passes' order)."""
 
     owner: torch.Tensor  # [R] the fact
     target: torch.Tensor  # [R] bool: a target token's prediction (else the end of a KL prompt)
@@ -232,21 +208,71 @@ class _Reads:
                       torch.tensor([t for r in targets for t in r.prompt.target], device=device),
                       torch.tensor([r.weight for r in targets for _ in r.prompt.target], device=device))
 
+    def nll(self, logp: torch.Tensor, n: int) -> torch.Tensor:
+        """Each fact's target NLL [n] (0 for a fact no longer read)."""
+        token_nll = -logp[self.target].gather(1, self.tokens[:, None])[:, 0] * self.weight
+        return torch.zeros(n, device=logp.device).index_add(0, self.owner[self.target], token_nll)
+
+    def kl(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KL prompts' next-token log-probabilities and their facts."""
+        return logp[~self.target], self.owner[~self.target]
+
+
+class _Passes:
+    """The forward passes of one group of facts: prepared once, then re-run at each step with the current shifts."""
+
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, layer: int, site: torch.nn.Module,
+                 rows: list[_Row], pad: int) -> None:
+        self.device = input_device(model)
+        self.head = output_head(model)
+        self.runner = model if self.head is None else self.head.decoder
+        self.adapter, self.layer, self.site = adapter, layer, site
+        trim_logits = self.head is None and forward_keywords(model)[1]
+        pass_cost = _CPU_PASS_COST if self.device.type == "cpu" else math.inf
+        self.chunks = [_prepare(self.runner, adapter, layer, site, chunk, pad, self.device, trim_logits)
+                       for chunk in _chunks(rows, pass_cost)]
+        self.reads = _Reads.of(self.chunks, self.device)
+
+    def initial(self, n: int) -> torch.Tensor:
+        """v0 [n, d]: each fact's unshifted site output on its bare prompt."""
+        return torch.stack([next(c.site[i] for c in self.chunks for i, r in enumerate(c.rows) if r.fact == f and r.bare)
+                            for f in range(n)])
+
+    def keep(self, facts: list[int]) -> None:
+        """Drop the rows of every other fact from the following passes."""
+        self.chunks = [c.select(keep) for c in self.chunks
+                       if (keep := [i for i, r in enumerate(c.rows) if r.fact in facts])]
+        self.reads = _Reads.of(self.chunks, self.device)
+
+    def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities [R, vocab] (float32) at every read, with `delta[f]` added to the site's output
+        at the cut of each row of fact f."""
+        return torch.log_softmax(torch.cat([self._logits(c, delta) for c in self.chunks]), dim=-1)
+
+    def _logits(self, chunk: _Chunk, delta: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if chunk.cache is not None:  # copied: a forward pass appends to it
+            kwargs[forward_keywords(self.runner)[0]] = copy.deepcopy(chunk.cache)
+        rows = torch.tensor([i for i, r in enumerate(chunk.rows) for _ in r.reads], device=self.device)
+        cols = torch.tensor([c for r in chunk.rows for c in r.reads], device=self.device)
+        each = torch.arange(len(chunk.rows), device=self.device)
+        shift = delta[torch.tensor([r.fact for r in chunk.rows], device=self.device)]
+        with run_from_layer(self.adapter.layers, self.layer, chunk.hidden), \
+                shifted_output(self.site, each, torch.zeros_like(each), shift):
+            out = self.runner(input_ids=chunk.ids, attention_mask=chunk.mask, position_ids=chunk.positions,
+                              use_cache=chunk.cache is not None, **kwargs)
+        if self.head is None:
+            return out.logits[rows, cols].float()
+        hidden = out.last_hidden_state
+        return self.head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+
 
 def _optimize_group(model: torch.nn.Module, adapter: ModelAdapter, layer: int, site: torch.nn.Module,
                     facts: list[list[_Row]], hp: EditHParams, pad: int, task: ProgressTask | None) -> list[ValueResult]:
     """Optimise the shifts of a group of facts together (`facts[i]`: the rows of fact i)."""
-    device = input_device(model)
-    head = output_head(model)
-    runner = model if head is None else head.decoder
-    trim_logits = head is None and forward_keywords(model)[1]
-    pass_cost = _PASS_COST_TOKENS.get(device.type, _PASS_COST_ACCELERATOR)
-    chunks = [_prepare(runner, adapter, layer, site, rows, pad, device, trim_logits)
-              for rows in _chunks([r for fact in facts for r in fact], pass_cost)]
-    reads = _Reads.of(chunks, device)
-    n = len(facts)
-    v0 = torch.stack([next(c.site[i] for c in chunks for i, r in enumerate(c.rows) if r.fact == f and r.bare)
-                      for f in range(n)])
+    passes = _Passes(model, adapter, layer, site, [r for fact in facts for r in fact], pad)
+    device, n = passes.device, len(facts)
+    v0 = passes.initial(n)
     v0_norm = v0.norm(dim=1)
     deltas = [torch.zeros(adapter.value_size(layer), device=device, requires_grad=True) for _ in range(n)]
     optimizer = torch.optim.Adam(deltas, lr=hp.v_lr)
@@ -259,12 +285,9 @@ def _optimize_group(model: torch.nn.Module, adapter: ModelAdapter, layer: int, s
         last = step == hp.v_num_grad_steps
         delta = torch.stack(deltas)
         with torch.set_grad_enabled(not last):
-            logp = torch.log_softmax(torch.cat([
-                _read_logits(runner, head, adapter, layer, site, c,
-                             delta[torch.tensor([r.fact for r in c.rows], device=device)]) for c in chunks]), dim=-1)
-            token_nll = -logp[reads.target].gather(1, reads.tokens[:, None])[:, 0] * reads.weight
-            nll = torch.zeros(n, device=device).index_add(0, reads.owner[reads.target], token_nll)
-            kl_logp, kl_owner = logp[~reads.target], reads.owner[~reads.target]
+            logp = passes.log_probs(delta)
+            nll = passes.reads.nll(logp, n)
+            kl_logp, kl_owner = passes.reads.kl(logp)
         if kl_init is None:  # step 0: every fact's KL prompt is read
             kl_init = torch.zeros(n, logp.shape[1], device=device).index_copy(0, kl_owner, kl_logp.detach())
         losses = nll.detach().tolist()
@@ -295,9 +318,8 @@ def _optimize_group(model: torch.nn.Module, adapter: ModelAdapter, layer: int, s
                 max_norm = hp.clamp_norm_factor * v0_norm[f]
                 if deltas[f].norm() > max_norm:
                     deltas[f].mul_(max_norm / deltas[f].norm())
-        if stopped:  # their prompts leave the following passes
-            chunks = [c.select(keep) for c in chunks if (keep := [i for i, r in enumerate(c.rows) if r.fact in active])]
-            reads = _Reads.of(chunks, device)
+        if stopped:
+            passes.keep(active)
     return [ValueResult(d.detach().clone(), v0[f].clone(), final[f], initial[f], steps[f])
             for f, d in enumerate(deltas)]
 
