@@ -11,7 +11,7 @@ from prunecli.editors.base import EditContext
 from prunecli.editors.hparams import resolve_hparams
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.prompts import encode_subject_prompt, generate_prefixes, request_prompts
-from prunecli.editors.rome import RomeEditor, rank_one_update
+from prunecli.editors.rome import MomentInverse, RomeEditor, rank_one_update
 from prunecli.editors.tracing import shifted_output
 from prunecli.editors.value import optimize_values
 from prunecli.errors import PruneCliError
@@ -41,7 +41,7 @@ def test_rank_one_update_maps_key_to_value(with_moment):
     g = torch.Generator().manual_seed(1)
     w, k, v = torch.randn(6, 8, generator=g), torch.randn(8, generator=g), torch.randn(6, generator=g)
     c = _spd(8) if with_moment else None
-    a, b = rank_one_update(w, k, v, c)
+    a, b = rank_one_update(w, k, v, MomentInverse.of(c) if with_moment else None)
     assert a.shape == (6, 1) and b.shape == (8, 1)
     torch.testing.assert_close((w + a @ b.T) @ k, v, rtol=1e-5, atol=1e-5)
     u = torch.linalg.solve(c, k.double()) if with_moment else k.double()
@@ -149,3 +149,17 @@ def test_rome_key_is_checked():
         resolve_hparams("memit", "llama", 4, sets=["rome_key=original"])
     assert resolve_hparams("rome", "llama", 4).rome_key == "averaged"
     assert "rome_key" not in resolve_hparams("memit", "llama", 4).to_json()
+
+
+def test_statistics_are_factorised_once_per_run_and_singular_ones_refused(llama_dir, monkeypatch):
+    with pytest.raises(PruneCliError, match="statistics are singular"):
+        MomentInverse.of(torch.zeros(4, 4, dtype=torch.float64))
+    model, tok, adapter, hp = _setup(llama_dir, ["v_num_grad_steps=2"])
+    factorised = []
+    real = MomentInverse.of
+    monkeypatch.setattr(MomentInverse, "of", staticmethod(lambda moment: factorised.append(moment) or real(moment)))
+    ctx = EditContext(hp, [""], {LAYER: _spd(adapter.key_size(LAYER))})
+    editor = RomeEditor()
+    editor.apply(model, tok, adapter, REQUESTS[:2], ctx)
+    editor.apply(model, tok, adapter, REQUESTS[2:], ctx)
+    assert len(factorised) == 1
