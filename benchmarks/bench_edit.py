@@ -97,12 +97,13 @@ def sync(model: Any) -> None:
         torch.cuda.synchronize()
 
 
-def load(spec: dict[str, Any]) -> tuple[Any, Any, str]:
+def load(spec: dict[str, Any]) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, base checkpoint or None for a random shape, name)."""
     if spec["random_shape"]:
         model, tok = random_model(spec["random_shape"], spec["device"], spec["dtype"])
-        return model, tok, f"random {spec['random_shape']}"
+        return model, tok, None, f"random {spec['random_shape']}"
     model, tok, base = load_model(spec["model"], spec["device"], spec["dtype"])
-    return model, tok, str(base.path.name)
+    return model, tok, base, str(base.path.name)
 
 
 def moments_of(model: Any, tok: Any, adapter: ModelAdapter, layers: list[int], spec: dict[str, Any]
@@ -131,14 +132,15 @@ def batch_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRe
 
 def rome_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], ctx: EditContext
              ) -> dict[str, Any]:
-    """Sequential ROME edits by the editor, each timed (weights restored afterwards)."""
+    """Sequential ROME edits by one editor (as in one `edit` run), each timed (weights restored afterwards)."""
     (layer,) = ctx.hparams.layers
     w0 = adapter.weight(layer).detach().clone()
+    editor = RomeEditor()
     seconds, losses = [], []
     for request in requests:
         sync(model)
         t0 = time.perf_counter()
-        _, (outcome,) = RomeEditor().apply(model, tok, adapter, [request], ctx)
+        _, (outcome,) = editor.apply(model, tok, adapter, [request], ctx)
         sync(model)
         seconds.append(time.perf_counter() - t0)
         losses.append(outcome.loss)
@@ -166,7 +168,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Everything timed with the `prunecli` on this process's path (this checkout or the baseline)."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    model, tok, name = load(spec)
+    model, tok, base, name = load(spec)
     model.requires_grad_(False)
     adapter = resolve_adapter(model)
     hps = {m: resolve_hparams(m, adapter.family, adapter.num_layers) for m in ("rome", "memit", "alphaedit")}
@@ -186,8 +188,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     rome = hps["rome"]
     ctx = EditContext(rome, generate_prefixes(model, tok, rome.context_template_length_params, 0), moments)
     out["rome"] = rome_run(model, tok, adapter, load_requests(cf, 0, spec["n"]), ctx)
-    if not spec["random_shape"]:
-        _, _, base = load_model(spec["model"], spec["device"], spec["dtype"])
+    if base is not None:  # last: the profiled run leaves its edits in the model
         out["profile"] = profile_run(model, tok, load_requests(cf, 0, spec["profile_edits"]), rome, moments, base,
                                      spec["kappa_trigger"])
     return out
@@ -224,7 +225,7 @@ def stats_speed(spec: dict[str, Any]) -> str:
     """Key statistics for the MEMIT layers: one pass for all layers vs one full pass per layer (tokens/s)."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    model, tok, _ = load(spec)
+    model, tok, _, _ = load(spec)
     model.requires_grad_(False)
     adapter = resolve_adapter(model)
     layers = list(resolve_hparams("memit", adapter.family, adapter.num_layers).layers)
