@@ -12,8 +12,8 @@ edit prompt after every context prefix, and of the prompt "{subject} is a"; Adam
 with |delta| clamped to clamp_norm_factor * |v0| after each step, where v0 is the site's original output on the bare
 prompt. Only `delta` receives gradients; the model runs in its own dtype, `delta` and the loss are float32.
 
-A batch: every fact's loss involves its own shift only, so the facts' losses are summed and optimised in one
-forward/backward pass per step, each fact with its own Adam (`torch.optim.Adam` on its own [d] tensor: its own moments
+A batch: every fact's loss involves its own shift only, so the facts' losses are summed and optimised in the same
+forward/backward passes at each step, each fact with its own Adam (`torch.optim.Adam` on its own [d] tensor: its own moments
 and step count). A fact whose NLL falls below `v_stop_loss` stops there as it would alone: its gradient is dropped
 (Adam then skips it, so its moments and step count stay as they were) and its prompts leave the following passes.
 Each fact thus gets the shift it would get optimised alone, up to float rounding. At most `value_batch_rows` prompts
@@ -161,8 +161,8 @@ def _prepare(runner: torch.nn.Module, adapter: ModelAdapter, layer: int, site: t
     """Run the rows' prefixes once (kept as a KV cache) and their remaining tokens up to the site's layer (its input
     there, and the site's unshifted output at the cut).
 
-    A row whose prefix is empty gets one attended pad in the prefix pass only, so no attention row is fully masked
-    (which could make its cache NaN)."""
+    The prefixes are padded on the left, as for batched generation: a pad attends to nothing and nothing attends to
+    it, so what its cache slots hold is never read."""
     cuts = [r.prompt.subject_index for r in rows]
     span = max(cuts)
     ids = torch.full((len(rows), span), pad, dtype=torch.long, device=device)
@@ -174,11 +174,9 @@ def _prepare(runner: torch.nn.Module, adapter: ModelAdapter, layer: int, site: t
     cache_kw = forward_keywords(runner)[0]
     cache = None
     if span:
-        run_mask = prefix_mask.clone()
-        run_mask[lengths == 0, -1] = 1
         at = (torch.arange(span, device=device) - (span - lengths)[:, None]).clamp_min(0)  # pads: any position
         keep_one = {"logits_to_keep": 1} if trim_logits else {}
-        cache = returned_cache(runner(input_ids=ids, attention_mask=run_mask, position_ids=at, use_cache=True,
+        cache = returned_cache(runner(input_ids=ids, attention_mask=prefix_mask, position_ids=at, use_cache=True,
                                       **keep_one))
     suffix, suffix_mask = right_pad([r.prompt.ids[cut:r.end] for r, cut in zip(rows, cuts)], pad, device)
     mask = torch.cat([prefix_mask, suffix_mask], 1)
