@@ -1,8 +1,9 @@
 """Benchmark: seconds per ROME edit, per MEMIT / AlphaEdit fact (batched vs the per-fact path), where an edit's time
 goes, and key-statistics tokens/s; each against its baseline in the same run.
 
-The edits run in worker processes (this file with `--worker`), one per code tree, one after the other: this
-checkout's, and with `--baseline TREE` a checkout of the code to compare against (e.g. `git worktree add
+The edits run in worker processes (this file with `--worker`), one per code tree, one after the other (the baseline
+first; `--rounds R` alternates them R times and keeps each time's least): this checkout's, and with `--baseline TREE`
+a checkout of the code to compare against (e.g. `git worktree add
 /tmp/prunecli-main main`), run with that tree's `prunecli` on PYTHONPATH; the workers use only the editors' public
 interface, so any version since the value optimisation's prefix cache can serve as the baseline. Each worker loads the
 model, computes key statistics of the edited layers (`--stats-tokens` WikiText tokens) and generates the context
@@ -22,13 +23,14 @@ prefixes (neither is timed), then:
 Key statistics (in this process): `--stats-tokens` tokens for the default MEMIT layers, one pass for all layers
 (what `prunecli stats` does) vs one full forward pass per layer (what the published code does).
 
-Prints one summary block per model (`--model smollm2 gemma3-270m` benchmarks both, one after the other).
+Times are wall seconds, or with `--clock cpu` the worker's CPU seconds (with `--threads 1` on a CPU, nearly
+independent of other jobs on a shared machine; on an idle one the two agree). Prints one summary block per model (`--model smollm2 gemma3-270m` benchmarks both, one after the other).
 `--random-shape gpt2-xl` times a random-weight GPT-2 XL-shaped model (48 layers, width 1600; SmolLM2's tokenizer)
 instead of `--model`, for GPU timings without downloading GPT-2 XL.
 
 Usage: python benchmarks/bench_edit.py [--model smollm2 [gemma3-270m ...] | --random-shape gpt2-xl]
-       [--baseline TREE] [--device cpu|cuda] [--n 3] [--batch 10] [--profile-edits 2] [--stats-tokens 4096]
-       [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
+       [--baseline TREE] [--rounds 1] [--clock wall|cpu] [--device cpu|cuda] [--n 3] [--batch 10]
+       [--profile-edits 2] [--stats-tokens 4096] [--dtype fp32|bf16] [--threads N] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import pstats
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +73,7 @@ PROFILE_PARTS = {
     "value optimisation": ("optimize_value", "optimize_values"),
     "key k*": ("subject_keys",),
     "context prefixes (once per run)": ("generate_prefixes",),
-    "C^-1 solve": ("rank_one_update",),
+    "C^-1 solve": ("rank_one_update", "inverse"),  # `inverse`: the factorisation once per run (RomeEditor.inverse)
     "probabilities before": ("_target_probs",),
     "after-edit check": ("check_edits",),
     "kappa check": ("kappa",),
@@ -97,6 +100,12 @@ def sync(model: Any) -> None:
         torch.cuda.synchronize()
 
 
+def clock(spec: dict[str, Any]) -> Callable[[], float]:
+    """The chosen clock: wall time, or this process's CPU time (`--clock cpu`: on a shared machine with `--threads 1`,
+    what other processes do barely changes it; not for `--device cuda`)."""
+    return time.process_time if spec["clock"] == "cpu" else time.perf_counter
+
+
 def load(spec: dict[str, Any]) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, base checkpoint or None for a random shape, name)."""
     if spec["random_shape"]:
@@ -115,14 +124,14 @@ def moments_of(model: Any, tok: Any, adapter: ModelAdapter, layers: list[int], s
 
 
 def batch_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], editor: Editor, hp: Any,
-              prefixes: list[str], moments: dict[int, torch.Tensor]) -> dict[str, Any]:
+              prefixes: list[str], moments: dict[int, torch.Tensor], spec: dict[str, Any]) -> dict[str, Any]:
     """One batch from the model's current weights (restored afterwards): s per fact, how many took, steps."""
     saved = {L: adapter.weight(L).detach().clone() for L in hp.layers}
     sync(model)
-    t0 = time.perf_counter()
+    t0 = clock(spec)()
     _, outcomes = editor.apply(model, tok, adapter, requests, EditContext(hp, prefixes, moments))
     sync(model)
-    seconds = time.perf_counter() - t0
+    seconds = clock(spec)() - t0
     took = sum(c.took for c in check_edits(model, tok, requests))
     with torch.no_grad():
         for L, w in saved.items():
@@ -130,8 +139,8 @@ def batch_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRe
     return {"s_per_fact": seconds / len(requests), "took": took, "steps": [o.steps for o in outcomes]}
 
 
-def rome_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], ctx: EditContext
-             ) -> dict[str, Any]:
+def rome_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditRequest], ctx: EditContext,
+             spec: dict[str, Any]) -> dict[str, Any]:
     """Sequential ROME edits by one editor (as in one `edit` run), each timed (weights restored afterwards)."""
     (layer,) = ctx.hparams.layers
     w0 = adapter.weight(layer).detach().clone()
@@ -139,10 +148,10 @@ def rome_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditReq
     seconds, losses = [], []
     for request in requests:
         sync(model)
-        t0 = time.perf_counter()
+        t0 = clock(spec)()
         _, (outcome,) = editor.apply(model, tok, adapter, [request], ctx)
         sync(model)
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(clock(spec)() - t0)
         losses.append(outcome.loss)
     with torch.no_grad():
         adapter.weight(layer).copy_(w0)
@@ -150,14 +159,15 @@ def rome_run(model: Any, tok: Any, adapter: ModelAdapter, requests: list[EditReq
 
 
 def profile_run(model: Any, tok: Any, requests: list[EditRequest], hp: Any, moments: dict[int, torch.Tensor],
-                base: Any, kappa_trigger: float) -> dict[str, float]:
+                base: Any, spec: dict[str, Any]) -> dict[str, float]:
     """Shares of one `run_edits` of ROME edits (context prefixes included, once) by the parts of PROFILE_PARTS."""
-    profiler = cProfile.Profile()
-    t0 = time.perf_counter()
+    profiler = cProfile.Profile(clock(spec))
+    t0 = clock(spec)()
     profiler.enable()
-    run_edits(model, tok, base, requests, RomeEditor(), hp, moments, prune=PruneSchedule(kappa_trigger=kappa_trigger))
+    run_edits(model, tok, base, requests, RomeEditor(), hp, moments,
+              prune=PruneSchedule(kappa_trigger=spec["kappa_trigger"]))
     profiler.disable()
-    total = time.perf_counter() - t0
+    total = clock(spec)() - t0
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     shares = {part: sum(v[3] for k, v in stats.items() if k[2] in names) / total
               for part, names in PROFILE_PARTS.items()}
@@ -181,16 +191,30 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     for method, editor in (("memit", MemitEditor), ("alphaedit", AlphaEditEditor)):
         hp = hps[method]
         prefixes = generate_prefixes(model, tok, hp.context_template_length_params, 0)
-        out[method] = batch_run(model, tok, adapter, batch, editor(), hp, prefixes, moments)
+        out[method] = batch_run(model, tok, adapter, batch, editor(), hp, prefixes, moments, spec)
         if hasattr(hp, "value_batch_rows"):  # this checkout: the per-fact path of the same code
             one_fact = dataclasses.replace(hp, value_batch_rows=len(prefixes) + 1)
-            out[method + " per fact"] = batch_run(model, tok, adapter, batch, editor(), one_fact, prefixes, moments)
+            out[method + " per fact"] = batch_run(model, tok, adapter, batch, editor(), one_fact, prefixes, moments,
+                                                  spec)
     rome = hps["rome"]
     ctx = EditContext(rome, generate_prefixes(model, tok, rome.context_template_length_params, 0), moments)
-    out["rome"] = rome_run(model, tok, adapter, load_requests(cf, 0, spec["n"]), ctx)
+    out["rome"] = rome_run(model, tok, adapter, load_requests(cf, 0, spec["n"]), ctx, spec)
     if base is not None:  # last: the profiled run leaves its edits in the model
         out["profile"] = profile_run(model, tok, load_requests(cf, 0, spec["profile_edits"]), rome, moments, base,
-                                     spec["kappa_trigger"])
+                                     spec)
+    return out
+
+
+def fastest(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One worker's results over rounds: each time the least over the rounds (the round least disturbed by anything
+    else), the profile of the quickest profiled run; counts, steps and losses are the same in every round."""
+    out = dict(rounds[0])
+    for key, value in rounds[0].items():
+        for unit in ("s_per_edit", "s_per_fact"):
+            if isinstance(value, dict) and unit in value:
+                out[key] = {**value, unit: min(r[key][unit] for r in rounds)}
+    if "profile" in out:
+        out["profile"] = min((r["profile"] for r in rounds), key=lambda p: p["seconds"])
     return out
 
 
@@ -250,7 +274,8 @@ def summary(new: dict[str, Any], old: dict[str, Any] | None, spec: dict[str, Any
     def ratio(a: float, b: float) -> str:
         return f"{b / a:.2f}x"
 
-    lines = [f"bench_edit model={new['name']} device={spec['device']} dtype={spec['dtype']} threads={new['threads']}"]
+    lines = [(f"bench_edit model={new['name']} device={spec['device']} dtype={spec['dtype']} "
+              f"threads={new['threads']} clock={spec['clock']}")]
     r = new["rome"]
     line = f"  ROME layers {new['layers']['rome']}: {r['s_per_edit']:.2f} s/edit"
     if old is not None:
@@ -293,6 +318,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time (robust to other jobs with --threads 1 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the workers this many times; keep the least")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -305,9 +333,14 @@ def main() -> None:
                 "n": args.n, "batch": args.batch, "profile_edits": args.profile_edits,
                 "kappa_trigger": args.kappa_trigger, "stats_tokens": args.stats_tokens,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "device": args.device, "dtype": args.dtype,
-                "threads": args.threads}
-        old = run_worker(args.baseline.resolve(), spec) if args.baseline else None
-        new = run_worker(HERE, spec)
+                "threads": args.threads, "clock": args.clock}
+        trees = {"new": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+        for _ in range(args.rounds):
+            for name, tree in sorted(trees.items()):  # the baseline first
+                rounds[name].append(run_worker(tree, spec))
+        new = fastest(rounds["new"])
+        old = fastest(rounds["baseline"]) if args.baseline else None
         print("\n".join([*summary(new, old, spec), "  " + stats_speed(spec)]), flush=True)
 
 

@@ -104,8 +104,9 @@ def run_from_layer(layers: torch.nn.ModuleList, start: int, hidden: torch.Tensor
     entries alone.
     """
     saved = [layers[i] for i in range(start)]
+    skipped = _Skipped()
     for i in range(start):
-        layers[i] = _Skipped()
+        layers[i] = skipped
     handle = layers[start].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
     try:
         yield
