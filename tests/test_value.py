@@ -45,23 +45,26 @@ def _stop_between(trajectories: list[list[float]]) -> float:
     return best
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_fact_gets_the_reference_shift(family, monkeypatch):
+@pytest.mark.parametrize("family, method", [*((f, "memit") for f in FAMILIES),
+                                            *((f, "rome") for f in ("gpt2", "llama", "gemma3_text"))])
+def test_every_fact_gets_the_reference_shift(family, method, monkeypatch):
     model = build_tiny_model(family).requires_grad_(False)
     tok = tiny_tokenizer()
     adapter = resolve_adapter(model)
     assert len(tok(FACTS[3].subject)["input_ids"]) == 1 and len(tok(" " + FACTS[3].target_new)["input_ids"]) > 1
     layer = 1
-    # MEMIT's site: the layer's output, or its projection's where the block normalises the MLP output (Gemma-2/3).
-    site = adapter.layer_module(layer) if adapter.mlp_output_norm(layer) is None else adapter.projection(layer)
-    never = resolve_hparams("memit", adapter.family, adapter.num_layers, sets=[*SETS, "v_stop_loss=0"])
+    # ROME's site: the projection's output (GPT-2: a Conv1D). MEMIT's: the layer's output, or its projection's where
+    # the block normalises the MLP output (Gemma-2/3).
+    plain = method == "memit" and adapter.mlp_output_norm(layer) is None
+    site = adapter.layer_module(layer) if plain else adapter.projection(layer)
+    never = resolve_hparams(method, adapter.family, adapter.num_layers, sets=[*SETS, "v_stop_loss=0"])
     full = [reference_value(model, tok, site, adapter.value_size(layer), r, PREFIXES, never) for r in FACTS]
     stop = _stop_between([r.losses for r in full])
-    hp = resolve_hparams("memit", adapter.family, adapter.num_layers, sets=[*SETS, f"v_stop_loss={stop}"])
+    hp = resolve_hparams(method, adapter.family, adapter.num_layers, sets=[*SETS, f"v_stop_loss={stop}"])
     expected_steps = [_stop_step(r.losses, stop) for r in full]
 
     def run(requests, **sets):
-        h = resolve_hparams("memit", adapter.family, adapter.num_layers,
+        h = resolve_hparams(method, adapter.family, adapter.num_layers,
                             sets=[*SETS, f"v_stop_loss={stop}", *(f"{k}={v}" for k, v in sets.items())])
         return optimize_values(model, tok, adapter, layer, site, requests, PREFIXES, h)
 
