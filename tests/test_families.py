@@ -18,27 +18,26 @@ import dataclasses
 
 import pytest
 import torch
-
 from editing_helpers import REQUESTS, TINY_SETS
-from prunecli.editors import corpus
-from prunecli.editors.base import EditContext
+from helpers import assert_gradient_factors_match_autograd
+from tiny_models import CORPUS, FAMILIES, POST_MLP_NORM_FAMILIES, build_tiny_model, tiny_tokenizer
+
+from prunecli.editors import corpus, memit
 from prunecli.editors.alphaedit import AlphaEditEditor
-from prunecli.editors.registry import resolve_hparams
+from prunecli.editors.base import EditContext
 from prunecli.editors.keys import subject_keys
-from prunecli.editors import memit
 from prunecli.editors.memit import residual_targets
-from prunecli.editors.mend.networks import MendConfig, MendNetworks, encode_targets, mlp_targets
-from prunecli.editors.mend.editor import MendEditor
 from prunecli.editors.mend.archive import MendArchive
+from prunecli.editors.mend.editor import MendEditor
+from prunecli.editors.mend.networks import MendConfig, MendNetworks, encode_targets, mlp_targets
+from prunecli.editors.registry import resolve_hparams
 from prunecli.editors.residual import projection_shift
 from prunecli.editors.rome import RomeEditor
 from prunecli.editors.stats import accumulate
-from prunecli.editors.value import optimize_value
+from prunecli.editors.value import optimize_values
 from prunecli.errors import PruneCliError
-from prunecli.models.scoring import score_targets
 from prunecli.models.adapters import resolve_adapter
-from tiny_models import CORPUS, FAMILIES, POST_MLP_NORM_FAMILIES, build_tiny_model, tiny_tokenizer
-from helpers import assert_gradient_factors_match_autograd
+from prunecli.models.scoring import score_targets
 
 LAYERS = [0, 1, 2]
 FAST = ["v_num_grad_steps=30"]  # enough for the targets to make the new object more likely
@@ -79,7 +78,7 @@ def test_rome_reaches_its_value(family):
     hp = resolve_hparams("rome", adapter.family, adapter.num_layers, sets=[*TINY_SETS, "layers=[1]", *FAST])
     request = REQUESTS[0]
     projection = adapter.projection(1)
-    value = optimize_value(model, tok, projection, adapter.value_size(1), request, [""], hp)
+    (value,) = optimize_values(model, tok, adapter, 1, projection, [request], [""], hp)
     before = _mean_prob(model, tok, [request])[0]
     updates, outcomes = RomeEditor().apply(model, tok, adapter, [request], EditContext(hp, [""], moments))
     _, bare = subject_keys(model, tok, projection, [request], [""], {"out": (projection, "output")})

@@ -264,4 +264,4 @@ def test_every_safetensors_output_goes_through_one_writer() -> None:
                 writers.setdefault(node.func.id, []).append(path.relative_to(root).as_posix())
     assert sorted(set(writers["write_safetensors"])) == ["core/artifacts.py", "core/checkpoint.py", "core/peft_io.py"]
     assert sorted(set(writers["write_artifact"])) == ["core/delta.py", "editors/mend/archive.py",
-                                                      "editors/mend/train.py", "editors/stats.py"]
+                                                      "editors/mend/train.py", "editors/nas.py", "editors/stats.py"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from editing_helpers import RECORDS, TINY_SETS, write_requests
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS, write_requests
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta
@@ -79,3 +79,40 @@ def test_bad_settings_are_usage_errors_before_any_work(tmp_path: Path, llama_dir
     result = runner.invoke(app, ["edit", str(llama_dir), "--requests", str(requests), *ULTRA,
                                  *args, "-o", str(out)])
     assert result.exit_code == 2 and words in result.output and not out.exists()
+
+
+def _spared_share(entry, stored: torch.Tensor) -> float:
+    """The largest entry of the update along the principal directions of `stored` (eta 0.5), relative to the update's
+    largest entry."""
+    u = principal_directions(stored, 0.5)
+    update = entry.stored_update(torch.float64)
+    return float((update @ u).abs().max()) / float(update.abs().max())
+
+
+def test_rome_and_memit_updates_are_projected_before_they_are_added(tmp_path: Path, llama_dir: Path,
+                                                                     gpt2_dir: Path) -> None:
+    """The key/value editors pass each update through the projection (SPHERE's alpha 1: nothing left along the
+    spared directions of the weight at the time): ROME's rank-one update on LLaMA's nn.Linear, and MEMIT's per-layer
+    updates of one batch on GPT-2's Conv1D, each against the unedited weight its layer had."""
+    tiny = [a for s in TINY_SETS for a in ("--set", s)]
+    one = write_requests(tmp_path / "one.jsonl", FACTS[:1])
+    _edit(llama_dir, one, tmp_path / "rome.safetensors", "--method", "rome", *tiny, "--sphere", "--sphere-alpha", 1)
+    rome = Delta.load(tmp_path / "rome.safetensors")
+    assert rome.history[0]["sphere"]["alpha"] == 1.0
+    (name, entry), = rome.entries.items()
+    assert _spared_share(entry, Checkpoint(llama_dir).get(name)) < 1e-5
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(["The Eiffel Tower is in Paris. Michael Jordan plays basketball."] * 20))
+    stats = tmp_path / "s.safetensors"
+    result = runner.invoke(app, ["stats", str(gpt2_dir), "--layers", "0,1", "--text", str(text), "-o", str(stats)])
+    assert result.exit_code == 0, result.output
+    requests = write_requests(tmp_path / "r.jsonl", FACTS)
+    _edit(gpt2_dir, requests, tmp_path / "memit.safetensors", "--method", "memit", "--stats", stats,
+          "--batch-size", len(FACTS), *tiny, "--set", "layers=[0,1]", "--set", "mom2_update_weight=1",
+          "--sphere", "--sphere-alpha", 1)
+    memit = Delta.load(tmp_path / "memit.safetensors")
+    base = Checkpoint(gpt2_dir)
+    assert len(memit.entries) == 2
+    for name, entry in memit.entries.items():
+        assert _spared_share(entry, base.get(name)) < 1e-5, name

@@ -13,23 +13,30 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from editing_helpers import RECORDS
+from tiny_models import CORPUS, FAMILIES, build_tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from editing_helpers import RECORDS
 from prunecli.cli import app
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.core.delta import Delta, DeltaEntry
 from prunecli.editors.base import EditContext
 from prunecli.editors.registry import check_file, file_method
-from prunecli.editors.ultraedit import (EPS, Normalizer, UltraEditEditor, check_hparams_file, resolve_ultraedit_hparams,
-                                        ridge_factors, shift_factors)
+from prunecli.editors.ultraedit import (
+    EPS,
+    Normalizer,
+    UltraEditEditor,
+    check_hparams_file,
+    resolve_ultraedit_hparams,
+    ridge_factors,
+    shift_factors,
+)
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.placement import read_tensor
 from prunecli.models.scoring import score_targets
 from prunecli.models.tokens import encode_pair
 from prunecli.requests import EditRequest
-from tiny_models import CORPUS, FAMILIES, build_tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 EASYEDIT = sorted((Path(__file__).parent / "data" / "easyedit" / "ultraedit").glob("*.yaml"))

@@ -22,8 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from prunecli.commands._output import Output, warn
-from prunecli.core.restraint_functions import FUNCTIONS, RestraintSettings
-from prunecli.core.restraint_functions import SphereSettings
+from prunecli.core.restraint_functions import FUNCTIONS, RestraintSettings, SphereSettings
 from prunecli.errors import PruneCliError
 from prunecli.models.options import LoadOptions
 

@@ -40,7 +40,7 @@ def main(model: Model, output: OutputFile, out: Out, load: Load,
 
     Under `accelerate launch` (or torchrun) each process runs every N-th batch and the sums and counts are added
     over processes; rank 0 writes the file: accelerate launch --multi_gpu --num_processes 4 -m prunecli stats ...
-    """
+    """  # noqa: E501 - an example is one line, as a user pastes it
     from prunecli.api.stats import StatsOptions, check_stats_options, collect_stats
     from prunecli.distributed import workers
 

@@ -251,7 +251,8 @@ class Delta:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Delta:
-        """Read and validate a delta file; problems are one clear line (PEFT adapter folders too: `delta_files.load_delta`)."""
+        """Read and validate a delta file; problems are one clear line (PEFT adapter folders too:
+        `delta_files.load_delta`)."""
         metadata, tensors = read_tensors(path, "delta")
         return cls._from_parts(Path(path), metadata.get(META_KEY), tensors)
 

@@ -116,7 +116,7 @@ class Editor(ABC):
             raise PruneCliError(f"--hparams does not apply to {cls.method}")
         cls.hparams.check_file(path)
 
-    def check_base(self, base: Checkpoint) -> None:
+    def check_base(self, base: Checkpoint) -> None:  # noqa: B027 - a hook most editors leave empty
         """Checks of the editor's own inputs against the base checkpoint, before the model loads (none by default)."""
 
     def resolve_hparams(self, model: torch.nn.Module, adapter: ModelAdapter,
@@ -128,7 +128,7 @@ class Editor(ABC):
         return self.hparams.resolve(adapter.family, adapter.num_layers, self.inputs.hparams_file,
                                     self.inputs.overrides, on_note, modules)
 
-    def notes(self, hparams: EditSettings, has_moments: bool) -> list[str]:  # noqa: ARG002 - editors override
+    def notes(self, hparams: EditSettings, has_moments: bool) -> list[str]:
         """Lines worth telling the user about this configuration before editing (none by default)."""
         return []
 

@@ -1,7 +1,8 @@
 """MEMIT (Meng et al. 2023): a batch of facts spread over several consecutive layers' MLP output projections.
 
 For each fact, z = the residual stream after the last edited layer at the subject's last token plus the shift found by
-the value optimisation (`value.optimize_value` at that layer's output). Then, layer by layer from the first:
+the value optimisation (`value.optimize_values` at that layer's output; the batch's facts together, each as if alone).
+Then, layer by layer from the first:
 K = the layer's keys (averaged over context prefixes) [in, n], R = (z - current residual) / (layers left) [out, n],
 Delta W = R K^T (lambda C + K K^T)^-1, solved in float64 and applied before the next layer's keys are read.
 R is a residual-stream shift; where the block normalises its MLP output before the residual add (Gemma-2/3), it is
@@ -29,7 +30,7 @@ from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.residual import needs_projection_output, projection_shift
 from prunecli.editors.success import check_edits
-from prunecli.editors.value import ValueHParams, optimize_value
+from prunecli.editors.value import ValueHParams, optimize_values
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.requests import EditRequest
@@ -86,9 +87,8 @@ def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, l
     that of the residual stream, ~1000x the projection output's on Gemma-3), which no weight update realises."""
     norm = adapter.mlp_output_norm(layer)
     site = adapter.layer_module(layer) if norm is None else adapter.projection(layer)
-    values = [optimize_value(model, tokenizer, site, adapter.value_size(layer), r, ctx.prefixes, ctx.hparams,
-                             task=ctx.value_task)
-              for r in requests]
+    values = optimize_values(model, tokenizer, adapter, layer, site, requests, ctx.prefixes, ctx.hparams,
+                             ctx.value_task)
     outcomes = [RequestOutcome(v.loss, v.initial_loss, v.steps) for v in values]
     shifted = torch.stack([v.initial + v.delta for v in values])  # [n, hidden]
     if norm is None:
@@ -138,7 +138,7 @@ def _spread(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: A
     for i, layer in enumerate(layers):
         keys, residual = layer_targets(model, tokenizer, adapter, layer, requests, ctx.prefixes, z_site, z,
                                        len(layers) - i)
-        a, b = solve(layer, residual.T, keys.T)
+        a, b = ctx.restrain_update(adapter.weight_name(layer), *solve(layer, residual.T, keys.T))
         adapter.add_update(layer, a @ b.T)
         updates.append(LayerUpdate(layer, a, b))
     return updates

@@ -6,7 +6,8 @@ on the output format.
 
 `record` stops the forward pass as soon as every requested site has been seen (by raising a private exception from
 the last hook): statistics and keys of early layers then cost only the layers up to the deepest one, not the whole
-model and its vocabulary projection.
+model and its vocabulary projection. `run_from_layer` is the converse: a forward pass that starts at a given layer
+from a hidden state recorded before (the value optimisation re-runs only the layers above what it shifts).
 """
 
 from __future__ import annotations
@@ -66,20 +67,14 @@ def record(model: torch.nn.Module, sites: Mapping[str, tuple[torch.nn.Module, Ki
 
 
 @contextlib.contextmanager
-def shifted_output(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, shift: torch.Tensor,
-                   original: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
-    """Within the block, add `shift` [d] to the module's output hidden state at (rows[i], positions[i]).
-
-    The addition is out of place, so gradients flow to `shift`. When `original` is given, the first call stores the
-    unshifted values at those positions under key "value" ([len(rows), d], detached, on `shift`'s device: the module
-    may run on another GPU when a device map spreads the model).
-    """
+def shifted_output(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
+                   shift: torch.Tensor) -> Iterator[None]:
+    """Within the block, add `shift` ([d], or [len(rows), d]: one per row) to the module's output hidden state at
+    (rows[i], positions[i]). The addition is out of place, so gradients flow to `shift`."""
 
     def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
         h = _hidden(out)
         at = (rows.to(h.device), positions.to(h.device))
-        if original is not None and "value" not in original:
-            original["value"] = h[at].detach().float().to(shift.device)
         values = shift.to(h.device, h.dtype).expand(len(rows), -1)
         return _with_hidden(out, h.index_put(at, values, accumulate=True))
 
@@ -88,3 +83,34 @@ def shifted_output(module: torch.nn.Module, rows: torch.Tensor, positions: torch
         yield
     finally:
         handle.remove()
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder layer that need not run: passes its input hidden state on."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def run_from_layer(layers: torch.nn.ModuleList, start: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the block, forward passes do not run `layers[:start]` and give `layers[start]` the input `hidden`
+    instead: the caller computed it once (with `record`) for the same inputs.
+
+    The model's own forward still prepares everything the layers from `start` on need (position embeddings, rotary
+    tables, the attention masks of every layer type, the cache's bookkeeping), so this holds for every architecture
+    whose decoder loop feeds each layer's output to the next. What the skipped layers return is discarded (the hook
+    replaces whatever reaches `layers[start]`), so their output format does not matter; they leave their cache
+    entries alone.
+    """
+    saved = [layers[i] for i in range(start)]
+    skipped = _Skipped()
+    for i in range(start):
+        layers[i] = skipped
+    handle = layers[start].register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer

@@ -52,8 +52,15 @@ import yaml
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.hparams import IGNORED_KEYS, as_float, as_int, as_layers, parse_set, read_hparams_file
-from prunecli.editors.mend.networks import (MendTarget, TargetBatch, add_to_weight, encode_targets, gradient_factors,
-                                   layer_matrix, sequence_nll)
+from prunecli.editors.mend.networks import (
+    MendTarget,
+    TargetBatch,
+    add_to_weight,
+    encode_targets,
+    gradient_factors,
+    layer_matrix,
+    sequence_nll,
+)
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.placement import input_device

@@ -1,8 +1,9 @@
 """The target value: the shift of a hidden state at the subject's last token that makes the model say the new target.
 
-One implementation for ROME (site = the edited projection's output, the MLP value) and MEMIT (site = the residual
-stream after the last edited layer). A vector `delta` is added to the site's output at the subject's last token of
-the edit prompt after every context prefix, and of the prompt "{subject} is a"; Adam minimises
+One implementation for ROME (site = the edited projection's output, the MLP value) and MEMIT/AlphaEdit (site = the
+residual stream after the last edited layer, or that layer's projection output where the block normalises it), for
+one fact or a batch. For each fact a vector `delta` is added to the site's output at the subject's last token of the
+edit prompt after every context prefix, and of the prompt "{subject} is a"; Adam minimises
 
     mean target NLL over the prefixed prompts
     + kl_factor * KL(original || shifted) of the next token after "{subject} is a"   (keeps the subject's essence)
@@ -11,17 +12,32 @@ the edit prompt after every context prefix, and of the prompt "{subject} is a"; 
 with |delta| clamped to clamp_norm_factor * |v0| after each step, where v0 is the site's original output on the bare
 prompt. Only `delta` receives gradients; the model runs in its own dtype, `delta` and the loss are float32.
 
-Speed: nothing before the subject's last token depends on `delta`, so those prefixes run once and are kept as a KV
-cache; each step re-runs only the few tokens from the subject's last token on (about 5x fewer tokens per step on
-CounterFact prompts with context prefixes; the same numbers as a full forward pass up to float rounding). The output
-layer is applied only at the (row, position) pairs the loss reads: the decoder runs without its head, and the head
-(plus Gemma-2's final soft-capping) is applied to those hidden states. With a 262k vocabulary (Gemma-3) the head is
-the largest cost of a step, and `logits_to_keep` would compute it for every row at every kept position.
+A batch: every fact's loss involves its own shift only, so the facts' losses are summed and optimised in the same
+forward/backward passes at each step, each fact with its own Adam (`torch.optim.Adam` on its own [d] tensor: its own
+moments and step count). A fact whose NLL falls below `v_stop_loss` stops there as it would alone: its gradient is
+dropped (Adam then skips it, so its moments and step count stay as they were) and its prompts leave the following
+passes.
+Each fact thus gets the shift it would get optimised alone, up to float rounding. At most `value_batch_rows` prompts
+are held at once (their caches and activations): a larger batch is optimised in groups of whole facts, one after
+another, which gives the same results because the facts do not interact.
+
+Speed, all without changing the numbers beyond float rounding:
+- Nothing before the subject's last token depends on `delta`: those prefixes run once and are kept as a KV cache.
+  They are padded on the left, so every real token keeps its distance to the others in cache coordinates (sliding
+  window layers measure distance there) and its own position ids.
+- Nothing below the site's decoder layer depends on `delta` either: the input of that layer at the remaining tokens is
+  computed once, and every step runs only the layers from there on (`tracing.run_from_layer`).
+- The prompts of one step are run in a few forward passes of similar lengths (`_chunks`), so little is padded.
+- The output layer is applied only at the (row, position) pairs the loss reads: the decoder runs without its head, and
+  the head (plus Gemma-2's final soft-capping) is applied to those hidden states. With a 262k vocabulary (Gemma-3) the
+  head is the largest cost of a step, and `logits_to_keep` would compute it for every row at every kept position.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,16 +45,21 @@ import torch
 
 from prunecli.editors.hparams import HParams
 from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
-from prunecli.editors.tracing import shifted_output
+from prunecli.editors.tracing import record, run_from_layer, shifted_output
 from prunecli.errors import PruneCliError
+from prunecli.models.adapters import ModelAdapter
 from prunecli.models.forward import forward_keywords, returned_cache
-from prunecli.models.logits import OutputHead, output_head
+from prunecli.models.logits import output_head
 from prunecli.models.placement import input_device
 from prunecli.models.tokens import pad_id
 from prunecli.progress import ProgressTask
 from prunecli.requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
+# What one more forward pass per step costs on a CPU, in tokens run: each pass streams every weight once and pays the
+# per-layer overhead (docs/METHODS.md). On an accelerator that fixed cost dwarfs the tokens of a whole group, so a
+# group runs as one pass there.
+_CPU_PASS_COST = 32
 
 
 @dataclass(frozen=True)
@@ -56,12 +77,16 @@ class ValueHParams(HParams):
     mom2_update_weight: float  # MEMIT: lambda in (lambda C + K K^T)^-1 (recorded, unused, by the others)
     context_template_length_params: tuple[tuple[int, int], ...]  # (generated tokens, number of prefixes)
     fact_token: str = "subject_last"
+    # The most prompts (context prefixes + 1 per fact) whose value optimisation runs at once; a larger batch is
+    # optimised in groups of whole facts. Speed and memory only, not results.
+    value_batch_rows: int = 128
 
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
         if self.fact_token != "subject_last":
             raise PruneCliError(f"fact_token {self.fact_token!r} is not supported (only subject_last)")
         self.require([("v_num_grad_steps", self.v_num_grad_steps >= 1), ("v_lr", self.v_lr > 0),
+                      ("value_batch_rows", self.value_batch_rows >= 1),
                       ("clamp_norm_factor", self.clamp_norm_factor > 0), ("kl_factor", self.kl_factor >= 0),
                       ("v_weight_decay", self.v_weight_decay >= 0),
                       ("mom2_update_weight", self.mom2_update_weight >= 0),
@@ -79,126 +104,272 @@ class ValueResult:
 
 
 @dataclass(frozen=True)
-class _SplitBatch:
-    """Prompts cut before the subject's last token: a fixed prefix (run once, kept as a KV cache) and a suffix that
-    starts at the shifted position (re-run at every step)."""
+class _Row:
+    """One prompt of one fact: the edit prompt after a context prefix (with the target), or the KL prompt."""
 
-    cache: Any  # transformers Cache of the prefixes, or None when every prefix is empty
-    prefix_mask: torch.Tensor  # [B, T]
-    suffix_ids: torch.Tensor  # [B, S]
-    suffix_mask: torch.Tensor  # [B, S]
-    position_ids: torch.Tensor  # [B, S]
+    fact: int  # the fact's index within its group
+    prompt: SubjectPrompt
+    weight: float  # weight of each of its target tokens' NLL in the fact's loss (0 for the KL prompt)
+    bare: bool = False  # the edit prompt without a prefix (v0 is read there)
+
+    @property
+    def kl(self) -> bool:
+        return not self.prompt.target
+
+    @property
+    def end(self) -> int:
+        """Where the tokens a step runs end: a target's last token predicts nothing the loss reads."""
+        return self.prompt.n_prompt + max(len(self.prompt.target) - 1, 0)
+
+    @property
+    def width(self) -> int:
+        """Tokens each step runs: from the subject's last token (the shifted position) to `end`."""
+        return self.end - self.prompt.subject_index
+
+    @property
+    def reads(self) -> list[int]:
+        """Positions (after the cut at the subject's last token) whose logits the loss reads: those predicting a
+        target token, or the last one of the KL prompt."""
+        first = self.prompt.n_prompt - 1 - self.prompt.subject_index
+        return [first + j for j in range(max(len(self.prompt.target), 1))]
+
+
+def _fact_rows(tokenizer, fact: int, request: EditRequest, prefixes: list[str]) -> list[_Row]:  # noqa: ANN001
+    """The edit prompt after each prefix (prefixes[0] == "": the bare prompt), then the KL prompt. Each prompt's NLL is
+    the mean over its target tokens, and the fact's NLL the mean over its prompts."""
+    rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
+    kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
+    return [*(_Row(fact, p, 1.0 / len(p.target) / len(rewrites), i == 0) for i, p in enumerate(rewrites)),
+            _Row(fact, kl, 0.0)]
+
+
+def _chunks(rows: list[_Row], pass_cost: float) -> list[list[_Row]]:
+    """The rows cut into forward passes of similar widths: each pass pads its rows to its widest, and the cut
+    minimises the tokens run per step plus `pass_cost` per pass (an exact search over the cuts of the rows sorted by
+    width; there are only a few widths)."""
+    widths = sorted({r.width for r in rows})
+    counts = [sum(r.width == w for r in rows) for w in widths]
+    # cost[i]: the least cost of the rows of the first i widths; start[i]: where its last pass starts.
+    cost: list[float] = [0.0]
+    start = [0]
+    for i in range(1, len(widths) + 1):  # the last pass holds widths[j:i], padded to widths[i - 1]
+        options = {j: cost[j] + pass_cost + widths[i - 1] * sum(counts[j:i]) for j in range(i)}
+        start.append(min(options, key=options.__getitem__))
+        cost.append(options[start[-1]])
+    cuts, i = [], len(widths)
+    while i:
+        cuts.append((widths[start[i]], widths[i - 1]))
+        i = start[i]
+    return [[r for r in rows if lo <= r.width <= hi] for lo, hi in reversed(cuts)]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Prompts of one forward pass, cut before the subject's last token: the prefixes ran once (`cache`), and each
+    step runs the tokens from the cut on, from the site's decoder layer up (its input there is `hidden`)."""
+
+    rows: list[_Row]
+    cache: Any  # transformers Cache of the left-padded prefixes, or None when every prefix is empty
+    ids: torch.Tensor  # [B, S] the tokens from the cut on, right-padded
+    mask: torch.Tensor  # [B, T + S] prefixes then those tokens
+    positions: torch.Tensor  # [B, S]
+    hidden: torch.Tensor  # [B, S, d] the input of the site's decoder layer at those tokens
+    site: torch.Tensor  # [B, d] float32: the site's unshifted output at the cut
+
+    def select(self, keep: list[int]) -> _Chunk:
+        """The chunk without the rows not in `keep` (facts that stopped), trimmed to its widest remaining row."""
+        index = torch.tensor(keep)  # on the CPU: it indexes tensors on any device (cache layers may be spread)
+        width = max(self.rows[i].width for i in keep)
+        cache = None
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(index)
+        prefix = self.mask.shape[1] - self.ids.shape[1]
+        return _Chunk([self.rows[i] for i in keep], cache, self.ids[index, :width], self.mask[index, :prefix + width],
+                      self.positions[index, :width], self.hidden[index, :width], self.site[index])
 
 
 @torch.no_grad()
-def _split(model: torch.nn.Module, prompts: list[SubjectPrompt], cuts: list[int], pad: int, device: torch.device,
-           trim_logits: bool) -> _SplitBatch:
-    """Run the prefixes `ids[:cut]` once (a cut at the subject's last token at the latest: nothing before it depends
-    on the shift, in any layer); the suffixes `ids[cut:end]` (end: before the last target token) are what each
-    step runs.
+def _prepare(runner: torch.nn.Module, adapter: ModelAdapter, layer: int, site: torch.nn.Module, rows: list[_Row],
+             pad: int, device: torch.device, trim_logits: bool) -> _Chunk:
+    """Run the rows' prefixes once (kept as a KV cache) and their remaining tokens up to the site's layer (its input
+    there, and the site's unshifted output at the cut).
 
-    Prefixes are right-padded; their pads are masked out of the suffix pass. A row with an empty prefix gets one
-    attended pad in the prefix pass only, so no attention row is fully masked (which could make its cache NaN).
-    """
+    The prefixes are padded on the left, as for batched generation: a pad attends to nothing and nothing attends to
+    it, so what its cache slots hold is never read."""
+    cuts = [r.prompt.subject_index for r in rows]
+    span = max(cuts)
+    ids = torch.full((len(rows), span), pad, dtype=torch.long, device=device)
+    prefix_mask = torch.zeros_like(ids)
+    for i, (r, cut) in enumerate(zip(rows, cuts)):
+        ids[i, span - cut:] = torch.tensor(r.prompt.ids[:cut], device=device)
+        prefix_mask[i, span - cut:] = 1
     lengths = torch.tensor(cuts, device=device)
-    # A target's last token predicts nothing the loss reads: it is not run.
-    ends = [p.n_prompt + max(len(p.target) - 1, 0) for p in prompts]
-    suffix_ids, suffix_mask = right_pad([p.ids[cut:end] for p, cut, end in zip(prompts, cuts, ends)], pad, device)
-    positions = lengths[:, None] + torch.arange(suffix_ids.shape[1], device=device)
-    width = int(lengths.max())
-    if width == 0:
-        return _SplitBatch(None, torch.zeros(len(prompts), 0, dtype=torch.long, device=device), suffix_ids,
-                           suffix_mask, positions)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, (p, cut) in enumerate(zip(prompts, cuts)):
-        ids[row, :cut] = torch.tensor(p.ids[:cut], device=device)
-        mask[row, :cut] = 1
-    run_mask = mask.clone()
-    run_mask[lengths == 0, 0] = 1
-    keep_one = {"logits_to_keep": 1} if trim_logits else {}
-    cache = returned_cache(model(input_ids=ids, attention_mask=run_mask, use_cache=True, **keep_one))
-    return _SplitBatch(cache, mask, suffix_ids, suffix_mask, positions)
+    cache_kw = forward_keywords(runner)[0]
+    cache = None
+    if span:
+        at = (torch.arange(span, device=device) - (span - lengths)[:, None]).clamp_min(0)  # pads: any position
+        keep_one = {"logits_to_keep": 1} if trim_logits else {}
+        cache = returned_cache(runner(input_ids=ids, attention_mask=prefix_mask, position_ids=at, use_cache=True,
+                                      **keep_one))
+    suffix, suffix_mask = right_pad([r.prompt.ids[cut:r.end] for r, cut in zip(rows, cuts)], pad, device)
+    mask = torch.cat([prefix_mask, suffix_mask], 1)
+    positions = lengths[:, None] + torch.arange(suffix.shape[1], device=device)
+    seen = record(runner, {"hidden": (adapter.layer_module(layer), "input"), "site": (site, "output")},
+                  input_ids=suffix, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                  **({cache_kw: copy.deepcopy(cache)} if cache is not None else {}))
+    at_cut = seen["site"][:, 0].float().to(device)
+    return _Chunk(rows, cache, suffix, mask, positions, seen["hidden"], at_cut)
 
 
-def _logits_at(model: torch.nn.Module, head: OutputHead | None, batch: _SplitBatch, rows: torch.Tensor,
-               cols: torch.Tensor) -> torch.Tensor:
-    """Logits [len(rows), vocab] of the suffixes at (rows[i], cols[i]), given the cached prefixes (the cache is
-    copied: a forward pass appends to it)."""
-    runner = model if head is None else head.decoder
-    kwargs: dict[str, Any] = {}
-    if batch.cache is not None:
-        kwargs[forward_keywords(runner)[0]] = copy.deepcopy(batch.cache)
-    mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)
-    out = runner(input_ids=batch.suffix_ids, attention_mask=mask, position_ids=batch.position_ids,
-                 use_cache=batch.cache is not None, **kwargs)
-    if head is None:
-        return out.logits[rows, cols]
-    hidden = out.last_hidden_state
-    return head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+@dataclass(frozen=True)
+class _Reads:
+    """What the loss reads of one step's logits, one entry per read (in the passes' order)."""
+
+    owner: torch.Tensor  # [R] the fact
+    target: torch.Tensor  # [R] bool: a target token's prediction (else the end of a KL prompt)
+    tokens: torch.Tensor  # [target reads] the target token ids
+    weight: torch.Tensor  # [target reads] their weights in their fact's NLL
+
+    @staticmethod
+    def of(chunks: list[_Chunk], device: torch.device) -> _Reads:
+        rows = [r for c in chunks for r in c.rows for _ in r.reads]
+        targets = [r for c in chunks for r in c.rows if not r.kl]
+        return _Reads(torch.tensor([r.fact for r in rows], device=device),
+                      torch.tensor([not r.kl for r in rows], device=device),
+                      torch.tensor([t for r in targets for t in r.prompt.target], device=device),
+                      torch.tensor([r.weight for r in targets for _ in r.prompt.target], device=device))
+
+    def nll(self, logp: torch.Tensor, n: int) -> torch.Tensor:
+        """Each fact's target NLL [n] (0 for a fact no longer read)."""
+        token_nll = -logp[self.target].gather(1, self.tokens[:, None])[:, 0] * self.weight
+        return torch.zeros(n, device=logp.device).index_add(0, self.owner[self.target], token_nll)
+
+    def kl(self, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KL prompts' next-token log-probabilities and their facts."""
+        return logp[~self.target], self.owner[~self.target]
 
 
-def optimize_value(model: torch.nn.Module, tokenizer, site: torch.nn.Module, width: int,  # noqa: ANN001
-                   request: EditRequest, prefixes: list[str], hp: ValueHParams,
-                   prefix_cache: bool = True, task: ProgressTask | None = None) -> ValueResult:
-    """Find the shift of `site`'s output (hidden width `width`) at the subject's last token that makes
-    `request.target_new` likely. `prefixes[0]` must be "" (the bare prompt defines v0).
+class _Passes:
+    """The forward passes of one group of facts: prepared once, then re-run at each step with the current shifts."""
 
-    `prefix_cache=False` re-runs whole prompts at every step (the naive way, kept as the benchmarks' baseline).
-    `task` is told each step (progress within one edit: completed = step, total = planned steps, the target NLL)."""
-    device = input_device(model)
-    rewrites = request_prompts(tokenizer, request, prefixes, with_target=True)
-    kl = encode_subject_prompt(tokenizer, "", KL_TEMPLATE, request.subject)
-    prompts: list[SubjectPrompt] = [*rewrites, kl]
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, layer: int, site: torch.nn.Module,
+                 rows: list[_Row], pad: int) -> None:
+        self.device = input_device(model)
+        self.head = output_head(model)
+        self.runner = model if self.head is None else self.head.decoder
+        self.adapter, self.layer, self.site = adapter, layer, site
+        trim_logits = self.head is None and forward_keywords(model)[1]
+        pass_cost = _CPU_PASS_COST if self.device.type == "cpu" else math.inf
+        self.chunks = [_prepare(self.runner, adapter, layer, site, chunk, pad, self.device, trim_logits)
+                       for chunk in _chunks(rows, pass_cost)]
+        self.reads = _Reads.of(self.chunks, self.device)
 
-    # Positions below are in suffix coordinates (after the cut). Logits are needed only where a target token is
-    # predicted and at the end of the KL prompt.
-    cuts = [p.subject_index if prefix_cache else 0 for p in prompts]
-    tgt_rows = torch.tensor([r for r, p in enumerate(rewrites) for _ in p.target], device=device)
-    tgt_pos = [p.n_prompt - 1 - cut + j for p, cut in zip(rewrites, cuts) for j in range(len(p.target))]
-    tgt_ids = torch.tensor([t for p in rewrites for t in p.target], device=device)
-    kl_row, kl_pos = len(rewrites), kl.n_prompt - 1 - cuts[-1]
-    # The loss reads the target rows' predicting positions, then the KL prompt's last one.
-    rows_read = torch.cat([tgt_rows, torch.tensor([kl_row], device=device)])
-    cols_read = torch.tensor([*tgt_pos, kl_pos], device=device)
-    head = output_head(model)
-    # Each prompt's NLL is the mean over its target tokens; the loss is the mean over prompts.
-    token_weight = torch.tensor([1.0 / len(p.target) / len(rewrites) for p in rewrites for _ in p.target],
-                                device=device)
-    batch = _split(model, prompts, cuts, pad_id(tokenizer), device, forward_keywords(model)[1])
-    rows = torch.arange(len(prompts), device=device)
-    at_subject = torch.tensor([p.subject_index - cut for p, cut in zip(prompts, cuts)], device=device)
+    def initial(self, n: int) -> torch.Tensor:
+        """v0 [n, d]: each fact's unshifted site output on its bare prompt."""
+        return torch.stack([next(c.site[i] for c in self.chunks for i, r in enumerate(c.rows) if r.fact == f and r.bare)
+                            for f in range(n)])
 
-    delta = torch.zeros(width, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    original: dict[str, torch.Tensor] = {}
+    def keep(self, facts: list[int]) -> None:
+        """Drop the rows of every other fact from the following passes."""
+        self.chunks = [c.select(keep) for c in self.chunks
+                       if (keep := [i for i, r in enumerate(c.rows) if r.fact in facts])]
+        self.reads = _Reads.of(self.chunks, self.device)
+
+    def log_probs(self, delta: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities [R, vocab] (float32) at every read, with `delta[f]` added to the site's output
+        at the cut of each row of fact f."""
+        return torch.log_softmax(torch.cat([self._logits(c, delta) for c in self.chunks]), dim=-1)
+
+    def _logits(self, chunk: _Chunk, delta: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if chunk.cache is not None:  # copied: a forward pass appends to it
+            kwargs[forward_keywords(self.runner)[0]] = copy.deepcopy(chunk.cache)
+        rows = torch.tensor([i for i, r in enumerate(chunk.rows) for _ in r.reads], device=self.device)
+        cols = torch.tensor([c for r in chunk.rows for c in r.reads], device=self.device)
+        each = torch.arange(len(chunk.rows), device=self.device)
+        shift = delta[torch.tensor([r.fact for r in chunk.rows], device=self.device)]
+        with run_from_layer(self.adapter.layers, self.layer, chunk.hidden), \
+                shifted_output(self.site, each, torch.zeros_like(each), shift):
+            out = self.runner(input_ids=chunk.ids, attention_mask=chunk.mask, position_ids=chunk.positions,
+                              use_cache=chunk.cache is not None, **kwargs)
+        if self.head is None:
+            return out.logits[rows, cols].float()
+        hidden = out.last_hidden_state
+        return self.head(hidden[rows.to(hidden.device), cols.to(hidden.device)])
+
+
+def _optimize_group(model: torch.nn.Module, adapter: ModelAdapter, layer: int, site: torch.nn.Module,
+                    facts: list[list[_Row]], hp: ValueHParams, pad: int,
+                    task: ProgressTask | None) -> list[ValueResult]:
+    """Optimise the shifts of a group of facts together (`facts[i]`: the rows of fact i)."""
+    passes = _Passes(model, adapter, layer, site, [r for fact in facts for r in fact], pad)
+    device, n = passes.device, len(facts)
+    v0 = passes.initial(n)
+    v0_norm = v0.norm(dim=1)
+    deltas = [torch.zeros(adapter.value_size(layer), device=device, requires_grad=True) for _ in range(n)]
+    optimizer = torch.optim.Adam(deltas, lr=hp.v_lr)
+    active = list(range(n))
+    initial: list[float] = [0.0] * n
+    final: list[float] = [0.0] * n
+    steps = [0] * n
     kl_init: torch.Tensor | None = None
-    losses: list[float] = []
-    steps = 0
     for step in range(hp.v_num_grad_steps + 1):
         last = step == hp.v_num_grad_steps
-        with torch.set_grad_enabled(not last), shifted_output(site, rows, at_subject, delta, original):
-            logits = _logits_at(model, head, batch, rows_read, cols_read).float()
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            nll = -(logp.gather(1, tgt_ids[:, None])[:, 0] * token_weight).sum()
-            kl_logp = torch.log_softmax(logits[-1], dim=-1)
-        if kl_init is None:
-            kl_init = kl_logp.detach()
-        losses.append(float(nll.detach()))
+        delta = torch.stack(deltas)
+        with torch.set_grad_enabled(not last):
+            logp = passes.log_probs(delta)
+            nll = passes.reads.nll(logp, n)
+            kl_logp, kl_owner = passes.reads.kl(logp)
+        if kl_init is None:  # step 0: every fact's KL prompt is read
+            kl_init = torch.zeros(n, logp.shape[1], device=device).index_copy(0, kl_owner, kl_logp.detach())
+        losses = nll.detach().tolist()
+        for f in active:
+            initial[f] = losses[f] if step == 0 else initial[f]
+            final[f] = losses[f]
         if task is not None:
-            task.update(completed=step, total=hp.v_num_grad_steps, loss=f"target NLL {losses[-1]:.3f}")
-        if last or losses[-1] < hp.v_stop_loss:
+            worst = max(losses[f] for f in active)
+            task.update(completed=step, total=hp.v_num_grad_steps,
+                        loss=f"target NLL {worst:.3f}" + (f" (worst of {len(active)})" if n > 1 else ""))
+        stopped = [f for f in active if last or losses[f] < hp.v_stop_loss]
+        active = [f for f in active if f not in stopped]
+        if not active:
             break
-        v0 = original["value"][0]
-        kl_loss = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="sum")
+        kl = torch.zeros(n, device=device).index_add(0, kl_owner, torch.nn.functional.kl_div(
+            kl_logp, kl_init[kl_owner], log_target=True, reduction="none").sum(-1))
         # |delta| / |v0|^2 (not squared) as in the published ROME/MEMIT code, for which the defaults were tuned.
-        loss = nll + hp.kl_factor * kl_loss + hp.v_weight_decay * delta.norm() / v0.norm() ** 2
+        decay = delta.norm(dim=1) / v0_norm ** 2
+        loss = (nll + hp.kl_factor * kl + hp.v_weight_decay * decay)[torch.tensor(active, device=device)].sum()
         optimizer.zero_grad()
         loss.backward()
+        for f in set(range(n)) - set(active):
+            deltas[f].grad = None  # Adam skips a fact that stopped: its moments and step count stay as they were
         optimizer.step()
-        steps += 1
         with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * v0.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return ValueResult(delta.detach().clone(), original["value"][0].clone(), losses[-1], losses[0], steps)
+            for f in active:
+                steps[f] += 1
+                max_norm = hp.clamp_norm_factor * v0_norm[f]
+                if deltas[f].norm() > max_norm:
+                    deltas[f].mul_(max_norm / deltas[f].norm())
+        if stopped:
+            passes.keep(active)
+    return [ValueResult(d.detach().clone(), v0[f].clone(), final[f], initial[f], steps[f])
+            for f, d in enumerate(deltas)]
+
+
+def optimize_values(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layer: int,  # noqa: ANN001
+                    site: torch.nn.Module, requests: Sequence[EditRequest], prefixes: list[str], hp: ValueHParams,
+                    task: ProgressTask | None = None) -> list[ValueResult]:
+    """For each request, the shift of `site`'s output at the subject's last token that makes `request.target_new`
+    likely. `site` is decoder layer `layer` itself or one of its modules, with output width
+    `adapter.value_size(layer)`; `prefixes[0]` must be "" (the bare prompt defines v0).
+
+    The requests are optimised in groups of at most `hp.value_batch_rows` prompts (each has len(prefixes) + 1; at least
+    one request per group). `task` is told each step (completed = step, total = planned steps, the worst target NLL
+    still optimised)."""
+    size = max(1, hp.value_batch_rows // (len(prefixes) + 1))
+    results: list[ValueResult] = []
+    for start in range(0, len(requests), size):
+        facts = [_fact_rows(tokenizer, i, r, prefixes) for i, r in enumerate(requests[start:start + size])]
+        results += _optimize_group(model, adapter, layer, site, facts, hp, pad_id(tokenizer), task)
+    return results

@@ -25,6 +25,7 @@ from prunecli.core.checkpoint import Checkpoint
 from prunecli.editors.mend.networks import MendConfig, MendNetworks, MendTarget
 from prunecli.errors import PruneCliError
 
+
 def base_fingerprints(base: Checkpoint, targets: list[MendTarget]) -> dict[str, str]:
     return {t.name: base.fingerprint(base.canonical(t.name)) for t in targets}
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from prunecli.core.checkpoint import Checkpoint
 from prunecli.editors.base import EditContext, Editor, EditorInputs, LayerUpdate, RequestOutcome
-from prunecli.editors.mend.networks import add_to_weight, edit_factors, encode_targets, sequence_nll
 from prunecli.editors.mend.archive import MendArchive
+from prunecli.editors.mend.networks import add_to_weight, edit_factors, encode_targets, sequence_nll
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
 from prunecli.models.placement import input_device

@@ -44,7 +44,6 @@ from prunecli.models.tokens import encode_pair, pad_id
 from prunecli.requests import EditRequest
 
 
-
 # ------------------------------------------------------------------------------------------------ edited weights
 @dataclass(frozen=True)
 class MendTarget:

@@ -32,9 +32,17 @@ import torch
 
 from prunecli.core.artifacts import MEND_CHECKPOINT, read_artifact, write_artifact
 from prunecli.core.checkpoint import Checkpoint
-from prunecli.editors.mend.networks import (MendConfig, MendNetworks, MendTarget, edit_factors, encode_targets, low_rank_added,
-                                   sequence_correct, sequence_nll)
 from prunecli.editors.mend.archive import MendArchive, base_fingerprints
+from prunecli.editors.mend.networks import (
+    MendConfig,
+    MendNetworks,
+    MendTarget,
+    edit_factors,
+    encode_targets,
+    low_rank_added,
+    sequence_correct,
+    sequence_nll,
+)
 from prunecli.errors import PruneCliError
 from prunecli.progress import Progress, no_progress
 from prunecli.requests import EditRequest
