@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from prunecli.commands import apply, compare, diff, edit, evaluate, export_lora, inspect, prune, stats, train_mend
+from prunecli.commands import (
+    anchor,
+    apply,
+    compare,
+    diff,
+    edit,
+    evaluate,
+    export_lora,
+    inspect,
+    prune,
+    stats,
+    train_mend,
+)
 
 app = typer.Typer(
     name="prunecli",
@@ -50,7 +62,7 @@ def _root(version_: Annotated[bool, typer.Option("--version", callback=_version,
     """Sequential knowledge editing of LLM checkpoints, with the PRUNE perturbation restraint, as shell steps.
 
     Typical pipeline: stats -> edit -> prune -> apply / evaluate; inspect looks at spectra at any point;
-    compare lines evaluation reports up.
+    compare lines evaluation reports up; anchor measures NAS's target norm for edit --nas.
     """
     if threads is not None:  # the one place the process-wide thread count is set: library code never changes it
         import torch
@@ -59,8 +71,8 @@ def _root(version_: Annotated[bool, typer.Option("--version", callback=_version,
 
 
 for _name, _module in [("inspect", inspect), ("diff", diff), ("prune", prune), ("apply", apply), ("stats", stats),
-                       ("edit", edit), ("evaluate", evaluate), ("compare", compare), ("export-lora", export_lora),
-                       ("train-mend", train_mend)]:
+                       ("anchor", anchor), ("edit", edit), ("evaluate", evaluate), ("compare", compare),
+                       ("export-lora", export_lora), ("train-mend", train_mend)]:
     app.command(_name, no_args_is_help=True, help=command_help(_module.main.__doc__ or ""))(_module.main)  # type: ignore[attr-defined]
 
 

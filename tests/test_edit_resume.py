@@ -249,3 +249,28 @@ def test_checkpoint_default_is_the_documented_one() -> None:
     option = next(p for p in typer.main.get_command(app).commands["edit"].params if p.name == "checkpoint_every")
     assert option.default == CHECKPOINT_EVERY == EditOptions("m", "r", "o").checkpoint_every
     assert f"Default {CHECKPOINT_EVERY}:" in option.help
+
+
+def test_nas_dropped_edits_are_carried_across_a_stop(tmp_path: Path, llama_dir: Path, six: Path) -> None:
+    """The records NAS dropped before a stop stay listed in the resumed run's edit op, as in one run."""
+    from prunecli.api.anchor import AnchorOptions, run_anchor
+
+    options = dict(method="rome", overrides=(*SETS, "layers=1"))
+    anchor = run_anchor(AnchorOptions(llama_dir, tmp_path / "a.safetensors", "rome", overrides=options["overrides"],
+                                      records=six)).anchor
+    # A quarter of the median target norm: ROME drops the targets above 5 anchors, some of them on this model. With
+    # a true object of ~1e-3 probability some of the weakened edits still take, so the run is written.
+    six = write_requests(tmp_path / "facts.jsonl", [{**r, "ground_truth": "Paris"} for r in SIX])
+    median = float(anchor.norms.median())
+    type(anchor)(torch.tensor([median / 4]), anchor.layer, anchor.weight, anchor.fingerprint, "rome",
+                 {}).save(tmp_path / "half.safetensors")
+    options["nas"] = tmp_path / "half.safetensors"
+    run_edit_job(EditOptions(llama_dir, six, tmp_path / "full.safetensors", **options))
+    dropped = Delta.load(tmp_path / "full.safetensors").history[0]["nas_dropped"]
+    assert 0 < len(dropped) < 6, dropped
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run_edit_job(EditOptions(llama_dir, six, out, **options), StopAfter(3))
+    assert Delta.load(out).history[0]["nas_dropped"] == [i for i in dropped if i < 3]
+    run_edit_job(EditOptions(llama_dir, six, out, resume=True, **options))
+    _same_file(out, tmp_path / "full.safetensors")

@@ -1,11 +1,11 @@
 """Every `Example:` of every command's --help is one line at 80 columns and runs as printed, and so does the
 README's quick start: what a newcomer pastes first.
 
-The examples chain (stats -> edit -> prune -> apply -> diff -> inspect -> evaluate -> compare -> export-lora ->
-train-mend), so they run in that order in one fresh folder outside the repository, with PRUNECLI_DATA_DIR set to the
-shared data, on the real SmolLM2 (slow). The quick start runs first, in its own empty folder, with its `export
-PRUNECLI_DATA_DIR=...` line pointing at the shared data; an example identical to one of its commands (the key
-statistics) is not run twice: its output is linked over.
+The examples chain (stats -> anchor -> edit -> prune -> apply -> diff -> inspect -> evaluate -> compare ->
+export-lora -> train-mend), so they run in that order in one fresh folder outside the repository, with
+PRUNECLI_DATA_DIR set to the shared data, on the real SmolLM2 (slow). The quick start runs first, in its own empty
+folder, with its `export PRUNECLI_DATA_DIR=...` line pointing at the shared data; an example identical to one of its
+commands (the key statistics) is not run twice: its output is linked over.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from prunecli.cli import app, command_help
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-CHAIN = ["stats", "edit", "prune", "apply", "diff", "inspect", "evaluate", "compare", "export-lora", "train-mend"]
+CHAIN = ["stats", "anchor", "edit", "prune", "apply", "diff", "inspect", "evaluate", "compare", "export-lora",
+         "train-mend"]
 runner = CliRunner()
 
 

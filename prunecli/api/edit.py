@@ -23,6 +23,7 @@ from prunecli.core.history import PartialOp
 from prunecli.core.restraint import RestraintSettings
 from prunecli.core.restraint_functions import SphereSettings
 from prunecli.editors.base import Editor, EditorInputs
+from prunecli.editors.nas import Anchor, drop_at
 from prunecli.editors.registry import editor_for, file_method
 from prunecli.editors.session import EditRun, PruneSchedule, run_edits
 from prunecli.editors.stats import KeyStats, load_moments
@@ -64,6 +65,7 @@ class EditOptions:
     kappa_trigger: float | None = None  # ... and/or whenever kappa(W + D) of an edited matrix exceeds T
     restraint: RestraintSettings = field(default_factory=RestraintSettings)
     sphere: SphereSettings | None = None  # SPHERE's projection of every update (alpha None: the method's default)
+    nas: Path | None = None  # NAS anchor file (`run_anchor`): every target value rescaled to its norm
     seed: int = 0  # of the context-prefix sampler
     strict: bool = False  # any edit that did not take is an error (the result is not written)
     check: str = TEACHER_FORCED  # how an edit is judged to have taken (`editors.success`)
@@ -93,6 +95,7 @@ class EditResult:
                 "layers": self.layers, "hparams": self.hparams, "edits": n, "check": self.options.check,
                 "failed_edits": len(self.failed_records),
                 "failed_records": self.failed_records, "total_edits": len(run.delta.requests),
+                "nas_dropped_records": [r.index for r in run.reports if r.dropped],
                 "continued_from": self.continued_from, "seconds": run.seconds, "edit_seconds": run.edit_seconds,
                 "seconds_per_edit": run.edit_seconds / n if n else None,
                 "restraints": [[r.to_json() for r in rs] for rs in run.restraints],
@@ -247,7 +250,10 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
     resumed = _output_to_resume(o)
     check_output_path(Path(o.output), o.force or resumed is not None, is_dir=False, inputs=[
         ("model", model_path), ("requests file", o.requests), ("statistics file", o.stats), ("archive", o.archive),
-        ("hyper-parameter file", o.hparams), *labelled("delta", o.deltas)])
+        ("hyper-parameter file", o.hparams), ("NAS anchor", o.nas), *labelled("delta", o.deltas)])
+    if o.nas is not None and not editor.nas:
+        raise PruneCliError(f"--nas applies to the editors that optimise a target value (ROME, MEMIT, AlphaEdit), "
+                            f"not {method}")
     if editor.needs_stats and o.stats is None:
         raise PruneCliError(f"{method} needs key statistics: compute them with `prunecli stats {o.model} --method "
                             f"{method} --text FILE -o STATS` and pass --stats STATS")
@@ -274,6 +280,7 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
         log.info(f"--stats is not used: {method} needs no key statistics")
     # read once, before the model loads
     key_stats = KeyStats.load(o.stats) if o.stats is not None and editor.uses_stats else None
+    anchor = Anchor.load(o.nas) if o.nas is not None else None
     editor.check_base(checkpoint)
 
     model, tokenizer, base = load_model(o.model, o.load)
@@ -288,9 +295,13 @@ def run_edit_job(options: EditOptions, progress: Progress = no_progress) -> Edit
         provenance["tokenizer"] = o.load.tokenizer  # the edits were computed with this tokenizer
     if sphere is not None:
         provenance["sphere"] = sphere.to_json()  # every update of these edits was projected so
+    if anchor is not None:
+        anchor.check(base, method, editor.value_site(adapter, hp)[0], o.nas)
+        provenance["nas"] = {"path": str(o.nas), **anchor.to_json(), "drop_at": drop_at(method)}
     writer = _PartialWriter(Path(o.output), str(o.requests), span, o.force or resumed is not None)
     run = run_edits(model, tokenizer, base, requests, editor, hp, moments, prior, o.batch_size, schedule, o.seed,
-                    provenance, progress, o.check, o.checkpoint_every, writer, sphere)
+                    provenance, progress, o.check, o.checkpoint_every, writer, sphere,
+                    anchor.value if anchor is not None else None)
     if run.stopped is not None:
         raise _kept(run, writer, run.stopped)
     n, failed = len(run.reports), [r.index for r in run.failed]

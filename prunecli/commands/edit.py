@@ -44,6 +44,10 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
              "--stats", help="Key statistics from `prunecli stats` (MEMIT, AlphaEdit: required; ROME: enables the "
              "C^-1 adjustment).")] = None,
          deltas: Deltas = None,
+         nas: Annotated[Path | None, typer.Option(
+             "--nas", metavar="ANCHOR", help="NAS: rescale every target value (ROME, MEMIT, AlphaEdit) to the norm "
+             "measured by `prunecli anchor` for this model and method, dropping an edit whose target is far above "
+             "it (docs/METHODS.md#nas).")] = None,
          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batched methods (MEMIT, AlphaEdit, "
                                                  "UltraEdit): facts per batch.")] = 10,
          hparams: Annotated[Path | None, typer.Option("--hparams", help="Hyper-parameters (YAML/JSON; EasyEdit "
@@ -96,6 +100,11 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     kappa 45) whenever an edit takes kappa(W + D) above 60; every restraint is recorded in the delta's history.
     MEND needs --archive (from train-mend); MEMIT and AlphaEdit need --stats for their layers (stats --method).
 
+    NAS rescales every target value to the norm `prunecli anchor` measured for the same model and method:
+
+    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --stats
+    smollm2.stats.safetensors --nas smollm2.rome.anchor.safetensors -o nas-edits.safetensors
+
     Ctrl-C or SIGTERM (a job scheduler's) stops after the last finished edit (batch) and writes the edits done so far
     to -o, marked partial in its history; the same command with --resume continues where it stopped.
 
@@ -116,7 +125,7 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     options = EditOptions(model, requests, output, method=method, start=start, limit=limit, stats=stats,
                           deltas=tuple(deltas or ()), batch_size=batch_size, hparams=hparams, overrides=overrides,
                           archive=archive, prune_every=prune_every, kappa_trigger=kappa_trigger, restraint=restraint,
-                          sphere=sphere, seed=seed, strict=strict, check=check.value, load=load, force=force,
+                          sphere=sphere, nas=nas, seed=seed, strict=strict, check=check.value, load=load, force=force,
                           ignore_base_mismatch=ignore_base_mismatch, checkpoint_every=checkpoint_every, resume=resume)
     with cli_progress() as progress:
         result = run_edit_job(options, progress)
@@ -140,9 +149,11 @@ def _render(out: Out, result: EditResult) -> None:
                for r in run.reports],
               right=["#", "P before", "P after", "loss", "s"])
     n = len(run.reports)
+    dropped = [r.index for r in run.reports if r.dropped]
     continued = f" (continuing at record {result.continued_from})" if result.continued_from is not None else ""
     out.say(f"wrote {result.options.output}: {n} new edit(s){continued}, {len(run.delta.requests)} in total, layers "
             f"{result.layers}, {run.edit_seconds / n:.1f} s per edit ({run.edit_seconds:.1f} s editing after "
             f"{run.seconds - run.edit_seconds:.1f} s for context prefixes and earlier deltas)"
             + (f"; {len(failed)} of {n} edit(s) did not take (records {ranges(failed)})" if failed
-               else "; every edit took"))
+               else "; every edit took")
+            + (f"; NAS dropped {len(dropped)} (records {ranges(dropped)})" if dropped else ""))

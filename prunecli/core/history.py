@@ -21,10 +21,13 @@ class EditOp:
     seed: int
     requests: list[dict[str, Any]]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # With NAS: the records (`index`) of the requests whose change NAS dropped (their target's norm was too large).
+    dropped: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        dropped = {"nas_dropped": list(self.dropped)} if self.dropped is not None else {}
         return {"op": "edit", "method": self.method, "hparams": self.hparams, "seed": self.seed, **self.provenance,
-                "requests": list(self.requests)}
+                **dropped, "requests": list(self.requests)}
 
 
 @dataclass(frozen=True)

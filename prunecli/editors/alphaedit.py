@@ -43,7 +43,7 @@ import torch
 
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.key_memory import KeyMemory
-from prunecli.editors.memit import check_moments, spread_over_layers
+from prunecli.editors.memit import check_moments, spread_over_layers, value_site
 from prunecli.editors.value import ValueHParams
 from prunecli.errors import PruneCliError
 from prunecli.models.adapters import ModelAdapter
@@ -110,6 +110,10 @@ class AlphaEditEditor(Editor):
     hparams = AlphaEditHParams
     needs_stats = True
     batched = True
+    nas = True
+
+    def value_site(self, adapter: ModelAdapter, hparams: ValueHParams) -> tuple[int, torch.nn.Module]:
+        return max(hparams.layers), value_site(adapter, max(hparams.layers))
 
     def __init__(self) -> None:
         # (layer, threshold) -> (the moment it was computed from, U): one eigendecomposition per layer and run.

@@ -42,6 +42,7 @@ class RequestOutcome:
     loss: float
     initial_loss: float
     steps: int
+    dropped: bool = False  # NAS dropped the edit's change: its target's norm exceeded the limit (`editors.nas`)
 
 
 class EditSettings(Protocol):
@@ -83,6 +84,8 @@ class EditContext:
     # What every update goes through before it is added to the model (SPHERE's projection while editing; the driver
     # sets it): (weight name, a [out, r], b [in, r]) -> the factors to add and return.
     restrain_update: UpdateRestraint = field(default=lambda name, a, b: (a, b))
+    # NAS (`editors.nas`): every target value is rescaled to this norm, or its change dropped (the driver sets it).
+    anchor: float | None = None
 
 
 class Editor(ABC):
@@ -94,6 +97,7 @@ class Editor(ABC):
     needs_stats: ClassVar[bool] = False  # key statistics (`prunecli stats`) are required
     uses_stats: ClassVar[bool] = True  # key statistics are read when given (False: `--stats` is not used)
     batched: ClassVar[bool] = False  # edits a batch of requests at once (--batch-size) rather than one after another
+    nas: ClassVar[bool] = False  # optimises target values, which NAS can anchor (`value_site`, `editors.nas`)
 
     inputs: EditorInputs = EditorInputs()
 
@@ -127,6 +131,11 @@ class Editor(ABC):
                                adapter.num_layers, adapter.model_type)
         return self.hparams.resolve(adapter.family, adapter.num_layers, self.inputs.hparams_file,
                                     self.inputs.overrides, on_note, modules)
+
+    def value_site(self, adapter: ModelAdapter, hparams: EditSettings) -> tuple[int, torch.nn.Module]:
+        """(layer, module) whose output the value optimisation shifts: where NAS measures its anchor."""
+        raise PruneCliError(f"{self.method} optimises no target value, so NAS does not apply to it (ROME, MEMIT and "
+                            "AlphaEdit do)")
 
     def notes(self, hparams: EditSettings, has_moments: bool) -> list[str]:
         """Lines worth telling the user about this configuration before editing (none by default)."""

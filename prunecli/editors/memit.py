@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from prunecli.editors import nas
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.key_memory import KeyMemory
 from prunecli.editors.keys import subject_keys
@@ -75,6 +76,12 @@ def spread_update(residual: torch.Tensor, keys: torch.Tensor, moment: torch.Tens
     return residual.float(), b.float()
 
 
+def value_site(adapter: ModelAdapter, layer: int) -> torch.nn.Module:
+    """Where MEMIT's value optimisation shifts: the residual stream after `layer`, or the MLP output projection's
+    output where the block normalises it (`residual_targets`)."""
+    return adapter.layer_module(layer) if adapter.mlp_output_norm(layer) is None else adapter.projection(layer)
+
+
 def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layer: int,  # noqa: ANN001
                      requests: Sequence[EditRequest], ctx: EditContext
                      ) -> tuple[torch.Tensor, list[RequestOutcome]]:
@@ -86,16 +93,21 @@ def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, l
     optimised on the residual stream instead can leave the set a normalised MLP output can reach (and its size is
     that of the residual stream, ~1000x the projection output's on Gemma-3), which no weight update realises."""
     norm = adapter.mlp_output_norm(layer)
-    site = adapter.layer_module(layer) if norm is None else adapter.projection(layer)
+    site = value_site(adapter, layer)
     values = optimize_values(model, tokenizer, adapter, layer, site, requests, ctx.prefixes, ctx.hparams,
                              ctx.value_task)
-    outcomes = [RequestOutcome(v.loss, v.initial_loss, v.steps) for v in values]
-    shifted = torch.stack([v.initial + v.delta for v in values])  # [n, hidden]
+    initial = torch.stack([v.initial for v in values])  # [n, hidden]
+    shifts = torch.stack([v.delta for v in values])
+    dropped = [False] * len(values)
+    if ctx.anchor is not None:  # NAS: the MLP output's target v* = v0 + shift gets the anchor's norm
+        v0 = initial if norm is not None else nas.projection_outputs(model, tokenizer, adapter, layer, requests)
+        shifts, dropped = nas.rescale(v0, shifts, ctx.anchor, ctx.hparams.method)
+    outcomes = [RequestOutcome(v.loss, v.initial_loss, v.steps, d) for v, d in zip(values, dropped)]
+    shifted = initial + shifts.to(initial.device)
     if norm is None:
         return shifted, outcomes
     _, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, [""],
                            {"h": (adapter.layer_module(layer), "output")})
-    initial = torch.stack([v.initial for v in values])
     param = next(norm.parameters())
     with torch.no_grad():
         change = (norm(shifted.to(param.device, param.dtype)) - norm(initial.to(param.device, param.dtype)))
@@ -174,7 +186,7 @@ def spread_over_layers(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,
         retried, again = residual_targets(model, tokenizer, adapter, last, [requests[i] for i in failed], ctx)
         z[failed] = retried
         for i, o in zip(failed, again):
-            outcomes[i] = RequestOutcome(o.loss, outcomes[i].initial_loss, outcomes[i].steps + o.steps)
+            outcomes[i] = RequestOutcome(o.loss, outcomes[i].initial_loss, outcomes[i].steps + o.steps, o.dropped)
         updates += _spread(model, tokenizer, adapter, requests, ctx, solve, z)
     return updates, outcomes
 
@@ -190,6 +202,10 @@ class MemitEditor(Editor):
     hparams = MemitHParams
     needs_stats = True
     batched = True
+    nas = True
+
+    def value_site(self, adapter: ModelAdapter, hparams: ValueHParams) -> tuple[int, torch.nn.Module]:
+        return max(hparams.layers), value_site(adapter, max(hparams.layers))
 
     def apply(self, model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: ANN001
               requests: Sequence[EditRequest], ctx: EditContext) -> tuple[list[LayerUpdate], list[RequestOutcome]]:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from prunecli.editors import nas
 from prunecli.editors.base import EditContext, Editor, LayerUpdate, RequestOutcome
 from prunecli.editors.keys import subject_keys
 from prunecli.editors.value import ValueHParams, optimize_values
@@ -88,6 +89,7 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, v_star: torch.Tensor,
 class RomeEditor(Editor):
     method = "rome"
     hparams = RomeHParams
+    nas = True
 
     def __init__(self) -> None:
         self._inverses: dict[int, MomentInverse] = {}  # layer -> C^-1 of the statistics last used there
@@ -98,6 +100,10 @@ class RomeEditor(Editor):
         if cached is None or cached.moment is not moment:
             cached = self._inverses[layer] = MomentInverse.of(moment)
         return cached
+
+    def value_site(self, adapter: ModelAdapter, hparams: ValueHParams) -> tuple[int, torch.nn.Module]:
+        (layer,) = hparams.layers
+        return layer, adapter.projection(layer)
 
     def notes(self, hparams: RomeHParams, has_moments: bool) -> list[str]:  # type: ignore[override]
         if hparams.mom2_adjustment and not has_moments:
@@ -122,9 +128,13 @@ class RomeEditor(Editor):
             w = adapter.weight_matrix(layer)
             (value,) = optimize_values(model, tokenizer, adapter, layer, projection, [request], ctx.prefixes,
                                        ctx.hparams, ctx.value_task)
-            v_star = w.double() @ keys[0].double() + value.delta.double()
-            a, b = ctx.restrain_update(adapter.weight_name(layer), *rank_one_update(w, keys[0], v_star, inverse, bare))
+            v0 = w.double() @ keys[0].double()
+            shift, dropped = value.delta.double()[None], [False]
+            if ctx.anchor is not None:  # NAS: ROME's whole target W k* + shift gets the anchor's norm
+                shift, dropped = nas.rescale(v0[None], shift, ctx.anchor, self.method)
+            a, b = ctx.restrain_update(adapter.weight_name(layer),
+                                       *rank_one_update(w, keys[0], v0 + shift[0], inverse, bare))
             adapter.add_update(layer, a @ b.T)
             updates.append(LayerUpdate(layer, a, b))
-            outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps))
+            outcomes.append(RequestOutcome(value.loss, value.initial_loss, value.steps, dropped[0]))
         return updates, outcomes

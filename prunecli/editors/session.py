@@ -91,6 +91,7 @@ class RequestReport:
     true_mean_prob: float | None
     took: bool
     generated: str | None = None
+    dropped: bool = False  # NAS dropped its change (`editors.nas`)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +124,10 @@ def _target_probs(model: torch.nn.Module, tokenizer, requests: Sequence[EditRequ
 def _report(task: ProgressTask, reports: list[RequestReport]) -> None:
     """Progress after a step: the requests done, the last loss, and a warning line per edit that did not take."""
     for r in reports:
-        if not r.took:
+        if r.dropped:
+            task.log(f"NAS dropped the change of record {r.index}: its target's norm was over the limit, so the "
+                     "edit adds nothing", warning=True)
+        elif not r.took:
             true = f", P(true) {r.true_mean_prob:.3g}" if r.true_mean_prob is not None else ""
             said = f"; greedy decoding wrote {r.generated!r}" if r.generated is not None else ""
             task.log(f"edit of record {r.index} did not take: P(new) {r.new_mean_prob:.3g}{true} on its prompt "
@@ -152,23 +156,36 @@ def _difference(key: str, theirs: Any, mine: Any) -> str:
     return f"{key} ({theirs!r} there, {mine!r} here)"
 
 
-def continue_partial(delta: Delta, op: EditOp) -> tuple[Delta, list[dict[str, Any]]]:
-    """(`delta` ready to be continued, the requests of its open edit op): a delta whose history ends in a `partial`
-    entry loses that entry and, when the entry before it is the stopped run's edit op, that op too, whose requests
-    are returned to be extended, so the finished run has one edit op between restraints as if it never stopped. That
-    op must have `op`'s method, hyper-parameters, seed and provenance. Any other delta is returned as it is."""
+@dataclass
+class OpenOp:
+    """The edit op a run is extending (closed by a restraint or the run's end): its requests as the history stores
+    them, and the records among them whose change NAS dropped."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.requests.clear()
+        self.dropped.clear()
+
+
+def continue_partial(delta: Delta, op: EditOp) -> tuple[Delta, OpenOp]:
+    """(`delta` ready to be continued, its open edit op): a delta whose history ends in a `partial` entry loses that
+    entry and, when the entry before it is the stopped run's edit op, that op too, whose requests are returned to be
+    extended, so the finished run has one edit op between restraints as if it never stopped. That op must have `op`'s
+    method, hyper-parameters, seed and provenance. Any other delta is returned as it is."""
     if delta.partial is None:
-        return delta, []
+        return delta, OpenOp()
     history = delta.history[:-1]
     if not history or history[-1].get("op") != "edit":  # stopped right after a restraint: no open op
-        return replace(delta, history=history), []
+        return replace(delta, history=history), OpenOp()
     theirs, mine = history[-1], json.loads(json.dumps(op.to_json()))  # as the file holds it
-    differ = [_difference(k, theirs.get(k), mine.get(k)) for k in sorted((set(theirs) | set(mine)) - {"requests"})
-              if theirs.get(k) != mine.get(k)]
+    differ = [_difference(k, theirs.get(k), mine.get(k))
+              for k in sorted((set(theirs) | set(mine)) - {"requests", "nas_dropped"}) if theirs.get(k) != mine.get(k)]
     if differ:
         raise PruneCliError(f"cannot continue the unfinished edit run: it was made with other settings "
                             f"({'; '.join(differ)}); repeat its options")
-    return replace(delta, history=history[:-1]), list(theirs["requests"])
+    return replace(delta, history=history[:-1]), OpenOp(list(theirs["requests"]), list(theirs.get("nas_dropped", [])))
 
 
 class SphereProjection:
@@ -198,7 +215,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
               provenance: dict[str, Any] | None = None, progress: Progress = no_progress,
               check: str = TEACHER_FORCED, checkpoint_every: int | None = None,
               on_checkpoint: Callable[[Delta, int], None] | None = None,
-              sphere: SphereSettings | None = None) -> EditRun:
+              sphere: SphereSettings | None = None, anchor: float | None = None) -> EditRun:
     """Edit `requests` into the base `model` (in place) after `prior`; returns the accumulated delta.
 
     `model` must be the base model as loaded (no delta applied): prefixes are generated on it first. Batched
@@ -209,7 +226,9 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     `on_checkpoint(delta, edits)` receives the finished work after every `checkpoint_every` edits of this run (at
     the end of the step that reaches them; not after the last step). A KeyboardInterrupt (Ctrl-C, or SIGTERM as the
     CLI raises it) is caught: the run returns the steps that had finished, with the interrupt in `stopped`.
-    `sphere` (settings with alpha resolved) projects every update the editor makes (`SphereProjection`).
+    `sphere` (settings with alpha resolved) projects every update the editor makes (`SphereProjection`). `anchor`
+    (NAS, `editors.nas`) rescales every target value to that norm or drops its change; the edit ops list the
+    records it dropped (`nas_dropped`).
     """
     started = time.perf_counter()
     adapter = resolve_adapter(model)
@@ -220,12 +239,13 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
         log.info(f"generating {count} context prefixes on the base model (seed {seed})")
     prefixes = generate_prefixes(model, tokenizer, hparams.context_template_length_params, seed)
     op = EditOp(editor.method, hparams.to_json(), seed, [], provenance or {})
-    total, pending = continue_partial(_copy(prior), op) if prior is not None else (Delta.for_base(base), [])
+    total, pending = continue_partial(_copy(prior), op) if prior is not None else (Delta.for_base(base), OpenOp())
     reset_to(model, base, total)
     ctx = EditContext(hparams, prefixes, {L: c.to(device) for L, c in (moments or {}).items()}, dict(total.extras),
                       prior is not None)
     if sphere is not None:
         ctx.restrain_update = SphereProjection(sphere, model, base)
+    ctx.anchor = anchor
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     spectra = BaseSpectra(base)
@@ -233,7 +253,8 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     def finished() -> Delta:
         """The delta of the finished steps: its open edit op closed, the carried state as it is now (copies: the
         run goes on changing its own)."""
-        history = [*run.delta.history, *([replace(op, requests=list(pending)).to_json()] if pending else [])]
+        closing = replace(op, requests=list(pending.requests), dropped=list(pending.dropped) if anchor else None)
+        history = [*run.delta.history, *([closing.to_json()] if pending.requests else [])]
         return replace(run.delta, entries=dict(run.delta.entries), fingerprints=dict(run.delta.fingerprints),
                        history=history, extras=dict(ctx.carried))
 
@@ -252,12 +273,13 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
                     run.delta.add(name, DeltaEntry.lowrank(u.a, u.b, base.layout(name)), base)
                 reset_to(model, base, run.delta, dict.fromkeys(touched))  # base + D, however the editor rounded
                 checks = check_edits(model, tokenizer, batch, check)
-                edits_before = len(run.delta.requests) + len(pending)
-                pending.extend(r.to_json() for r in batch)
+                edits_before = len(run.delta.requests) + len(pending.requests)
+                pending.requests.extend(r.to_json() for r in batch)
+                pending.dropped.extend(r.index for r, o in zip(batch, outcomes) if o.dropped)
                 seconds = (time.perf_counter() - t0) / len(batch)
                 reports = [RequestReport(r.index, r.case_id, r.text, r.target_new, o.loss, o.initial_loss, o.steps,
                                          p0, c.sequence_prob_new, seconds, c.prob_new, c.prob_true, c.took,
-                                         c.generated)
+                                         c.generated, o.dropped)
                            for r, o, p0, c in zip(batch, outcomes, before, checks)]
                 run.reports.extend(reports)
                 if prune is not None:
@@ -279,7 +301,7 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
 
 def _restrain_if_due(run: EditRun, prune: PruneSchedule, spectra: BaseSpectra, model: torch.nn.Module,
                      base: Checkpoint, edits_before: int, batch: int, finished: Callable[[], Delta],
-                     pending: list[dict[str, Any]]) -> None:
+                     pending: OpenOp) -> None:
     """After a step: restrain the accumulated delta when the schedule says so (closing the open edit op first, so
     the history says after which edits it ran) and set the model to base + the restrained delta."""
     edits_after = edits_before + batch
