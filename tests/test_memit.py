@@ -160,3 +160,51 @@ def test_retry_rounds_is_for_the_spreading_editors_and_off_by_default():
         resolve_hparams("memit", "llama", 4, sets=["retry_below=1.5"])
     published = resolve_hparams("memit", "llama", 4).to_json()
     assert "retry_rounds" not in published and "retry_below" not in published
+
+
+def test_group_key_averaging_weighs_each_prefix_group_alike(llama_dir):
+    """key_averaging=groups (the published compute_ks): the mean within each group of prefixes of one length, then
+    over the groups, so with [[3, 2], [4, 3]] the bare prompt weighs 1/3, each 3-token prefix 1/6, each 4-token 1/9."""
+    from prunecli.editors.keys import prefix_weights, read_at_subject
+    from prunecli.editors.prompts import generate_prefixes
+
+    assert prefix_weights([(10, 5)], "prompts") is None
+    assert prefix_weights([(10, 5)], "groups") == pytest.approx([1 / 2] + [1 / 10] * 5)
+    model, tok, _ = load_model(llama_dir)
+    adapter = resolve_adapter(model)
+    prefixes = generate_prefixes(model, tok, [(3, 2), (4, 3)], 0)
+    weights = prefix_weights([(3, 2), (4, 3)], "groups")
+    assert weights == pytest.approx([1 / 3, 1 / 6, 1 / 6, 1 / 9, 1 / 9, 1 / 9]) and len(prefixes) == 6
+    projection = adapter.projection(1)
+    keys, _ = subject_keys(model, tok, projection, REQUESTS[:2], prefixes, weights=weights)
+    for i, r in enumerate(REQUESTS[:2]):
+        each = read_at_subject(model, tok, request_prompts(tok, r, prefixes, with_target=False),
+                               {"k": (projection, "input")})["k"].double()
+        expected = (each[:1].mean(0) + each[1:3].mean(0) + each[3:].mean(0)) / 3
+        torch.testing.assert_close(keys[i].double(), expected, rtol=1e-5, atol=1e-6)
+    hp = resolve_hparams("memit", adapter.family, adapter.num_layers, sets=["key_averaging=groups"])
+    assert hp.to_json()["key_averaging"] == "groups"
+    with pytest.raises(PruneCliError, match="key_averaging must be one of prompts, groups"):
+        resolve_hparams("alphaedit", adapter.family, adapter.num_layers, sets=["key_averaging=tokens"])
+
+
+def test_the_driver_hands_editors_the_key_weights_of_their_hyper_parameters(llama_dir):
+    """run_edits sets EditContext.key_weights from key_averaging and the prefixes it generated."""
+    from prunecli.editors.base import LayerUpdate, RequestOutcome
+    from prunecli.editors.session import run_edits
+
+    seen = []
+
+    class Spy(MemitEditor):
+        def apply(self, model, tokenizer, adapter, requests, ctx):
+            seen.append((ctx.key_weights, len(ctx.prefixes)))
+            zero = torch.zeros(adapter.value_size(1), 1), torch.zeros(adapter.key_size(1), 1)
+            return [LayerUpdate(1, *zero)], [RequestOutcome(0.0, 0.0, 0) for _ in requests]
+
+    model, tok, base = load_model(llama_dir)
+    adapter = resolve_adapter(model)
+    for averaging in ("prompts", "groups"):
+        hp = resolve_hparams("memit", adapter.family, adapter.num_layers,
+                             sets=[f"key_averaging={averaging}", "context_template_length_params=[[3, 2]]"])
+        run_edits(model, tok, base, REQUESTS[:1], Spy(), hp)
+    assert seen == [(None, 3), (pytest.approx([1 / 2, 1 / 4, 1 / 4]), 3)]

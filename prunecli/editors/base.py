@@ -86,6 +86,8 @@ class EditContext:
     restrain_update: UpdateRestraint = field(default=lambda name, a, b: (a, b))
     # NAS (`editors.nas`): every target value is rescaled to this norm, or its change dropped (the driver sets it).
     anchor: float | None = None
+    # Each prefix's weight in a key's average (`keys.prefix_weights`); None: a plain mean.
+    key_weights: list[float] | None = None
 
 
 class Editor(ABC):

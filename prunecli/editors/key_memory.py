@@ -60,7 +60,8 @@ class KeyMemory:
         """Append the batch's keys, read on the edited model (the subjects' averaged over the context prefixes, then
         with `whole_prompts` every bare prompt token's), to each layer's."""
         for layer in layers:
-            keys, _ = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes)
+            keys, _ = subject_keys(model, tokenizer, adapter.projection(layer), requests, ctx.prefixes,
+                                   weights=ctx.key_weights)
             if self.whole_prompts:
                 keys = torch.cat([keys, prompt_token_keys(model, tokenizer, adapter.projection(layer), requests)])
             name = self.name(adapter, layer)

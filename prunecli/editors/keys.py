@@ -45,11 +45,27 @@ def read_at_subject(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return {key: torch.cat(v) for key, v in parts.items()}
 
 
+KEY_AVERAGING = ("prompts", "groups")
+"""How a key is averaged over the prompts with context prefixes: `prompts`, every prompt alike (prunecli's default,
+and ROME's published code); `groups`, first within each group of prefixes of one length (the bare prompt is a group
+of its own), then over the groups, as the published MEMIT/AlphaEdit `compute_ks` does. With the default
+[[10, 5]] the bare prompt weighs 1/6 one way and 1/2 the other."""
+
+
+def prefix_weights(length_params: Sequence[tuple[int, int]], averaging: str) -> list[float] | None:
+    """Each prefix's weight in a key's average for `averaging` (None: a plain mean), in `generate_prefixes` order."""
+    if averaging == "prompts":
+        return None
+    sizes = [1, *(count for n_tokens, count in length_params if n_tokens > 0 and count > 0)]
+    return [1.0 / len(sizes) / size for size in sizes for _ in range(size)]
+
+
 def subject_keys(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, projection: torch.nn.Module,
                  requests: Sequence[EditRequest], prefixes: Sequence[str],
-                 extra_bare: Mapping[str, tuple[torch.nn.Module, Kind]] | None = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Keys [n_requests, d_in] averaged over the prefixes, and `extra_bare` sites read on the bare prompts.
+                 extra_bare: Mapping[str, tuple[torch.nn.Module, Kind]] | None = None,
+                 weights: Sequence[float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Keys [n_requests, d_in] averaged over the prefixes (a plain mean, or with `weights`, one per prefix), and
+    `extra_bare` sites read on the bare prompts.
 
     The first prefix is "" (the bare prompt), so extra sites are read from the same pass at no extra cost.
     """
@@ -57,7 +73,12 @@ def subject_keys(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pro
     prompts = [p for r in requests for p in request_prompts(tokenizer, r, prefixes, with_target=False)]
     sites: dict[str, tuple[torch.nn.Module, Kind]] = {"key": (projection, "input"), **(extra_bare or {})}
     seen = read_at_subject(model, tokenizer, prompts, sites)
-    keys = seen.pop("key").view(len(requests), per_request, -1).mean(1)
+    per_prompt = seen.pop("key").view(len(requests), per_request, -1)
+    if weights is None:
+        keys = per_prompt.mean(1)
+    else:
+        assert len(weights) == per_request, "one weight per prefix"
+        keys = (per_prompt * torch.tensor(weights, device=per_prompt.device)[None, :, None]).sum(1)
     bare = {k: v.view(len(requests), per_request, -1)[:, 0] for k, v in seen.items()}
     return keys, bare
 

@@ -116,14 +116,14 @@ def residual_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, l
 
 def layer_targets(model: torch.nn.Module, tokenizer, adapter: ModelAdapter, layer: int,  # noqa: ANN001
                   requests: Sequence[EditRequest], prefixes: list[str], z_site: torch.nn.Module, z: torch.Tensor,
-                  layers_left: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys K [n, d_in] of `layer` (averaged over the prefixes) and the change R [n, d_out] of its projection output
-    that adds this layer's share (z - h) / layers_left of the remaining shift to the residual stream, where h is the
-    current output of `z_site` on the bare prompts (read on the model as edited so far)."""
+                  layers_left: int, weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys K [n, d_in] of `layer` (averaged over the prefixes, with `weights` if given) and the change R [n, d_out]
+    of its projection output that adds this layer's share (z - h) / layers_left of the remaining shift to the residual
+    stream, where h is the current output of `z_site` on the bare prompts (read on the model as edited so far)."""
     sites = {"z": (z_site, "output")}
     if needs_projection_output(adapter, layer):
         sites["m"] = (adapter.projection(layer), "output")
-    keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, prefixes, sites)
+    keys, bare = subject_keys(model, tokenizer, adapter.projection(layer), requests, prefixes, sites, weights)
     share = (z - bare["z"]) / layers_left
     return keys, projection_shift(adapter, layer, share, bare.get("m"))
 
@@ -149,7 +149,7 @@ def _spread(model: torch.nn.Module, tokenizer, adapter: ModelAdapter,  # noqa: A
     updates = []
     for i, layer in enumerate(layers):
         keys, residual = layer_targets(model, tokenizer, adapter, layer, requests, ctx.prefixes, z_site, z,
-                                       len(layers) - i)
+                                       len(layers) - i, ctx.key_weights)
         a, b = ctx.restrain_update(adapter.weight_name(layer), *solve(layer, residual.T, keys.T))
         adapter.add_update(layer, a @ b.T)
         updates.append(LayerUpdate(layer, a, b))

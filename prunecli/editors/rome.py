@@ -123,7 +123,7 @@ class RomeEditor(Editor):
             # The bare prompt's key (original key handling) comes from the same pass: prefixes[0] is "".
             original = ctx.hparams.rome_key == "original"
             keys, seen = subject_keys(model, tokenizer, projection, [request], ctx.prefixes,
-                                      {"bare_key": (projection, "input")} if original else None)
+                                      {"bare_key": (projection, "input")} if original else None, ctx.key_weights)
             bare = seen["bare_key"][0] if original else None
             w = adapter.weight_matrix(layer)
             (value,) = optimize_values(model, tokenizer, adapter, layer, projection, [request], ctx.prefixes,

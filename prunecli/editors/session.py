@@ -41,6 +41,7 @@ from prunecli.core.restraint import BaseSpectra, RestraintSettings, TensorReport
 from prunecli.core.restraint_functions import SphereSettings
 from prunecli.core.sphere import principal_directions, project_update
 from prunecli.editors.base import EditContext, Editor, EditSettings
+from prunecli.editors.keys import prefix_weights
 from prunecli.editors.prompts import generate_prefixes
 from prunecli.editors.success import TEACHER_FORCED, check_edits
 from prunecli.errors import PruneCliError
@@ -246,6 +247,8 @@ def run_edits(model: torch.nn.Module, tokenizer, base: Checkpoint, requests: Seq
     if sphere is not None:
         ctx.restrain_update = SphereProjection(sphere, model, base)
     ctx.anchor = anchor
+    ctx.key_weights = prefix_weights(hparams.context_template_length_params,
+                                     getattr(hparams, "key_averaging", "prompts"))
     step = batch_size if editor.batched else 1
     run = EditRun(total)
     spectra = BaseSpectra(base)

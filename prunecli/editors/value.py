@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from prunecli.editors.hparams import HParams
+from prunecli.editors.keys import KEY_AVERAGING
 from prunecli.editors.prompts import SubjectPrompt, encode_subject_prompt, request_prompts, right_pad
 from prunecli.editors.tracing import record, run_from_layer, shifted_output
 from prunecli.errors import PruneCliError
@@ -80,9 +81,13 @@ class ValueHParams(HParams):
     # The most prompts (context prefixes + 1 per fact) whose value optimisation runs at once; a larger batch is
     # optimised in groups of whole facts. Speed and memory only, not results.
     value_batch_rows: int = 128
+    # How keys are averaged over the prompts with context prefixes: "prompts" or "groups" (`keys.KEY_AVERAGING`).
+    key_averaging: str = "prompts"
 
     def validate(self, num_layers: int) -> None:
         super().validate(num_layers)
+        if self.key_averaging not in KEY_AVERAGING:
+            raise PruneCliError(f"key_averaging must be one of {', '.join(KEY_AVERAGING)}, got {self.key_averaging!r}")
         if self.fact_token != "subject_last":
             raise PruneCliError(f"fact_token {self.fact_token!r} is not supported (only subject_last)")
         self.require([("v_num_grad_steps", self.v_num_grad_steps >= 1), ("v_lr", self.v_lr > 0),
