@@ -30,7 +30,7 @@ def measure(data: str | Path) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     data = Path(data)
-    model, tok, _ = load_model("smollm2", "cpu")
+    model, tok, _ = load_model("smollm2", device="cpu")
     cf = load_requests(data / "counterfact" / "counterfact-edit.json", 0, 24)
     zs = load_requests(data / "zsre" / "zsre_mend_train-1k.json", 0, 12)
     groups = [*evaluate_counterfact(model, tok, cf), *evaluate_zsre(model, tok, zs, reference_scores(model, tok, zs),

@@ -122,6 +122,9 @@ def load_model(ref: str | Path, options: LoadOptions = LoadOptions(), /,
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if not isinstance(options, LoadOptions):  # the older signature load_model(ref, device, dtype)
+        raise TypeError(f"load_model(ref, options): options must be LoadOptions, got {options!r}; "
+                        "pass single settings as keywords, e.g. load_model(ref, device='cpu')")
     options = replace(options, **changes)
     hf_logging.disable_progress_bar()  # our own progress bars report the work; "Loading weights" would only clutter
     placement = placement_kwargs(options.device_map, options.max_memory, options.offload_folder)
