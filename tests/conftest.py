@@ -53,8 +53,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# The longest test files, longest first (measured on 2 cores: the study's smoke run ~200 s, the help examples ~170 s,
+# the SmolLM2 editing acceptance ~190 s in all); other slow tests follow in file order.
+LONGEST_FIRST = ("test_study.py", "test_help_examples.py", "test_editing_smollm2.py", "test_editing_gemma3.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (the longest, the study's smoke run, at the very front): with one process per core
-    (`-n auto`), a long test that starts last would run alone at the end while the other cores idle."""
-    items.sort(key=lambda item: (0 if item.get_closest_marker("slow") else 1,
-                                 0 if item.path.name == "test_study.py" else 1))
+    """Slow tests first, the longest at the very front: with one process per core (`-n auto`, pending tests stolen by
+    idle workers: pyproject's `--dist worksteal`), a long test that starts last would run alone at the end while the
+    other cores idle."""
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        return (0 if item.get_closest_marker("slow") else 1,
+                LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+    items.sort(key=rank)

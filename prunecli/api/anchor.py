@@ -20,7 +20,7 @@ from prunecli.editors.base import EditorInputs
 from prunecli.editors.nas import Anchor, drop_at, target_norms
 from prunecli.editors.registry import editor_for
 from prunecli.errors import PruneCliError
-from prunecli.evaluation.data import DEFAULT_DATA_DIR
+from prunecli.evaluation.data import default_data_dir
 from prunecli.models.adapters import resolve_adapter
 from prunecli.models.builtin import resolve_model_path
 from prunecli.models.loading import load_model
@@ -45,7 +45,7 @@ class AnchorOptions:
     hparams: Path | None = None
     overrides: tuple[str, ...] = ()
     records: Path | None = None  # None: TRAIN_RECORDS under data_dir
-    data_dir: Path = DEFAULT_DATA_DIR
+    data_dir: Path = field(default_factory=default_data_dir)
     count: int = 1000  # rewrites sampled (the paper's); all of them when the file has fewer
     seed: int = 0  # of the sample
     load: LoadOptions = field(default_factory=LoadOptions)

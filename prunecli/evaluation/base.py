@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecli.distributed import SINGLE, Workers
-from prunecli.evaluation.data import DEFAULT_DATA_DIR
+from prunecli.evaluation.data import DEFAULT_PPL_TOKENS, default_data_dir
 from prunecli.evaluation.metrics import MetricValue
 from prunecli.models.options import LoadOptions
 from prunecli.models.scoring import TargetScore
@@ -77,18 +77,18 @@ class EvalOptions:
     their settings (batch size, limit, data folder, perplexity window...) from it."""
 
     deltas: Sequence[Path] = ()
-    edits: Path | None = None
+    requests: Path | None = None  # edit requests (the CLI's --requests); None: those recorded in the deltas
     start: int = 0
     limit: int | None = None  # edit requests to evaluate; general-ability tasks: subsample to this many examples
     tasks: str | None = None
     text: Path | None = None
     window: int | None = None
     stride: int | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = DEFAULT_PPL_TOKENS  # perplexity's token budget; None: the whole text
     seed: int | None = None  # None: the first `limit` examples; else a seeded random sample
     batch_size: int = 16
     locality_reference: str | None = None
-    data_dir: Path = field(default=DEFAULT_DATA_DIR)
+    data_dir: Path = field(default_factory=default_data_dir)
     ignore_base_mismatch: bool = False  # evaluate deltas made for a base whose tensors differ (with a warning)
     load: LoadOptions = field(default_factory=LoadOptions)  # how the model (and the locality reference) is loaded
 

@@ -7,6 +7,7 @@ Nothing is downloaded unless the user writes `hub:`; a missing local file is a c
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from prunecli.errors import PruneCliError
 
 HUB_PREFIX = "hub:"
 DEFAULT_DATA_DIR = Path("../shared/data")
-"""Task data files default to here, relative to the current directory (`--data-dir` overrides)."""
+"""Task data files default to here, relative to the current directory, unless PRUNECLI_DATA_DIR names a folder
+(`--data-dir` overrides both)."""
+
+
+def default_data_dir() -> Path:
+    """$PRUNECLI_DATA_DIR, else DEFAULT_DATA_DIR: the same default for the library as for the CLI."""
+    return Path(os.environ.get("PRUNECLI_DATA_DIR") or DEFAULT_DATA_DIR)
 DEFAULT_PPL_TOKENS = 8192
 """Perplexity's default token budget: enough text for differences of a few percent to be visible, small enough for
 a CPU (the report states the count and the time it took)."""

@@ -49,8 +49,8 @@ def requests_from_history(delta: Delta) -> list[EditRequest]:
 
 
 def select_requests(options: EvalOptions, delta: Delta | None) -> list[EditRequest] | None:
-    if options.edits is not None:
-        return load_requests(options.edits, options.start, options.limit)
+    if options.requests is not None:
+        return load_requests(options.requests, options.start, options.limit)
     if delta is not None and delta.requests:
         recorded = requests_from_history(delta)
         end = None if options.limit is None else options.start + options.limit
@@ -163,7 +163,7 @@ def run_evaluation(model_ref: str, options: EvalOptions, progress: Progress = no
         outcomes.append((task.name, outcome, time.perf_counter() - t0))
     info = {
         "edits": None if requests is None else {
-            "file": str(options.edits) if options.edits is not None else "recorded in the deltas",
+            "file": str(options.requests) if options.requests is not None else "recorded in the deltas",
             "start": options.start, "n": len(requests)},
         "tasks": [t.name for t, _ in tasks],
         "failed_tasks": failed,
