@@ -5,6 +5,7 @@ P(ground_truth) by mean token NLL on the edit prompt, evaluated on the final mod
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -35,15 +36,23 @@ def counterfact(shared_data):
 @pytest.fixture(scope="module")
 def stats(smollm2, shared_data, tmp_path_factory):
     """Key statistics of the default ROME and MEMIT layers (AlphaEdit's are MEMIT's) from a 20k-token WikiText slice,
-    in one pass."""
+    in one pass, computed once for all test processes (`-n`: the tests of this module may run in two of them)."""
+    from filelock import FileLock
+
     from prunecli.editors.registry import default_values
 
     layers = sorted(set(default_values("rome", "llama", 30)["layers"]) | set(default_values("memit", "llama", 30)
                                                                              ["layers"]))
-    out = tmp_path_factory.mktemp("stats") / "smollm2.stats.safetensors"
-    result = runner.invoke(app, ["stats", str(smollm2), "--layers", ",".join(map(str, layers)), "--text",
-                                 str(shared_data / "wikitext" / "wiki.test.raw"), "--tokens", "20000", "-o", str(out)])
-    assert result.exit_code == 0, result.output
+    session = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # a worker's folder sits in the session's, which the workers share
+        session = session.parent
+    out = session / "smollm2.stats.safetensors"
+    with FileLock(f"{out}.lock"):
+        if not out.exists():
+            result = runner.invoke(app, ["stats", str(smollm2), "--layers", ",".join(map(str, layers)), "--text",
+                                         str(shared_data / "wikitext" / "wiki.test.raw"), "--tokens", "20000", "-o",
+                                         str(out)])
+            assert result.exit_code == 0, result.output
     return out
 
 

@@ -36,7 +36,7 @@ def main(model: Model, output: OutputFile, out: Out, load: Load,
     unedited model for rewrites that are not being edited. `edit --nas ANCHOR` then rescales every edit's target to
     that norm (dropping an edit whose target is far above it), which keeps long sequential runs from collapsing.
 
-    Example: prunecli anchor smollm2 --method rome --count 8 -o smollm2.rome.anchor.safetensors
+    Example: prunecli anchor smollm2 --method rome --count 4 -o smollm2.rome.anchor.safetensors
 
     The file records the model's edited weight (a different model, layer or method is refused by edit), the
     hyper-parameters and the sampled records. Measure with the hyper-parameters you edit with: the layer must match.

@@ -101,9 +101,7 @@ def main(model: Model, requests: Requests, output: OutputFile, out: Out, load: L
     MEND needs --archive (from train-mend); MEMIT and AlphaEdit need --stats for their layers (stats --method).
 
     NAS rescales every target value to the norm `prunecli anchor` measured for the same model and method:
-
-    Example: prunecli edit smollm2 -r "$PRUNECLI_DATA_DIR/counterfact/counterfact-edit.json" --limit 2 --stats
-    smollm2.stats.safetensors --nas smollm2.rome.anchor.safetensors -o nas-edits.safetensors
+    add --nas smollm2.rome.anchor.safetensors (from the anchor command's example) to the first example.
 
     Ctrl-C or SIGTERM (a job scheduler's) stops after the last finished edit (batch) and writes the edits done so far
     to -o, marked partial in its history; the same command with --resume continues where it stopped.
