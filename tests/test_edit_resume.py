@@ -8,6 +8,7 @@ second edit has finished; the references and most continuations run in-process (
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -52,21 +53,41 @@ def _ok(*args: object) -> None:
     assert result.exit_code == 0, result.output
 
 
+def _lines(fd: int) -> Iterator[str]:
+    """The lines written to pipe `fd`, read a byte at a time: nothing is read ahead of the line returned."""
+    line = b""
+    while byte := os.read(fd, 1):
+        line += byte
+        if byte == b"\n":
+            yield line.decode()
+            line = b""
+    if line:
+        yield line.decode()
+
+
 def _signalled(args: list[object], after: str, sig: signal.Signals) -> tuple[int, str]:
     """Run `prunecli edit ARGS` in a subprocess, send `sig` once a stderr line starts with `after`; (exit code,
-    stderr)."""
+    stderr).
+
+    The edit cannot run far ahead of the line the signal answers: its stderr pipe holds one page (4 KiB, fewer lines
+    than one edit's value optimisation prints) and is read without read-ahead, so the edit blocks on its progress
+    lines until they are read. (Otherwise, on a loaded machine, a tiny model's edits could all finish before the
+    test reads the line, and the signal would come too late.)"""
     env = {**os.environ, "PRUNECLI_PROGRESS_INTERVAL": "0"}  # a progress line at every update
     env.pop("PRUNECLI_NO_PROGRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "prunecli", "--threads", "1", "edit", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 4096)
     seen = []
-    for line in proc.stderr:
+    for line in _lines(fd):
         seen.append(line)
         if line.startswith(after):
             proc.send_signal(sig)
             break
-    seen.append(proc.stderr.read())
+    seen.extend(_lines(fd))
     return proc.wait(timeout=300), "".join(seen)
 
 
