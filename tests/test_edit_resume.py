@@ -65,6 +65,14 @@ def _lines(fd: int) -> Iterator[str]:
         yield line.decode()
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal user's shell gives them. A test run started in the background
+    of a non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN, so the edit would
+    never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _signalled(args: list[object], after: str, sig: signal.Signals) -> tuple[int, str]:
     """Run `prunecli edit ARGS` in a subprocess, send `sig` once a stderr line starts with `after`; (exit code,
     stderr).
@@ -76,7 +84,7 @@ def _signalled(args: list[object], after: str, sig: signal.Signals) -> tuple[int
     env = {**os.environ, "PRUNECLI_PROGRESS_INTERVAL": "0"}  # a progress line at every update
     env.pop("PRUNECLI_NO_PROGRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "prunecli", "--threads", "1", "edit", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, preexec_fn=_default_signals)
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
     if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
