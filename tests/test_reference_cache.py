@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import random_delta
+from test_evaluate_cli import ZSRE  # the same two zsRE records
 from typer.testing import CliRunner
 
 import prunecli.evaluation.runner as runner_module
@@ -20,13 +21,6 @@ from prunecli.models.scoring import TargetScore
 
 runner = CliRunner()
 SETTINGS = {"dtype": "fp32", "device": "cpu", "batch_size": 16}
-ZSRE = [
-    {"subject": "Apple A5", "src": "Who created Apple A5?", "pred": "Apple", "rephrase": "Apple A5 was made by whom?",
-     "alt": "Microsoft", "answers": ["Apple"], "loc": "nq question: where is the space needle", "loc_ans": "Seattle"},
-    {"subject": "Toko Yasuda", "src": "What does Toko Yasuda play?", "pred": "guitar",
-     "rephrase": "Which instrument is Toko Yasuda known for?", "alt": "piano", "answers": ["guitar"],
-     "loc": "nq question: who played for the chicago bulls", "loc_ans": "Michael Jordan"},
-]
 
 
 def test_scores_round_trip_and_stores_merge(tmp_path: Path) -> None:
